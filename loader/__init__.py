@@ -1,0 +1,1 @@
+"""atlasflow.loader"""

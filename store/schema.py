@@ -1,0 +1,79 @@
+"""On-disk layout of an atlasflow store: one TileDB-SOMA Experiment.
+
+obs columns are plain strings (no dictionary/enumeration encoding) on purpose: tiledbsoma 2.3
+loses or garbles enumeration values when several processes extend them at once (see
+shared/NOTES.md); plain strings make obs writes from parallel Ray workers independent fragments,
+which TileDB supports concurrently.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+STORE_FORMAT_VERSION = 1
+MEASUREMENT = "RNA"
+X_LAYER = "raw"
+GENE_STATS_KEY = "atlasflow_gene_stats"  # SOMA DataFrame member of the Experiment
+MANIFEST_KEY = "atlasflow.manifest"  # Experiment metadata (JSON)
+FORMAT_KEY = "atlasflow.store_format_version"
+ORGANISM_KEY = "atlasflow.organism"
+
+# Census obs columns we carry (string-valued), in Census order.
+CENSUS_STRING_COLUMNS = [
+    "dataset_id",
+    "assay",
+    "assay_ontology_term_id",
+    "cell_type",
+    "cell_type_ontology_term_id",
+    "development_stage",
+    "development_stage_ontology_term_id",
+    "disease",
+    "disease_ontology_term_id",
+    "donor_id",
+    "self_reported_ethnicity",
+    "self_reported_ethnicity_ontology_term_id",
+    "sex",
+    "sex_ontology_term_id",
+    "suspension_type",
+    "tissue",
+    "tissue_ontology_term_id",
+    "tissue_type",
+    "tissue_general",
+    "tissue_general_ontology_term_id",
+]
+
+OBS_SCHEMA = pa.schema(
+    [(c, pa.large_string()) for c in CENSUS_STRING_COLUMNS]
+    + [
+        ("is_primary_data", pa.bool_()),
+        ("raw_sum", pa.float64()),
+        ("nnz", pa.int64()),
+        # provenance
+        ("source_id", pa.large_string()),
+        ("source_file", pa.large_string()),
+        ("source_row", pa.int64()),
+    ]
+)
+
+VAR_SCHEMA = pa.schema(
+    [
+        ("feature_id", pa.large_string()),
+        ("feature_name", pa.large_string()),
+        ("feature_length", pa.int64()),
+        ("feature_type", pa.large_string()),
+    ]
+)
+
+GENE_STATS_SCHEMA = pa.schema(
+    [
+        ("nnz", pa.int64()),  # cells in which the gene is nonzero
+        ("nonzero_median", pa.float64()),  # exact median of x / raw_sum * 1e4 over those cells
+    ]
+)
+
+# Value used for obs columns a source does not have.
+MISSING = "unknown"
+
+# Upper bound on joinids (cells / genes) the arrays can ever be resized to.
+MAX_CELLS = 2**40
+MAX_GENES = 2**21
