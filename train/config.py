@@ -1,0 +1,279 @@
+"""Training configuration: one small frozen dataclass per component, loaded from TOML presets or
+files and overridden with dotted ``section.key=value`` strings (the CLI's ``--set``).
+
+Every error names the offending field as ``section.key`` so a typo in a 40-line TOML file is found
+at once, before Ray starts any worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+CONFIG_FORMAT_VERSION = 1
+TOKENIZERS = ("rank", "bin", "value")
+
+
+def _check(cond: bool, name: str, msg: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}: {msg}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    d_ff: int = 256
+    dropout: float = 0.0
+    # "auto": flash varlen kernel for packed batches on CUDA, masked SDPA otherwise.
+    attention: str = "auto"
+
+    def __post_init__(self):
+        for k in ("d_model", "n_layers", "n_heads", "d_ff"):
+            _check(getattr(self, k) > 0, f"model.{k}", f"must be > 0, got {getattr(self, k)}")
+        _check(self.d_model % self.n_heads == 0, "model.d_model",
+               f"{self.d_model} is not divisible by model.n_heads={self.n_heads}")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", f"must be in [0, 1), got {self.dropout}")
+        _check(self.attention in ("auto", "sdpa", "varlen"), "model.attention",
+               f"must be one of auto|sdpa|varlen, got {self.attention!r}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    store: str = ""
+    tokenizer: str = "rank"
+    max_len: int = 256
+    batch_size: int = 16
+    shuffle: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    obs_filter: str = ""  # "" = no filter (TOML has no null)
+    gene_filter: str = ""
+    n_bins: int = 51
+    split: str = ""  # "" | train | val | test
+    split_by: str = "dataset_id"
+    # Pack the loader's padded batch into rows of max_len tokens (block-diagonal attention):
+    # the padding of a length-sorted batch mostly disappears.
+    pack: bool = True
+
+    def __post_init__(self):
+        _check(self.tokenizer in TOKENIZERS, "data.tokenizer", f"must be one of {'|'.join(TOKENIZERS)}, "
+               f"got {self.tokenizer!r}")
+        _check(self.max_len >= 8, "data.max_len", f"must be >= 8, got {self.max_len}")
+        _check(self.batch_size > 0, "data.batch_size", f"must be > 0, got {self.batch_size}")
+        _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _check(self.n_bins >= 3, "data.n_bins", f"must be >= 3, got {self.n_bins}")
+        _check(self.split in ("", "train", "val", "test"), "data.split",
+               f"must be ''|train|val|test, got {self.split!r}")
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    mask_prob: float = 0.15
+    # BERT recipe for gene tokens (rank): of the selected, 80% <mask>, 10% random gene, 10% kept.
+    replace_prob: float = 0.8
+    random_prob: float = 0.1
+    mask_value: float = -1.0  # what a masked expression value is replaced with (value tokenizer)
+
+    def __post_init__(self):
+        _check(0.0 < self.mask_prob < 1.0, "masking.mask_prob", f"must be in (0, 1), got {self.mask_prob}")
+        _check(0.0 <= self.replace_prob <= 1.0, "masking.replace_prob", f"must be in [0, 1], got {self.replace_prob}")
+        _check(0.0 <= self.random_prob <= 1.0 - self.replace_prob, "masking.random_prob",
+               f"must be in [0, 1 - replace_prob], got {self.random_prob}")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at train.max_steps
+    grad_clip: float = 1.0  # 0 = off
+    grad_accum: int = 1
+
+    def __post_init__(self):
+        _check(self.lr > 0, "optim.lr", f"must be > 0, got {self.lr}")
+        _check(self.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               f"must be two numbers in [0, 1), got {self.betas}")
+        _check(self.warmup_steps >= 0, "optim.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _check(0 <= self.min_lr_ratio <= 1, "optim.min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
+        _check(self.grad_clip >= 0, "optim.grad_clip", f"must be >= 0, got {self.grad_clip}")
+        _check(self.grad_accum >= 1, "optim.grad_accum", f"must be >= 1, got {self.grad_accum}")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    max_steps: int = 20  # optimizer steps
+    epochs: int = 1  # upper bound: training stops at whichever comes first
+    log_every: int = 1
+    ckpt_every: int = 10
+    precision: str = "fp32"  # fp32 | bf16 (autocast; CUDA, or CPU for experiments)
+    strategy: str = "ddp"  # ddp | fsdp
+    compile: bool = False
+
+    def __post_init__(self):
+        for k in ("max_steps", "epochs", "log_every", "ckpt_every"):
+            _check(getattr(self, k) > 0, f"train.{k}", f"must be > 0, got {getattr(self, k)}")
+        _check(self.precision in ("fp32", "bf16"), "train.precision", f"must be fp32|bf16, got {self.precision!r}")
+        _check(self.strategy in ("ddp", "fsdp"), "train.strategy", f"must be ddp|fsdp, got {self.strategy!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str = "atlasflow-pretrain"
+    storage_path: str = "./atlasflow_runs"
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0  # 0 with use_gpu -> 1 GPU per worker
+    max_failures: int = 2
+    num_to_keep: int = 2
+    # Fault injection for tests/drills: rank fail_rank raises once at this optimizer step
+    # (0 = off; the env var ATLASFLOW_FAIL_AT_STEP sets it from the driver).
+    fail_at_step: int = 0
+    fail_rank: int = 0
+    trace_dir: str = ""  # if set, every rank appends the soma_joinids of each step here (tests)
+
+    def __post_init__(self):
+        _check(bool(self.name) and "/" not in self.name, "run.name", f"must be a non-empty name without '/', "
+               f"got {self.name!r}")
+        _check(bool(self.storage_path), "run.storage_path", "must not be empty")
+        _check(self.num_workers >= 1, "run.num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(self.cpus_per_worker > 0, "run.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
+        _check(self.gpus_per_worker >= 0, "run.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
+        _check(self.max_failures >= -1, "run.max_failures", f"must be >= -1, got {self.max_failures}")
+        _check(self.num_to_keep >= 1, "run.num_to_keep", f"must be >= 1, got {self.num_to_keep}")
+        _check(self.fail_at_step >= 0, "run.fail_at_step", f"must be >= 0, got {self.fail_at_step}")
+        _check(0 <= self.fail_rank < self.num_workers, "run.fail_rank",
+               f"must be in [0, run.num_workers), got {self.fail_rank}")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "masking": MaskingConfig, "optim": OptimConfig,
+            "train": ScheduleConfig, "run": RunConfig}
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: ScheduleConfig = field(default_factory=ScheduleConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["optim"]["betas"] = list(d["optim"]["betas"])
+        d["format_version"] = CONFIG_FORMAT_VERSION
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        d = dict(d)
+        version = d.pop("format_version", CONFIG_FORMAT_VERSION)
+        if version != CONFIG_FORMAT_VERSION:
+            raise ValueError(f"format_version: config format {version!r} unsupported "
+                             f"(this atlasflow reads {CONFIG_FORMAT_VERSION})")
+        unknown = sorted(set(d) - set(SECTIONS))
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown config section (known: {', '.join(SECTIONS)})")
+        parts = {}
+        for name, klass in SECTIONS.items():
+            section = d.get(name, {})
+            if not isinstance(section, dict):
+                raise ValueError(f"{name}: must be a table of settings, got {type(section).__name__}")
+            parts[name] = _build_section(name, klass, section)
+        return cls(**parts)
+
+    def with_overrides(self, overrides: list[str] | dict[str, Any]) -> "Config":
+        d = self.to_dict()
+        items = overrides.items() if isinstance(overrides, dict) else (_split_override(o) for o in overrides)
+        for key, value in items:
+            section, _, name = key.partition(".")
+            if section not in SECTIONS or not name:
+                raise ValueError(f"{key}: overrides are section.key with section one of {', '.join(SECTIONS)}")
+            d[section][name] = value
+        return Config.from_dict(d)
+
+
+def _split_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep:
+        raise ValueError(f"{text}: an override must look like section.key=value")
+    try:  # TOML literal syntax: 3e-4, true, [0.9, 0.95], "a string"
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare strings: --set data.store=/path/to/store
+    return key.strip(), value
+
+
+def _build_section(name: str, klass, values: dict):
+    hints = typing.get_type_hints(klass)
+    known = {f.name for f in fields(klass)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ValueError(f"{name}.{key}: unknown setting (known: {', '.join(sorted(known))})")
+        kwargs[key] = _coerce(f"{name}.{key}", hints[key], value)
+    return klass(**kwargs)
+
+
+def _coerce(where: str, hint, value):
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(where, typing.get_args(hint)[0], v) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("atlasflow.train").joinpath("presets").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def load_preset(name: str) -> Config:
+    path = resources.files("atlasflow.train").joinpath("presets", f"{name}.toml")
+    if not path.is_file():
+        raise ValueError(f"preset: unknown preset {name!r} (known: {', '.join(preset_names())})")
+    return Config.from_dict(tomllib.loads(path.read_text()))
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config: {path} does not exist")
+    try:
+        d = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config: {path} is not valid TOML: {exc}") from exc
+    try:
+        return Config.from_dict(d)
+    except ValueError as exc:
+        exc.add_note(f"in config file {path}")
+        raise

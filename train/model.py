@@ -1,0 +1,171 @@
+"""A pre-LN transformer encoder over gene tokens (``CellEncoder``).
+
+Input embedding = gene embedding + (rank position | expression-bin embedding | projected value),
+depending on the tokenizer. The ``<cls>`` output is the cell embedding.
+
+Attention sees only tokens of the same cell: every model input carries ``segment_ids`` (0 = pad,
+k >= 1 = k-th cell of the row), so one code path serves padded batches (one cell per row) and packed
+rows (several cells per row, block-diagonal attention). Two kernels:
+  * ``sdpa``: F.scaled_dot_product_attention with a boolean same-segment mask (CPU, tests, any GPU);
+  * ``varlen``: flash-attention over the flattened real tokens with cumulative sequence offsets
+    (torch.nn.attention.varlen, CUDA + bf16/fp16 only): no pad FLOPs, no L x L mask.
+Pad tokens attend to pad tokens in the sdpa path (never an all-False row, so no NaN); no real token
+ever attends to a pad or to another cell, and pads never reach the loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+PAD, MASK, CLS, EOS = 0, 1, 2, 3
+N_SPECIAL = 4
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.ln1 = nn.LayerNorm(cfg.d_model)
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+        self.ln2 = nn.LayerNorm(cfg.d_model)
+        self.ff = nn.Sequential(nn.Linear(cfg.d_model, cfg.d_ff), nn.GELU(), nn.Linear(cfg.d_ff, cfg.d_model))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.p_attn = cfg.dropout
+
+    def forward(self, x: torch.Tensor, attn) -> torch.Tensor:
+        x = x + self.drop(self.proj(self._attend(self.ln1(x), attn)))
+        return x + self.drop(self.ff(self.ln2(x)))
+
+    def _attend(self, h: torch.Tensor, attn) -> torch.Tensor:
+        p = self.p_attn if self.training else 0.0
+        if attn[0] == "varlen":  # h: [T, d] flattened real tokens
+            _, cu, max_len = attn
+            q, k, v = self.qkv(h).unflatten(-1, (3, self.n_heads, -1)).unbind(-3)  # [T, H, Dh]
+            from torch.nn.attention.varlen import varlen_attn
+
+            return varlen_attn(q, k, v, cu, cu, max_len, max_len).flatten(-2)
+        mask = attn[1]
+        b, n, _ = h.shape
+        q, k, v = self.qkv(h).view(b, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # [B, H, L, Dh]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        return out.transpose(1, 2).reshape(b, n, -1)
+
+
+class CellEncoder(nn.Module):
+    """Transformer encoder of tokenized cells.
+
+    ``n_tokens`` = 4 specials + number of vocabulary genes; ``max_len`` bounds rank positions.
+    """
+
+    def __init__(self, cfg: ModelConfig, tokenizer: str, n_tokens: int, max_len: int, n_bins: int = 51):
+        super().__init__()
+        if tokenizer not in ("rank", "bin", "value"):
+            raise ValueError(f"tokenizer: must be rank|bin|value, got {tokenizer!r}")
+        if n_tokens <= N_SPECIAL:
+            raise ValueError(f"n_tokens: must exceed the {N_SPECIAL} special tokens, got {n_tokens}")
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.n_tokens, self.max_len, self.n_bins = n_tokens, max_len, n_bins
+        d = cfg.d_model
+        self.gene_emb = nn.Embedding(n_tokens, d, padding_idx=PAD)
+        if tokenizer == "rank":
+            self.pos_emb = nn.Embedding(max_len, d)
+        elif tokenizer == "bin":
+            self.bin_emb = nn.Embedding(n_bins + 1, d)  # index n_bins = masked bin
+        else:
+            self.value_proj = nn.Sequential(nn.Linear(1, d), nn.GELU(), nn.Linear(d, d))
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_f = nn.LayerNorm(d)
+        # MLM head: gene ids (tied to the gene embedding), bins, or a scalar value.
+        if tokenizer == "rank":
+            self.head_bias = nn.Parameter(torch.zeros(n_tokens))
+        else:
+            self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d),
+                                      nn.Linear(d, n_bins if tokenizer == "bin" else 1))
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    # -- encoder -------------------------------------------------------------------------
+    def forward(self, inputs: dict) -> torch.Tensor:
+        """Hidden states [R, L, d] for model inputs (see ``pack.model_inputs``)."""
+        ids, seg = inputs["input_ids"], inputs["segment_ids"]
+        x = self.gene_emb(ids)
+        if self.tokenizer == "rank":
+            x = x + self.pos_emb(inputs["position_ids"].clamp(max=self.max_len - 1))
+        elif self.tokenizer == "bin":
+            x = x + self.bin_emb(inputs["bins"])
+        else:
+            x = x + self.value_proj(inputs["values"].unsqueeze(-1).to(x.dtype)) * (ids != PAD).unsqueeze(-1)
+        if self._use_varlen(x):
+            real = seg > 0
+            cu, max_len = _cu_seqlens(seg)
+            h = x[real]
+            for blk in self.blocks:
+                h = blk(h, ("varlen", cu, max_len))
+            x = x.new_zeros(x.shape).masked_scatter(real.unsqueeze(-1), self.ln_f(h).to(x.dtype))
+            return x
+        mask = None if bool((seg == 1).all()) else (seg.unsqueeze(-1) == seg.unsqueeze(-2)).unsqueeze(1)
+        for blk in self.blocks:
+            x = blk(x, ("sdpa", mask))
+        return self.ln_f(x)
+
+    def _use_varlen(self, x: torch.Tensor) -> bool:
+        if self.cfg.attention == "sdpa":
+            return False
+        half = x.dtype in (torch.bfloat16, torch.float16) or (x.is_cuda and torch.is_autocast_enabled("cuda"))
+        usable = x.is_cuda and half
+        if self.cfg.attention == "varlen" and not usable:
+            raise RuntimeError("model.attention: 'varlen' needs CUDA with bf16/fp16 (use 'auto' or 'sdpa')")
+        return usable
+
+    def predict(self, hidden: torch.Tensor) -> torch.Tensor:
+        """MLM predictions for selected hidden states [N, d]: logits [N, C] or values [N]."""
+        if self.tokenizer == "rank":
+            return hidden @ self.gene_emb.weight.t() + self.head_bias
+        out = self.head(hidden)
+        return out.squeeze(-1) if self.tokenizer == "value" else out
+
+    # -- cell embeddings -----------------------------------------------------------------
+    @torch.no_grad()
+    def embed(self, batch: dict, pooling: str = "cls") -> torch.Tensor:
+        """Cell embeddings [B, d] for a loader batch: the <cls> output, or the mean over gene tokens."""
+        from .pack import model_inputs
+
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling: must be 'cls' or 'mean', got {pooling!r}")
+        dev = next(self.parameters()).device
+        inputs = model_inputs({k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}, pack=False)
+        h = self.forward(inputs)
+        if pooling == "cls":
+            return h[:, 0].float()
+        genes = (inputs["input_ids"] >= N_SPECIAL).unsqueeze(-1).to(h.dtype)
+        return ((h * genes).sum(1) / genes.sum(1).clamp(min=1)).float()
+
+    def n_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _cu_seqlens(seg: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Cumulative token offsets of the cells in row-major order of the real tokens."""
+    rows = torch.arange(seg.shape[0], device=seg.device).unsqueeze(1).expand_as(seg)
+    key = (rows * (seg.shape[1] + 1) + seg)[seg > 0]
+    _, counts = torch.unique_consecutive(key, return_counts=True)
+    cu = F.pad(counts.cumsum(0), (1, 0)).to(torch.int32)
+    return cu, int(counts.max()) if counts.numel() else 0
+
+
+def flops_per_token(cfg: ModelConfig, context: int, n_tokens: int) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward; 2 FLOPs per multiply-add)."""
+    d, f = cfg.d_model, cfg.d_ff
+    per_layer = 2 * (4 * d * d + 2 * d * f) + 2 * 2 * context * d  # projections + QK^T and AV
+    return 3.0 * cfg.n_layers * per_layer + 3.0 * 2 * d * n_tokens * 0.15  # MLM head on masked tokens only
