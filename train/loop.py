@@ -1,0 +1,310 @@
+"""The per-worker training loop.
+
+``train_loop_per_worker`` is what Ray Train runs on every worker; the loop itself (``run_worker``)
+only talks to a small ``WorkerContext`` (rank, world, device, restore directory, report), so it
+also runs in a plain process (world size 1) for tests and debugging.
+
+Order of business on every (re)start: restore first (model, optimizer, scheduler, train state, and
+this rank's loader position), then stream. Rank 0 writes the checkpoint (loader states of all ranks
+are gathered to it), every rank reports at the same steps (Ray Train's report is a barrier).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from .checkpoint import read_part, save_checkpoint
+from .config import Config
+from .masking import mask_batch, masking_generator
+from .model import N_SPECIAL, CellEncoder
+from .objective import MLMObjective
+from .pack import model_inputs
+
+FAIL_ENV = "ATLASFLOW_FAIL_AT_STEP"
+
+
+class InjectedFailure(RuntimeError):
+    """Raised once by the fault-injection knob (run.fail_at_step)."""
+
+
+@dataclass
+class WorkerContext:
+    rank: int
+    world_size: int
+    device: torch.device
+    restore_dir: Callable[[], object]  # context manager yielding a checkpoint dir, or None
+    report: Callable[[dict, str | None], None]  # (metrics, checkpoint dir or None)
+    wrap: Callable[[torch.nn.Module, str], torch.nn.Module] = lambda m, strategy: m
+
+
+def loader_config(cfg: Config, rank: int, world_size: int):
+    from atlasflow.loader import LoaderConfig
+
+    d = cfg.data
+    return LoaderConfig(tokenizer=d.tokenizer, max_len=d.max_len, batch_size=d.batch_size, shuffle=d.shuffle,
+                        seed=d.seed, num_workers=d.num_workers, obs_filter=d.obs_filter or None,
+                        split=d.split or None, split_by=d.split_by, rank=rank, world_size=world_size,
+                        n_bins=d.n_bins, gene_filter=d.gene_filter or None)
+
+
+def lr_factor(cfg: Config, step: int) -> float:
+    """Linear warmup to 1, then cosine down to min_lr_ratio at train.max_steps."""
+    o, total = cfg.optim, cfg.train.max_steps
+    if step < o.warmup_steps:
+        return (step + 1) / o.warmup_steps
+    t = min(1.0, (step - o.warmup_steps) / max(1, total - o.warmup_steps))
+    return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _state_dicts(model, optimizer):
+    # Full (unsharded) CPU state dicts for DDP and FSDP alike; collective under FSDP.
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd = get_model_state_dict(model, options=opts)
+    osd = get_optimizer_state_dict(model, optimizer, options=opts)
+    return {k.removeprefix("encoder."): v for k, v in msd.items()}, osd
+
+
+def _load_state_dicts(model, optimizer, msd: dict, osd: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, {f"encoder.{k}": v for k, v in msd.items()}, options=opts)
+    set_optimizer_state_dict(model, optimizer, osd, options=opts)
+
+
+def _allreduce(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _gather_objects(obj, world_size: int) -> list:
+    if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
+    from atlasflow.loader import make_loader
+
+    torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
+    loader = make_loader(cfg.data.store, loader_config(cfg, ctx.rank, ctx.world_size))
+    ds = loader.dataset
+    vocab = ds.vocab
+    n_tokens = N_SPECIAL + len(vocab.gene_joinids)
+    model_meta = {"tokenizer": cfg.data.tokenizer, "n_tokens": n_tokens, "max_len": cfg.data.max_len,
+                  "n_bins": cfg.data.n_bins}
+    encoder = CellEncoder(cfg.model, cfg.data.tokenizer, n_tokens, cfg.data.max_len, cfg.data.n_bins)
+    if cfg.train.compile:
+        for blk in encoder.blocks:  # in place: state-dict keys stay unchanged
+            blk.compile(dynamic=True)
+    model = ctx.wrap(MLMObjective(encoder).to(ctx.device), cfg.train.strategy)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                  weight_decay=o.weight_decay, fused=ctx.device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+    st = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "cells_seen": 0, "tokens_seen": 0, "history": [],
+          "format_version": 1}
+    loader_state = None
+    with ctx.restore_dir() as d:
+        if d is not None:
+            msd, osd = read_part(d, "model.pt"), read_part(d, "optimizer.pt")
+            _load_state_dicts(model, optimizer, msd, osd)
+            scheduler.load_state_dict(read_part(d, "scheduler.pt"))
+            st = read_part(d, "train_state.json")
+            n_ranks = read_part(d, "format.json")["n_loader_ranks"]
+            if n_ranks != ctx.world_size:
+                raise ValueError(f"run.num_workers: checkpoint {d} was written by {n_ranks} ranks, this run has "
+                                 f"{ctx.world_size}; exact loader resume needs the same world size")
+            loader_state = read_part(d, f"loader_rank{ctx.rank}.pt")
+    resumed_from = st["step"]
+    bpe = ds.batches_per_epoch
+    accum = o.grad_accum
+    amp = cfg.train.precision == "bf16"
+    trace = _Tracer(cfg, ctx.rank, resumed_from)
+    window = _Window()
+
+    def maybe_fail(step: int) -> None:
+        if cfg.run.fail_at_step and step == cfg.run.fail_at_step and ctx.rank == cfg.run.fail_rank:
+            marker = Path(cfg.run.trace_dir or os.path.join(cfg.run.storage_path, cfg.run.name))
+            marker = marker / f".failure_injected_at_step{step}"
+            if not marker.exists():  # once per run: the restarted attempt goes past this step
+                marker.parent.mkdir(parents=True, exist_ok=True)
+                marker.write_text(str(time.time()))
+                raise InjectedFailure(f"injected failure at step {step} on rank {ctx.rank} ({FAIL_ENV})")
+
+    def report(final: bool) -> None:
+        metrics = window.metrics(st, optimizer, ctx)
+        if ctx.rank == 0:
+            st["history"].append(metrics)
+        ckpt_due = final or st["step"] % cfg.train.ckpt_every == 0
+        if not ckpt_due:
+            ctx.report(metrics, None)
+            return
+        msd, osd = _state_dicts(model, optimizer)
+        loader_states = _gather_objects(loader.state_dict(), ctx.world_size)
+        if ctx.rank != 0:
+            ctx.report(metrics, None)
+        else:
+            with tempfile.TemporaryDirectory(prefix="atlasflow-ckpt-") as tmp:
+                save_checkpoint(tmp, model_state=msd, optimizer_state=osd, scheduler_state=scheduler.state_dict(),
+                                loader_states=loader_states, train_state=st, config=cfg, vocab=vocab.to_dict(),
+                                model_meta=model_meta)
+                ctx.report(metrics, tmp)
+
+    model.train()
+    while st["step"] < cfg.train.max_steps and st["epoch"] < cfg.train.epochs:
+        if st["micro_in_epoch"] >= bpe:
+            st["epoch"], st["micro_in_epoch"], loader_state = st["epoch"] + 1, 0, None
+            continue
+        ds.set_epoch(st["epoch"])
+        if loader_state is not None:
+            loader.load_state_dict(loader_state)
+            loader_state = None
+        it = iter(loader)
+        n_acc = 0
+        while st["micro_in_epoch"] < bpe and st["step"] < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            batch = next(it)
+            t1 = time.perf_counter()
+            st["micro_in_epoch"] += 1
+            trace.log(st, batch)
+            masked = mask_batch(batch, cfg.data.tokenizer, cfg.masking,
+                                masking_generator(cfg.data.seed, st["epoch"], st["micro_in_epoch"], ctx.rank),
+                                n_tokens, cfg.data.n_bins)
+            inputs = model_inputs(masked, pack=cfg.data.pack, row_len=cfg.data.max_len)
+            inputs = {k: v.to(ctx.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
+            n_acc += 1
+            boundary = n_acc == accum or st["micro_in_epoch"] == bpe
+            sync = boundary or not hasattr(model, "no_sync")
+            with (torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp),
+                  model.no_sync() if not sync else contextlib.nullcontext()):
+                loss, stats = model(inputs)
+                (loss / accum).backward()
+            window.add(loss.item(), stats, batch, inputs, t1 - t0)
+            st["cells_seen"] += int(batch["soma_joinid"].shape[0])
+            st["tokens_seen"] += inputs["n_tokens"]
+            if not boundary:
+                window.time(time.perf_counter() - t0)
+                continue
+            n_acc = 0
+            if o.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            st["step"] += 1
+            window.time(time.perf_counter() - t0)
+            maybe_fail(st["step"])
+            last = st["step"] >= cfg.train.max_steps or (st["micro_in_epoch"] >= bpe
+                                                         and st["epoch"] + 1 >= cfg.train.epochs)
+            if last or st["step"] % cfg.train.log_every == 0 or st["step"] % cfg.train.ckpt_every == 0:
+                report(final=last)
+        if st["micro_in_epoch"] >= bpe:
+            st["epoch"], st["micro_in_epoch"] = st["epoch"] + 1, 0
+    return st
+
+
+class _Window:
+    """Metrics accumulated between two reports (summed over ranks when reported)."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self):
+        self.loss = self.n_loss = self.cells = self.tokens = self.slots = self.wait = self.busy = 0.0
+        self.masked = self.correct = 0.0
+        self.t_start = time.perf_counter()
+
+    def add(self, loss, stats, batch, inputs, wait):
+        self.loss += loss
+        self.n_loss += 1
+        self.cells += batch["soma_joinid"].shape[0]
+        self.tokens += inputs["n_tokens"]
+        self.slots += inputs["segment_ids"].numel()
+        self.wait += wait
+        self.masked += stats["n_masked"]
+        self.correct += stats["n_correct"]
+
+    def time(self, dt):
+        self.busy += dt
+
+    def metrics(self, st, optimizer, ctx) -> dict:
+        wall = max(time.perf_counter() - self.t_start, 1e-9)
+        loss, n, cells, tokens, slots, wait, busy, masked, correct, wall_sum, seen, tok_seen = _allreduce(
+            [self.loss, self.n_loss, self.cells, self.tokens, self.slots, self.wait, self.busy, self.masked,
+             self.correct, wall, st["cells_seen"], st["tokens_seen"]], ctx.device)
+        walls = wall_sum / ctx.world_size
+        m = {"step": st["step"], "epoch": st["epoch"], "loss": loss / max(n, 1),
+             "lr": optimizer.param_groups[0]["lr"], "cells_per_s": cells / walls, "tokens_per_s": tokens / walls,
+             "pad_fraction": 1 - tokens / max(slots, 1), "loader_wait_share": wait / max(busy, 1e-9),
+             "masked_accuracy": correct / max(masked, 1), "cells_seen": int(seen),
+             "tokens_seen": int(tok_seen)}
+        self.reset()
+        return m
+
+
+class _Tracer:
+    """Appends the soma_joinids of every micro-batch to trace_dir/rank{r}.jsonl (run.trace_dir)."""
+
+    def __init__(self, cfg: Config, rank: int, resumed_from: int):
+        self.path = Path(cfg.run.trace_dir) / f"rank{rank}.jsonl" if cfg.run.trace_dir else None
+        self.attempt = f"{os.getpid()}-{time.time_ns()}"
+        self.resumed_from = resumed_from
+        if self.path:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, st, batch) -> None:
+        if self.path is None:
+            return
+        rec = {"attempt": self.attempt, "resumed_from": self.resumed_from, "epoch": st["epoch"],
+               "micro": st["micro_in_epoch"], "step": st["step"], "joinids": batch["soma_joinid"].tolist()}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point (TorchTrainer(train_loop_per_worker, train_loop_config=cfg.to_dict()))."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = Config.from_dict(config)
+    rc = ray.train.get_context()
+
+    @contextlib.contextmanager
+    def restore_dir():
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            yield None
+        else:
+            with ckpt.as_directory() as d:
+                yield d
+
+    def report(metrics: dict, ckpt_dir: str | None) -> None:
+        ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
+        ray.train.report(metrics, checkpoint=ckpt)
+
+    def wrap(model, strategy):
+        return ray.train.torch.prepare_model(model, parallel_strategy=strategy) if rc.get_world_size() > 1 else model
+
+    ctx = WorkerContext(rank=rc.get_world_rank(), world_size=rc.get_world_size(),
+                        device=ray.train.torch.get_device(), restore_dir=restore_dir, report=report, wrap=wrap)
+    run_worker(cfg, ctx)
