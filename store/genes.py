@@ -74,12 +74,18 @@ def map_genes(ids, organism: str = "homo_sapiens", symbols=None) -> GeneMapping:
     ids = np.asarray([str(s) for s in ids], dtype=object)
     if _looks_ensembl(ids):
         stripped = np.array([s.split(".")[0] for s in ids], dtype=object)
-        known = np.isin(stripped, ref.index.to_numpy())
+        known = np.asarray(pd.Index(stripped.astype(str)).isin(ref.index))  # hash lookup; np.isin on objects is quadratic
         mapped = np.where(known, stripped, None)
         if symbols is not None:
+            # Retired/renamed IDs: fall back to the symbol, but never onto an ID the source
+            # already has (or that an earlier fallback claimed): that would merge two genes.
             sym_map = _symbol_table(organism)
+            claimed = set(stripped[known])
             for i in np.flatnonzero(~known):
-                mapped[i] = sym_map.get(str(symbols[i]))
+                cand = sym_map.get(str(symbols[i]))
+                if cand is not None and cand not in claimed:
+                    mapped[i] = cand
+                    claimed.add(cand)
     else:
         sym_map = _symbol_table(organism)
         mapped = np.array([sym_map.get(s) for s in ids], dtype=object)

@@ -1,0 +1,66 @@
+"""`atlasflow synth` and `atlasflow ingest`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def register_cli(sub) -> None:
+    try:
+        from atlasflow.ingest.synth_cli import register_synth_cli
+    except ModuleNotFoundError:
+        pass
+    else:
+        register_synth_cli(sub)
+
+    p = sub.add_parser("ingest", help="ingest H5AD files or a CELLxGENE Census query into a store (Ray workers)",
+                       description="Ingest H5AD sources (files, directories, globs, or a manifest file listing "
+                                   "them) or a CELLxGENE Census query into an atlasflow store. Idempotent: "
+                                   "re-running adds nothing twice; an interrupted run is completed by re-running.")
+    p.add_argument("--store", required=True, help="store URI (created if absent)")
+    p.add_argument("sources", nargs="*", metavar="SOURCE", help=".h5ad file, directory, glob, or manifest file")
+    p.add_argument("--census", action="store_true", help="ingest from CELLxGENE Census instead of files")
+    p.add_argument("--census-version", default=None, help="Census release, e.g. 'stable' or '2025-01-30'")
+    p.add_argument("--census-uri", default=None, help="URI of a local/mirrored Census (instead of a version)")
+    p.add_argument("--organism", default="Homo sapiens", help="organism (default: Homo sapiens)")
+    p.add_argument("--obs-filter", default=None, help="SOMA value filter on Census obs, e.g. \"tissue_general == 'lung'\"")
+    p.add_argument("--genes", default=None, help="comma-separated Ensembl IDs to keep (Census only)")
+    p.add_argument("--normalized", action="store_true",
+                   help="accept non-integer (normalized) values; such a store is refused for pretraining")
+    p.add_argument("--require-obs", default="", help="comma-separated obs columns every source must have")
+    p.add_argument("--block-cells", type=int, default=50_000, help="cells per write task (default 50000)")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_ingest)
+
+
+def _ingest(args) -> int:
+    from atlasflow.store import organism_key
+
+    organism = organism_key(args.organism)
+    if args.census:
+        if args.sources:
+            print("atlasflow ingest: give either SOURCE files or --census, not both", file=sys.stderr)
+            return 2
+        from atlasflow.ingest.census import ingest_census
+
+        report = ingest_census(args.store, census_version=args.census_version, census_uri=args.census_uri,
+                               organism=args.organism, obs_value_filter=args.obs_filter,
+                               genes=[g for g in (args.genes or "").split(",") if g],
+                               block_cells=args.block_cells, num_cpus=args.num_cpus, progress=not args.no_progress)
+    else:
+        if not args.sources:
+            print("atlasflow ingest: no SOURCE given (or use --census)", file=sys.stderr)
+            return 2
+        from atlasflow.ingest.pipeline import ingest_paths
+
+        report = ingest_paths(args.store, args.sources, organism=organism, allow_normalized=args.normalized,
+                              require_obs=tuple(c for c in args.require_obs.split(",") if c),
+                              block_cells=args.block_cells, num_cpus=args.num_cpus, progress=not args.no_progress)
+    print(json.dumps(report.to_dict(), indent=2))
+    for f in report.failed:
+        print(f"FAILED {f['source']}: {f['error']}", file=sys.stderr)
+    print(f"ingest: {len(report.added)} added, {len(report.skipped)} already present, {len(report.failed)} failed; "
+          f"{report.cells} cells in {report.seconds:.1f} s", file=sys.stderr)
+    return 0 if report.ok else 1

@@ -1,0 +1,205 @@
+"""The ingest driver: Ray tasks validate and write sources in parallel, the driver commits.
+
+Division of labour (what tiledbsoma makes safe, see store/store.py and NOTES.md):
+- workers: probe/validate a source; write X and obs rows of a *reserved, disjoint* joinid range,
+  one write per open (independent TileDB fragments; obs has no enumerations to extend);
+- driver, serially: gene registry (var), joinid reservation, array resizes, manifest commits.
+A source turns ``complete`` in the manifest only after all its blocks are written, so readers
+(which only read complete ranges) never see half-written cells.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from atlasflow.store import COMPLETE, SourceEntry, StoreWriter, write_cells
+
+DEFAULT_BLOCK_CELLS = 50_000
+
+
+@dataclass
+class IngestReport:
+    added: list[dict] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    cells: int = 0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    def to_dict(self) -> dict:
+        return {"added": self.added, "skipped": self.skipped, "failed": self.failed, "cells_written": self.cells,
+                "seconds": round(self.seconds, 3),
+                "cells_per_s": round(self.cells / self.seconds, 1) if self.seconds else None}
+
+
+def source_id_for(name: str, fp: str) -> str:
+    stem = os.path.splitext(os.path.basename(name))[0]
+    return f"{stem}-{fp[:10]}"
+
+
+def _write_h5ad_block(store_uri, path, counts_field, a, b, joinid_start, source_cols, gene_joinids,
+                      source_id, dataset_id):
+    from atlasflow.ingest.h5ad import open_counts, read_obs, read_rows
+    from atlasflow.ingest.obs import to_store_obs
+
+    f, node = open_counts(path, counts_field)
+    with f:
+        m = read_rows(node, a, b)[:, source_cols].tocsr()
+    m.eliminate_zeros()
+    nnz = np.diff(m.indptr)
+    raw_sum = np.asarray(m.sum(axis=1)).ravel()
+    obs = read_obs(path).iloc[a:b]
+    tbl = to_store_obs(obs, source_id=source_id, source_file=os.path.basename(path),
+                       source_rows=np.arange(a, b), nnz=nnz, raw_sum=raw_sum, default_dataset_id=dataset_id)
+    coo = m.tocoo()
+    write_cells(store_uri, joinid_start, tbl, coo.row, gene_joinids[coo.col], coo.data)
+    return b - a, int(m.nnz), float(raw_sum.sum())
+
+
+def _probe(path, organism, allow_normalized, require_obs):
+    from atlasflow.ingest.h5ad import probe_h5ad
+
+    return probe_h5ad(path, organism, allow_normalized, tuple(require_obs))
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=0, unit="cell", unit_scale=True, desc="ingest", file=sys.stderr,
+                            mininterval=1.0, dynamic_ncols=True)
+
+    def add_total(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.total += n
+            self.bar.refresh()
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+class BlockTracker:
+    """Which blocks of which source are outstanding; commits a source when its last block lands."""
+
+    def __init__(self, writer: StoreWriter, report: IngestReport, progress: _Progress):
+        self.writer, self.report, self.progress = writer, report, progress
+        self.pending: dict[str, dict] = {}
+
+    def start(self, entry: SourceEntry, refs: list) -> None:
+        self.pending[entry.source_id] = {"entry": entry, "left": len(refs), "nnz": 0, "raw_sum": 0.0, "dead": False}
+
+    def done(self, source_id: str, result) -> None:
+        st = self.pending[source_id]
+        n, nnz, raw_sum = result
+        st["left"] -= 1
+        st["nnz"] += nnz
+        st["raw_sum"] += raw_sum
+        self.report.cells += n
+        self.progress.update(n)
+        if st["left"] == 0 and not st["dead"]:
+            self.writer.complete(source_id, nnz=st["nnz"], raw_sum=st["raw_sum"])
+            e = st["entry"]
+            self.report.added.append({"source": e.name, "source_id": source_id, "cells": e.n_cells,
+                                      "joinids": [e.joinid_start, e.joinid_stop], "nnz": st["nnz"]})
+
+    def failed(self, source_id: str, error: str) -> None:
+        st = self.pending[source_id]
+        st["left"] -= 1
+        if not st["dead"]:
+            st["dead"] = True
+            self.writer.fail(st["entry"], error)
+            self.report.failed.append({"source": st["entry"].name, "error": error})
+
+
+def ingest_paths(store_uri: str, sources: list[str], *, organism: str = "homo_sapiens",
+                 allow_normalized: bool = False, require_obs: tuple[str, ...] = (),
+                 block_cells: int = DEFAULT_BLOCK_CELLS, num_cpus: int | None = None,
+                 progress: bool = True) -> IngestReport:
+    """Ingest H5AD sources into the store (created if absent). Idempotent and resumable."""
+    import ray
+
+    from atlasflow.infra.ray_env import init_ray
+    from atlasflow.ingest.sources import resolve_sources
+
+    t0 = time.time()
+    report = IngestReport()
+    paths, resolve_errors = resolve_sources(list(sources))
+    for arg, err in resolve_errors:
+        report.failed.append({"source": arg, "error": err})
+    writer = StoreWriter(store_uri, organism=organism)
+    init_ray(num_cpus)
+    probe_task = ray.remote(num_cpus=1, max_retries=0)(_probe)
+    write_task = ray.remote(num_cpus=1, max_retries=2)(_write_h5ad_block)
+    bar = _Progress(progress)
+    tracker = BlockTracker(writer, report, bar)
+    waiting: dict = {probe_task.remote(p, organism, allow_normalized, list(require_obs)): ("probe", p) for p in paths}
+    try:
+        while waiting:
+            ready, _ = ray.wait(list(waiting), num_returns=1)
+            ref = ready[0]
+            kind, key = waiting.pop(ref)
+            try:
+                result = ray.get(ref)
+            except Exception as exc:  # a worker died or raised: name the source
+                err = f"{os.path.basename(key if kind == 'probe' else tracker.pending[key]['entry'].name)}: {exc}"
+                if kind == "probe":
+                    report.failed.append({"source": key, "error": err})
+                else:
+                    tracker.failed(key, err)
+                continue
+            if kind == "block":
+                tracker.done(key, result)
+                continue
+            p = result
+            name = os.path.basename(p.path)
+            sid = source_id_for(name, p.fingerprint or "unreadable")
+            if p.error:
+                writer.fail(SourceEntry(source_id=sid, kind="h5ad", name=name, fingerprint=p.fingerprint,
+                                        size_bytes=p.size_bytes), p.error)
+                report.failed.append({"source": p.path, "error": p.error})
+                continue
+            prior = writer.manifest.by_fingerprint(p.fingerprint)
+            if prior is not None and prior.status == COMPLETE:
+                report.skipped.append({"source": p.path, "reason": f"already ingested as {prior.source_id}"})
+                continue
+            gene_joinids = writer.register_genes(p.feature_ids)
+            entry = writer.reserve(SourceEntry(
+                source_id=sid, kind="h5ad", name=name, fingerprint=p.fingerprint, size_bytes=p.size_bytes,
+                n_cells=p.n_cells, counts_field=p.counts_field, normalized=p.normalized,
+                genes_mapped=len(p.feature_ids), genes_unmapped=len(p.unmapped), unmapped_examples=p.unmapped[:10]))
+            if p.unmapped:
+                print(f"[atlasflow] {name}: {len(p.unmapped)} of {len(p.unmapped) + len(p.feature_ids)} genes not in "
+                      f"the {organism} reference, dropped (e.g. {', '.join(p.unmapped[:5])})", file=sys.stderr)
+            bar.add_total(p.n_cells)
+            gj = ray.put(gene_joinids)
+            cols = ray.put(p.source_cols)
+            refs = []
+            for a in range(0, p.n_cells, block_cells):
+                b = min(p.n_cells, a + block_cells)
+                refs.append(write_task.remote(store_uri, p.path, p.counts_field, a, b, entry.joinid_start + a,
+                                              cols, gj, entry.source_id, os.path.splitext(name)[0]))
+            tracker.start(entry, refs)
+            if not refs:  # an h5ad with zero cells
+                writer.complete(entry.source_id)
+                report.added.append({"source": name, "source_id": entry.source_id, "cells": 0})
+            for r in refs:
+                waiting[r] = ("block", entry.source_id)
+    finally:
+        bar.close()
+    report.seconds = time.time() - t0
+    return report
