@@ -1,0 +1,103 @@
+"""infra/: every YAML parses, and every `atlasflow ...` command it runs exists in our CLI with
+those flags (parsed by the real argparse parser of the `atlasflow` command)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from atlasflow.infra.cli import build_parser
+
+INFRA = Path(__file__).resolve().parents[1] / "infra"
+YAMLS = sorted(INFRA.rglob("*.yaml"))
+
+
+def _strings(node):
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for v in node.values():
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+
+
+def atlasflow_commands(text: str) -> list[list[str]]:
+    """argv lists of the `atlasflow` invocations in a shell string (split at && ; | and newlines)."""
+    out = []
+    for part in re.split(r"&&|\|\||;|\||\n", text):
+        argv = shlex.split(part.strip())
+        if ">" in argv:  # drop a redirection
+            argv = argv[:argv.index(">")]
+        # a subcommand invocation (names/labels "atlasflow" and `atlasflow --help` are not)
+        if len(argv) >= 2 and argv[0] == "atlasflow" and not argv[1].startswith("-"):
+            out.append(argv)
+    return out
+
+
+def _commands(path: Path) -> list[list[str]]:
+    cmds = []
+    for doc in yaml.safe_load_all(path.read_text()):
+        for s in _strings(doc):
+            cmds += atlasflow_commands(s)
+    return cmds
+
+
+def test_there_are_manifests():
+    names = {p.relative_to(INFRA).as_posix() for p in YAMLS}
+    assert {"cluster.yaml", "k8s/raycluster.yaml", "k8s/rayjob-ingest.yaml", "k8s/rayjob-train.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", YAMLS, ids=lambda p: p.relative_to(INFRA).as_posix())
+def test_yaml_parses_and_commands_exist(path, capsys):
+    docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert docs, f"{path}: empty"
+    parser = build_parser()
+    for argv in _commands(path):
+        try:
+            args = parser.parse_args(argv[1:])
+        except SystemExit:
+            pytest.fail(f"{path.name}: `{shlex.join(argv)}` is not accepted by the atlasflow CLI: "
+                        f"{capsys.readouterr().err.strip()}")
+        assert callable(args.func)
+
+
+def test_jobs_run_ingest_stats_and_train_with_shared_storage():
+    ingest = _commands(INFRA / "k8s" / "rayjob-ingest.yaml")
+    train = _commands(INFRA / "k8s" / "rayjob-train.yaml")
+    assert [a[1] for a in ingest] == ["ingest", "store"]
+    parser = build_parser()
+    (targv,) = train
+    t = parser.parse_args(targv[1:])
+    assert t.command == "train" and t.preset == "gpu"
+    store = parser.parse_args(ingest[0][1:]).store
+    assert t.store == store  # train reads what ingest wrote
+    # storage_path must be on the volume every pod of the train job mounts
+    doc = yaml.safe_load((INFRA / "k8s" / "rayjob-train.yaml").read_text())
+    spec = doc["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"]] + [g["template"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        mounts = [m["mountPath"] for c in pod["spec"]["containers"] for m in c.get("volumeMounts", [])]
+        assert any(t.storage_path.startswith(m + "/") for m in mounts), (t.storage_path, mounts)
+    gpus = sum(g["replicas"] for g in spec["workerGroupSpecs"]
+               if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"])
+    assert gpus == t.num_workers
+
+
+def test_command_extraction_catches_a_bad_flag():
+    (argv,) = atlasflow_commands("cd /x && atlasflow train --preset debug --no-such-flag 1")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(argv[1:])
+
+
+def test_dockerfile_installs_atlasflow():
+    text = (INFRA / "Dockerfile").read_text()
+    assert re.search(r"^FROM \S+gpu", text, re.M)
+    assert "pip install" in text and "atlasflow --help" in text
+    for folder in ("store", "ingest", "loader", "train", "infra"):
+        assert re.search(rf"^COPY .*\b{folder} {folder}$", text, re.M), folder
