@@ -102,11 +102,16 @@ def _gather_objects(obj, world_size: int) -> list:
     return out
 
 
-def run_worker(cfg: Config, ctx: WorkerContext) -> dict:
-    from atlasflow.loader import make_loader
+def run_worker(cfg: Config, ctx: WorkerContext, loader=None) -> dict:
+    """Train on this rank until train.max_steps or train.epochs; returns the final train state.
 
+    ``loader`` defaults to ``make_loader(data.store, ...)`` for this rank/world.
+    """
     torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
-    loader = make_loader(cfg.data.store, loader_config(cfg, ctx.rank, ctx.world_size))
+    if loader is None:
+        from atlasflow.loader import make_loader
+
+        loader = make_loader(cfg.data.store, loader_config(cfg, ctx.rank, ctx.world_size))
     ds = loader.dataset
     vocab = ds.vocab
     n_tokens = N_SPECIAL + len(vocab.gene_joinids)

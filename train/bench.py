@@ -1,0 +1,150 @@
+"""Training throughput benchmark (prints JSON): packed rows vs padding every cell to max_len.
+
+Same model (same initial weights), same cells, same masks; only the batch layout differs:
+  * pad_to_max_len: every cell padded to data.max_len (the naive layout);
+  * dynamic: the loader's layout, every cell padded to the longest cell of its batch;
+  * packed: cells packed first-fit into rows of max_len, block-diagonal attention.
+Then a live run (loader iterated inside the step loop) measures the share of step time spent
+waiting for the loader, for each loader worker count asked for.
+
+    python -m atlasflow.train.bench --store STORE [--max-len 2048] [--steps 6] [--out bench.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+
+import torch
+
+from .config import load_preset
+from .masking import mask_batch, masking_generator
+from .model import N_SPECIAL, CellEncoder
+from .objective import MLMObjective
+from .pack import model_inputs
+
+
+def _train_steps(cfg, n_tokens, inputs_list, seed=0) -> dict:
+    torch.manual_seed(seed)
+    obj = MLMObjective(CellEncoder(cfg.model, cfg.data.tokenizer, n_tokens, cfg.data.max_len, cfg.data.n_bins))
+    opt = torch.optim.AdamW(obj.parameters(), lr=1e-4)
+    loss, _ = obj(inputs_list[0])  # warm-up step (allocator, kernels), not timed
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    tokens = slots = cells = 0
+    t0 = time.perf_counter()
+    for inputs in inputs_list:
+        loss, _ = obj(inputs)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens += inputs["n_tokens"]
+        slots += inputs["segment_ids"].numel()
+        cells += inputs["cell_pos"].shape[0]
+    dt = time.perf_counter() - t0
+    return {"seconds": dt, "tokens_per_s": tokens / dt, "cells_per_s": cells / dt,
+            "pad_fraction": 1 - tokens / slots, "rows_per_step": slots / len(inputs_list) / inputs_list[0][
+                "segment_ids"].shape[1], "steps": len(inputs_list)}
+
+
+def _live(cfg, store: str, steps: int, num_workers: int) -> dict:
+    """Loader iterated inside the loop: time blocked in next(loader) over total step time."""
+    from atlasflow.loader import make_loader
+
+    from .loop import loader_config
+
+    lc = loader_config(cfg.with_overrides({"data.num_workers": num_workers}), 0, 1)
+    loader = make_loader(store, lc)
+    n_tokens = N_SPECIAL + len(loader.dataset.vocab.gene_joinids)
+    torch.manual_seed(0)
+    obj = MLMObjective(CellEncoder(cfg.model, cfg.data.tokenizer, n_tokens, cfg.data.max_len, cfg.data.n_bins))
+    opt = torch.optim.AdamW(obj.parameters(), lr=1e-4)
+    loader.dataset.set_epoch(0)
+    it = iter(loader)
+    wait = busy = 0.0
+    first = None
+    for step in range(steps + 1):
+        t0 = time.perf_counter()
+        batch = next(it)
+        t1 = time.perf_counter()
+        m = mask_batch(batch, cfg.data.tokenizer, cfg.masking, masking_generator(0, 0, step, 0), n_tokens,
+                       cfg.data.n_bins)
+        loss, _ = obj(model_inputs(m, pack=True, row_len=cfg.data.max_len))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        t2 = time.perf_counter()
+        if step == 0:  # the first batch includes worker start-up and planning
+            first = t1 - t0
+            continue
+        wait += t1 - t0
+        busy += t2 - t0
+    return {"num_workers": num_workers, "loader_wait_share": wait / busy, "first_batch_s": first,
+            "steps": steps, "step_s": busy / steps}
+
+
+def run(store: str, max_len: int = 2048, batch_size: int = 32, steps: int = 6, live_workers=(0, 1),
+        preset: str = "debug") -> dict:
+    from atlasflow.loader import make_loader
+
+    from .loop import loader_config
+
+    cfg = load_preset(preset).with_overrides({"data.max_len": max_len, "data.batch_size": batch_size,
+                                              "data.store": store})
+    loader = make_loader(store, loader_config(cfg, 0, 1))
+    loader.dataset.set_epoch(0)
+    n_tokens = N_SPECIAL + len(loader.dataset.vocab.gene_joinids)
+    batches = []
+    for i, batch in enumerate(loader):
+        batches.append(mask_batch(batch, cfg.data.tokenizer, cfg.masking, masking_generator(0, 0, i, 0), n_tokens,
+                                  cfg.data.n_bins))
+        if len(batches) == steps + 1:
+            break
+    if len(batches) < 2:
+        raise ValueError(f"store: {store} yields {len(batches)} batches of {batch_size}; need at least 2")
+    layouts = {
+        "pad_to_max_len": [model_inputs(b, pack=False, pad_to=max_len) for b in batches],
+        "dynamic": [model_inputs(b, pack=False) for b in batches],
+        "packed": [model_inputs(b, pack=True, row_len=max_len) for b in batches],
+    }
+    res = {name: _train_steps(cfg, n_tokens, inputs) for name, inputs in layouts.items()}
+    lengths = torch.cat([b["attention_mask"].sum(1) for b in batches]).float()
+    out = {
+        "bench": "atlasflow.train.bench", "format_version": 1, "store": store, "preset": preset,
+        "model": {"d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "n_heads": cfg.model.n_heads},
+        "max_len": max_len, "batch_size": batch_size, "tokenizer": cfg.data.tokenizer,
+        "cell_tokens": {"mean": float(lengths.mean()), "min": int(lengths.min()), "max": int(lengths.max())},
+        "layouts": res,
+        "speedup_packed_vs_pad_to_max_len": res["packed"]["tokens_per_s"] / res["pad_to_max_len"]["tokens_per_s"],
+        "speedup_packed_vs_dynamic": res["packed"]["tokens_per_s"] / res["dynamic"]["tokens_per_s"],
+        "live": [_live(cfg, store, steps, w) for w in live_workers],
+        "machine": {"python": platform.python_version(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},
+    }
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m atlasflow.train.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--store", required=True)
+    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--live-workers", default="0,1", help="loader worker counts for the live run")
+    p.add_argument("--out", help="also write the JSON here")
+    a = p.parse_args(argv)
+    res = run(a.store, a.max_len, a.batch_size, a.steps, tuple(int(w) for w in a.live_workers.split(",") if w))
+    text = json.dumps(res, indent=1)
+    print(text)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
