@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from atlasflow.train.checkpoint import load_checkpoint, read_part, save_checkpoint
 from atlasflow.train.config import Config, MaskingConfig, ModelConfig
 from atlasflow.train.masking import mask_batch, masking_generator
-from atlasflow.train.model import CellEncoder
+from atlasflow.train.model import CellEncoder, _cu_seqlens
 from atlasflow.train.objective import MLMObjective
 from atlasflow.train.pack import first_fit_decreasing, model_inputs, pad_fraction
 
@@ -212,3 +212,10 @@ def test_checkpoint_roundtrip_and_safety(tmp_path):
     (path / "format.json").unlink()
     with pytest.raises(FileNotFoundError, match="format.json"):
         load_checkpoint(path)
+
+
+def test_cu_seqlens_for_the_varlen_kernel():
+    seg = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 0, 0], [1, 2, 3, 3, 3, 3]])
+    cu, max_len = _cu_seqlens(seg)
+    # cells in row-major order of real tokens: 3, 2 | 4 | 1, 1, 4
+    assert cu.tolist() == [0, 3, 5, 9, 10, 11, 15] and max_len == 4 and cu.dtype == torch.int32

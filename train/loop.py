@@ -211,8 +211,9 @@ def run_worker(cfg: Config, ctx: WorkerContext, loader=None) -> dict:
                 window.time(time.perf_counter() - t0)
                 continue
             n_acc = 0
-            if o.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+            if o.grad_clip > 0:  # FSDP(1) must clip over the full, sharded gradient: its own method
+                clip = getattr(model, "clip_grad_norm_", None)
+                clip(o.grad_clip) if clip else torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
