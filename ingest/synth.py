@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -321,10 +322,18 @@ def synthesize(out: str, n_cells: int, n_genes: int, n_datasets: int, seed: int,
     writer = make_writer(cfg, str(out), model, plans)
     nnz = np.zeros(len(plans), dtype=np.int64)
     raw = np.zeros(len(plans), dtype=np.float64)
-    for chunk in iter_chunks(cfg, model, plans):
-        writer.write(chunk)
-        nnz[chunk.plan.index] += chunk.X.nnz
-        raw[chunk.plan.index] += float(chunk.X.data.sum(dtype=np.float64))
+    # Generate chunk k+1 while a writer thread writes chunk k (TileDB's C++ write runs without
+    # the GIL); waiting before each submit keeps at most two chunks in memory.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="synth-write") as pool:
+        pending = None
+        for chunk in iter_chunks(cfg, model, plans):
+            nnz[chunk.plan.index] += chunk.X.nnz
+            raw[chunk.plan.index] += float(chunk.X.data.sum(dtype=np.float64))
+            if pending is not None:
+                pending.result()
+            pending = pool.submit(writer.write, chunk)
+        if pending is not None:
+            pending.result()
     extra = writer.close(nnz, raw)
     secs = time.perf_counter() - t0
     total_nnz = int(nnz.sum())

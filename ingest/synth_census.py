@@ -23,7 +23,7 @@ from atlasflow.store.store import soma_context
 
 from . import synth_vocab as vocab
 from .synth import Chunk, DatasetPlan, Model, SynthConfig
-from .synth_write import SYNTH_META_KEY, _meta, _Writer, obs_arrow
+from .synth_write import SYNTH_META_KEY, _meta, _Writer, obs_arrow, write_x_global_order
 
 CENSUS_OBS_SCHEMA = pa.schema(
     [("soma_joinid", pa.int64())]
@@ -81,10 +81,8 @@ class CensusWriter(_Writer):
         joinids = np.arange(start, start + chunk.n, dtype=np.int64)
         X = chunk.X
         nnz = chunk.nnz_per_cell
-        coo = pa.table({"soma_dim_0": pa.array(np.repeat(joinids, nnz)),
-                        "soma_dim_1": pa.array(X.indices.astype(np.int64)),
-                        "soma_data": pa.array(X.data.astype(np.float32))})
-        _write(self.x_uri, soma.SparseNDArray, coo)
+        with soma.SparseNDArray.open(self.x_uri, "w", context=soma_context()) as x:
+            write_x_global_order(x, np.repeat(joinids, nnz), X.indices.astype(np.int64), X.data)
         raw_sum = chunk.raw_sum
         obs = obs_arrow(chunk, {
             "raw_mean_nnz": pa.array(np.divide(raw_sum, nnz, out=np.zeros(chunk.n), where=nnz > 0)),

@@ -14,9 +14,10 @@ import os
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import scipy.sparse as sp
+import tiledbsoma as soma
 
-from atlasflow.store.schema import CENSUS_STRING_COLUMNS
+from atlasflow.store.schema import CENSUS_STRING_COLUMNS, MEASUREMENT, OBS_SCHEMA, X_LAYER
+from atlasflow.store.store import soma_context
 
 from . import synth_vocab as vocab
 from .synth import SYNTH_FORMAT_VERSION, Chunk, DatasetPlan, Model, SynthConfig
@@ -99,7 +100,10 @@ class _Writer:
 
 
 def make_writer(cfg: SynthConfig, out: str, model: Model, plans: list[DatasetPlan]) -> _Writer:
-    _require_empty(out)
+    from atlasflow.store import is_store
+
+    if not (cfg.layout == "store" and is_store(out)):  # a store layout may append to an existing store
+        _require_empty(out)
     if cfg.layout == "h5ad":
         from .synth_h5ad import H5adWriter
         return H5adWriter(cfg, out, model, plans)
@@ -113,29 +117,45 @@ class StoreLayoutWriter(_Writer):
     """Writes straight into an atlasflow store: one SourceEntry (kind "synthetic") per dataset."""
 
     def __init__(self, cfg: SynthConfig, out: str, model: Model, plans: list[DatasetPlan]):
-        from atlasflow.store import StoreWriter
+        from atlasflow.store import COMPLETE, StoreWriter
 
         self.cfg, self.out, self.plans = cfg, out, plans
         self.w = StoreWriter(out, organism=cfg.organism)
-        self.gene_joinids = self.w.register_genes(list(model.genes.index))
+        # Re-running into the same store resumes: complete datasets are kept (not written twice),
+        # pending ones (a run that died) are rewritten into their reserved range.
         self.entries: dict[int, object] = {}
+        for plan in plans:
+            prior = self.w.manifest.by_fingerprint(self._fingerprint(plan))
+            if prior is not None and prior.status == COMPLETE:
+                self.entries[plan.index] = prior
+        self.skip = set(self.entries)
+        if len(self.skip) == len(plans):
+            raise FileExistsError(f"--out {out}: the store already holds this synthetic atlas (same seed and "
+                                  f"sizes, e.g. source {self.entries[0].source_id}); refusing to add it twice")
+        self.gene_joinids = self.w.register_genes(list(model.genes.index))
+        # CSR column order stays row-major in store joinids only if the mapping is increasing
+        self.monotonic = bool(np.all(np.diff(self.gene_joinids) > 0))
         self.done = np.zeros(len(plans), dtype=np.int64)
         self.nnz = np.zeros(len(plans), dtype=np.int64)
         self.raw = np.zeros(len(plans), dtype=np.float64)
+
+    def _fingerprint(self, plan: DatasetPlan) -> str:
+        # chunk_cells and layout do not change the data, so they are not part of the identity
+        return hashlib.sha256(_meta(self.cfg, dataset=plan.index).encode()).hexdigest()
 
     def _entry(self, plan: DatasetPlan):
         from atlasflow.store import SourceEntry
 
         if plan.index not in self.entries:
-            fp = hashlib.sha256(_meta(self.cfg, dataset=plan.index).encode()).hexdigest()
+            fp = self._fingerprint(plan)
             self.entries[plan.index] = self.w.reserve(SourceEntry(
                 source_id=f"synth-{plan.dataset_id}", kind="synthetic", name=plan.title, fingerprint=fp,
                 n_cells=plan.n_cells, counts_field="X", genes_mapped=len(self.gene_joinids)))
         return self.entries[plan.index]
 
     def write(self, chunk: Chunk) -> None:
-        from atlasflow.store import write_cells
-
+        if chunk.plan.index in self.skip:
+            return
         entry = self._entry(chunk.plan)
         n = chunk.n
         obs = obs_arrow(chunk, {
@@ -144,8 +164,18 @@ class StoreLayoutWriter(_Writer):
             "source_row": pa.array(np.arange(chunk.row_start, chunk.row_start + n, dtype=np.int64)),
         })
         X = chunk.X
-        rows = np.repeat(np.arange(n, dtype=np.int64), chunk.nnz_per_cell)
-        write_cells(self.out, entry.joinid_start + chunk.row_start, obs, rows, self.gene_joinids[X.indices], X.data)
+        start = entry.joinid_start + chunk.row_start
+        rows = np.repeat(np.arange(start, start + n, dtype=np.int64), chunk.nnz_per_cell)
+        cols = self.gene_joinids[X.indices]
+        obs = obs.add_column(0, "soma_joinid", pa.array(np.arange(start, start + n, dtype=np.int64)))
+        obs = obs.select(["soma_joinid", *OBS_SCHEMA.names]).cast(
+            pa.schema([("soma_joinid", pa.int64()), *OBS_SCHEMA]))
+        # Same protocol as store.write_cells (X, then obs; one write per open), with a global-order
+        # X write; the entry only becomes visible to readers at w.complete().
+        with soma.Experiment.open(self.out, "w", context=soma_context()) as exp:
+            write_x_global_order(exp.ms[MEASUREMENT].X[X_LAYER], rows, cols, X.data, self.monotonic)
+        with soma.Experiment.open(self.out, "w", context=soma_context()) as exp:
+            exp.obs.write(obs)
         i = chunk.plan.index
         self.done[i] += n
         self.nnz[i] += X.nnz
@@ -154,7 +184,37 @@ class StoreLayoutWriter(_Writer):
             self.w.complete(entry.source_id, nnz=int(self.nnz[i]), raw_sum=float(self.raw[i]))
 
     def close(self, nnz: np.ndarray, raw_sum: np.ndarray) -> dict:
-        return {"store_uri": self.out, "sources": [self.entries[p.index].source_id for p in self.plans]}
+        return {"store_uri": self.out, "sources": [self.entries[p.index].source_id for p in self.plans],
+                "resumed_complete_sources": len(self.skip)}
+
+
+def write_x_global_order(x, rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, row_major: bool = True) -> None:
+    """Write COO cells to an open SparseNDArray, pre-sorted in TileDB global order.
+
+    ``row_major``: the caller guarantees the cells are sorted by (row, col), as CSR order is.
+
+    An unordered write makes TileDB sort the cells itself: measured 18 s for 17M cells, versus
+    4.6 s with a stable radix argsort by (row tile, column tile) and a global-order write. A
+    wrong order is refused by TileDB (never silently stored), and arrays whose tile or cell order
+    is not row-major get a plain unordered write.
+    """
+    table = {"soma_dim_0": rows, "soma_dim_1": cols, "soma_data": vals.astype(np.float32, copy=False)}
+    opts = x.schema_config_options()
+    if opts.tile_order != "row-major" or opts.cell_order != "row-major" or not len(rows):
+        x.write(pa.table(table))
+        return
+    if not row_major:
+        rm = np.lexsort((cols, rows))
+        table = {k: v[rm] for k, v in table.items()}
+        rows, cols = table["soma_dim_0"], table["soma_dim_1"]
+    dims = json.loads(opts.dims)
+    t0, t1 = int(dims["soma_dim_0"]["tile"]), int(dims["soma_dim_1"]["tile"])
+    n_col_tiles = int(cols.max()) // t1 + 1
+    key = (rows // t0 - rows[0] // t0) * n_col_tiles + cols // t1
+    # stable: keeps row-major order inside each tile, which is TileDB's cell order
+    order = np.argsort(key.astype(np.uint16) if key.max() < 2**16 else key, kind="stable")
+    table = {k: v[order] for k, v in table.items()}
+    x.write(pa.table(table), platform_config={"tiledb": {"write": {"sort_coords": False}}})
 
 
 def var_frame(model: Model) -> pd.DataFrame:
@@ -162,7 +222,3 @@ def var_frame(model: Model) -> pd.DataFrame:
     var.index.name = "feature_id"
     return var
 
-
-def check_csr(X: sp.csr_matrix) -> None:
-    if X.indptr.dtype != np.int64:
-        X.indptr = X.indptr.astype(np.int64)

@@ -273,3 +273,78 @@ def test_cli_prints_summary_and_names_bad_fields(tmp_path, capsys):
     assert bad.func(bad) == 2
     assert "n_datasets" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
+
+
+def test_store_layout_appends_to_existing_store_with_unordered_gene_ids(tmp_path, h5ad_atlas):
+    from atlasflow.store import StoreWriter, open_store
+
+    uri = str(tmp_path / "mixed")
+    genes = synth.select_genes(G)
+    # genes known before the synthetic atlas arrives: the last ten (reversed) and one outside its gene set,
+    # so the atlas' gene joinids are not increasing in its own gene order
+    outsider = [f for f in _reference_csv().index if f not in set(genes.index)][0]
+    StoreWriter(uri).register_genes([outsider, *list(genes.index[-10:])[::-1]])
+    synthesize(uri, N, G, D, SEED, layout="store", chunk_cells=64)
+    st = open_store(uri)
+    assert st.n_cells == N and st.n_genes == G + 1
+    var = st.var()
+    with st.experiment() as exp:
+        coo = exp.ms["RNA"].X["raw"].read().tables().concat().to_pandas()
+    Xs = sp.csr_matrix((coo["soma_data"], (coo["soma_dim_0"], coo["soma_dim_1"])), shape=(N, len(var)))
+    Xh, _, adatas = _read_h5ad_dir(*h5ad_atlas)
+    col = pd.Series(np.arange(len(var)), index=var["feature_id"]).loc[adatas[0].var.index].to_numpy()
+    assert not np.all(np.diff(col) > 0)  # the non-row-major write path was taken
+    assert (Xs[:, col] != Xh).nnz == 0
+    assert Xs[:, var.index[var["feature_id"] == outsider][0]].nnz == 0
+    with pytest.raises(FileExistsError, match="already holds this synthetic atlas"):
+        synthesize(uri, N, G, D, SEED, layout="store")
+    synthesize(uri, 50, G, 2, SEED + 1, layout="store")  # a different atlas appends
+    assert open_store(uri).n_cells == N + 50
+
+
+def test_store_layout_killed_midway_resumes_to_exactly_once(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from atlasflow.store import COMPLETE, open_store
+
+    uri = str(tmp_path / "killed")
+    n, g, d = 1200, 200, 12
+    code = ("import sys; from atlasflow.ingest.synth import synthesize; "
+            f"synthesize({uri!r}, {n}, {g}, {d}, 5, layout='store', chunk_cells=32)")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    n_complete = 0
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                n_complete = sum(e.status == COMPLETE for e in open_store(uri).manifest.sources.values())
+            except Exception:  # the store may not exist yet
+                n_complete = 0
+            if n_complete >= 1:
+                break
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    if proc.returncode == 0:
+        pytest.skip("the generator finished before it could be killed; nothing to resume")
+    assert 1 <= n_complete < d
+    st = open_store(uri)
+    assert st.n_cells < n  # pending datasets are invisible
+    synthesize(uri, n, g, d, 5, layout="store", chunk_cells=32)
+    st = open_store(uri)
+    assert st.n_cells == n and st.complete_ranges()[0][0] == 0
+    obs = st.obs(["source_id", "source_row", "nnz"])
+    assert len(obs) == n and not obs.duplicated(["source_id", "source_row"]).any()
+    with st.experiment() as exp:
+        coo = exp.ms["RNA"].X["raw"].read().tables().concat().to_pandas()
+    ids = coo["soma_dim_0"].to_numpy()
+    # every committed cell's X rows exactly once: per-cell nnz from X equals obs.nnz
+    per_cell = np.bincount(ids, minlength=int(ids.max()) + 1)[obs.index.to_numpy()]
+    assert np.array_equal(per_cell, obs["nnz"].to_numpy())
+    sizes = sorted((e.n_cells for e in st.manifest.sources.values()), reverse=True)
+    assert sizes == synth.dataset_sizes(n, d).tolist()
