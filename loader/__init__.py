@@ -1,1 +1,24 @@
-"""atlasflow.loader"""
+"""atlasflow.loader: stream tokenized, shuffled, exactly partitioned batches from an atlas store.
+
+    from atlasflow.loader import LoaderConfig, make_loader
+    loader = make_loader("atlas/", LoaderConfig(tokenizer="rank", batch_size=32, num_workers=2))
+    for epoch in range(3):
+        loader.dataset.set_epoch(epoch)
+        for batch in loader:  # dict of torch tensors, incl. batch["soma_joinid"]
+            ...
+
+See plan.py (epoch definition, partitioning, balancing), tokenize.py (token definitions),
+config.py (memory knobs) and state.py (resume).
+"""
+
+from .api import AtlasLoader, make_loader
+from .config import LoaderConfig
+from .dataset import CellStream, resolve_rank_world
+from .split import assign_splits, split_of
+from .tokenize import TokenBlock, Tokenizer, gene_hash
+from .vocab import CLS, EOS, MASK, PAD, SPECIALS, Vocab
+
+__all__ = [
+    "AtlasLoader", "CLS", "CellStream", "EOS", "LoaderConfig", "MASK", "PAD", "SPECIALS", "TokenBlock", "Tokenizer",
+    "Vocab", "assign_splits", "gene_hash", "make_loader", "resolve_rank_world", "split_of",
+]

@@ -1,0 +1,105 @@
+"""LoaderConfig: every option of the streaming loader, validated at construction.
+
+Memory knobs (per DataLoader worker process, defaults measured on the 200k x 20k bench store):
+
+- ``chunk_cells`` (256): contiguous cells per chunk, the unit of shuffling. Smaller chunks mix
+  better but read slower (each chunk is one range in the TileDB read).
+- ``read_cells`` (4096): cells per TileDB read (several chunks in one read).
+- ``window_cells`` (16384): cells shuffled together; one window is tokenized and held in memory
+  (about 6 to 12 KB per cell at ~1.4k nonzero genes, i.e. ~100-200 MB) while the next one is read.
+- ``prefetch_reads`` (4): tokenized reads queued ahead by the background thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+TOKENIZERS = ("rank", "bin", "value")
+REMAINDERS = ("drop", "pad")
+SPLITS = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    tokenizer: str = "rank"
+    max_len: int = 2048
+    batch_size: int = 32
+    shuffle: bool = True
+    seed: int = 0
+    epoch: int = 0
+    num_workers: int = 0
+    obs_filter: str | None = None
+    obs_columns: tuple[str, ...] = ()
+    balance_by: str | None = None
+    balance_alpha: float = 1.0
+    split: str | None = None
+    split_by: str = "dataset_id"
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    rank: int | None = None
+    world_size: int | None = None
+    n_bins: int = 51
+    gene_filter: str | None = None
+    # engine knobs
+    stratify_by: str | None = "dataset_id"
+    chunk_cells: int = 256
+    read_cells: int = 4096
+    window_cells: int = 16384
+    prefetch_reads: int = 4
+    bucket_batches: int = 8
+    remainder: str = "drop"
+    timestamp_ms: int | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "obs_columns", tuple(self.obs_columns))
+        object.__setattr__(self, "split_fractions", tuple(float(f) for f in self.split_fractions))
+        _one_of(self, "tokenizer", TOKENIZERS)
+        _one_of(self, "remainder", REMAINDERS)
+        if self.split is not None:
+            _one_of(self, "split", SPLITS)
+        for name, lo in (("max_len", 3), ("batch_size", 1), ("num_workers", 0), ("n_bins", 3),
+                         ("chunk_cells", 1), ("read_cells", 1), ("window_cells", 1), ("prefetch_reads", 1),
+                         ("bucket_batches", 0), ("seed", 0), ("epoch", 0)):
+            _int_at_least(self, name, lo)
+        if self.n_bins > 32767:
+            raise ValueError(f"LoaderConfig.n_bins: at most 32767, got {self.n_bins}")
+        if not 0.0 <= float(self.balance_alpha) <= 1.0:
+            raise ValueError(f"LoaderConfig.balance_alpha: must lie in [0, 1], got {self.balance_alpha}")
+        fr = self.split_fractions
+        if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
+            raise ValueError(f"LoaderConfig.split_fractions: three non-negative fractions summing to 1, got {fr}")
+        if (self.rank is None) != (self.world_size is None):
+            raise ValueError("LoaderConfig.rank / world_size: give both or neither "
+                             f"(rank={self.rank}, world_size={self.world_size})")
+        if self.world_size is not None:
+            _int_at_least(self, "world_size", 1)
+            _int_at_least(self, "rank", 0)
+            if self.rank >= self.world_size:
+                raise ValueError(f"LoaderConfig.rank: {self.rank} must be < world_size {self.world_size}")
+        for c in self.obs_columns:
+            if not isinstance(c, str) or not c:
+                raise ValueError(f"LoaderConfig.obs_columns: column names must be non-empty strings, got {c!r}")
+        if self.window_cells < self.batch_size:
+            raise ValueError(f"LoaderConfig.window_cells: {self.window_cells} is smaller than batch_size "
+                             f"{self.batch_size}")
+
+    @property
+    def window_batches(self) -> int:
+        """Whole batches per shuffle window (a batch never straddles two windows)."""
+        return max(1, self.window_cells // self.batch_size)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _one_of(cfg, name, allowed):
+    v = getattr(cfg, name)
+    if v not in allowed:
+        raise ValueError(f"LoaderConfig.{name}: {v!r} is not one of {allowed}")
+
+
+def _int_at_least(cfg, name, lo):
+    v = getattr(cfg, name)
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"LoaderConfig.{name}: expected an int, got {v!r}")
+    if v < lo:
+        raise ValueError(f"LoaderConfig.{name}: must be >= {lo}, got {v}")

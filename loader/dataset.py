@@ -1,0 +1,199 @@
+"""CellStream: a torch IterableDataset of tokenized, shuffled batches from a pinned store snapshot."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+from atlasflow.store import Store, open_store
+
+from . import plan as P
+from .batching import batch_indices, collate
+from .config import LoaderConfig
+from .io import BlockReader, Prefetcher
+from .query import check_columns, column_labels, query_runs, restrict_to_split
+from .runs import Runs
+from .state import STATE_FORMAT_VERSION, STREAM_FORMAT, check_state
+from .tokenize import TokenBlock, Tokenizer
+from .vocab import Vocab
+
+
+def resolve_rank_world(cfg: LoaderConfig) -> tuple[int, int]:
+    """Explicit override, else Ray Train's context, else torch.distributed, else (0, 1)."""
+    if cfg.world_size is not None:
+        return int(cfg.rank), int(cfg.world_size)
+    if "ray" in sys.modules:
+        try:
+            import ray.train
+
+            ctx = ray.train.get_context()
+            return int(ctx.get_world_rank()), int(ctx.get_world_size())
+        except Exception:
+            pass
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _load_medians(store: Store) -> np.ndarray:
+    try:
+        stats = store.gene_stats()
+    except Exception as exc:
+        raise ValueError(f"tokenizer 'rank' needs gene medians, which store {store.uri} does not have "
+                         f"({type(exc).__name__}: {exc}); run `atlasflow store stats {store.uri}` first") from exc
+    med = np.full(store.n_genes, np.nan)
+    idx = stats.index.to_numpy(np.int64)
+    med[idx[idx < store.n_genes]] = stats["nonzero_median"].to_numpy(np.float64)[idx < store.n_genes]
+    return med
+
+
+class CellStream(IterableDataset):
+    def __init__(self, store, cfg: LoaderConfig | None = None):
+        cfg = cfg or LoaderConfig()
+        if not isinstance(cfg, LoaderConfig):
+            raise TypeError(f"CellStream: cfg must be a LoaderConfig, got {type(cfg).__name__}")
+        store = store if isinstance(store, Store) else open_store(os.fspath(store), cfg.timestamp_ms)
+        self.cfg = cfg
+        self.locator = store.locator
+        self.vocab = Vocab.from_var(store.var(), cfg.gene_filter)
+        self._lut = self.vocab.lookup_table(store.n_genes)
+        self._medians = _load_medians(store) if cfg.tokenizer == "rank" else None
+        with store.experiment() as exp:
+            check_columns(exp, [cfg.balance_by, cfg.split_by if cfg.split else None, *cfg.obs_columns],
+                          "balance_by / split_by / obs_columns")
+            runs = query_runs(exp, Runs.from_ranges(store.complete_ranges()), cfg.obs_filter)
+            if cfg.split is not None:
+                runs = restrict_to_split(runs, column_labels(exp, runs, cfg.split_by, cfg.obs_filter),
+                                         cfg.split, cfg.split_fractions)
+            if runs.n_cells == 0:
+                raise ValueError(f"CellStream: the query selects no committed cells (obs_filter={cfg.obs_filter!r}, "
+                                 f"split={cfg.split!r}) in store {store.uri}")
+            self.groups = column_labels(exp, runs, cfg.balance_by, cfg.obs_filter) if cfg.balance_by else None
+            strat = cfg.stratify_by if (cfg.shuffle and self.groups is None and cfg.stratify_by) else None
+            if strat is not None and strat not in exp.obs.schema.names:
+                strat = None  # stratification is an optimization; a store without the column just shuffles
+            self.strata = column_labels(exp, runs, strat, cfg.obs_filter) if strat else None
+            self.obs_categories = {c: column_labels(exp, runs, c, cfg.obs_filter, rle=False) for c in cfg.obs_columns}
+        self.runs = runs
+        self.rank, self.world_size = resolve_rank_world(cfg)
+        self.epoch = cfg.epoch
+        self._resume_at = 0
+        self._position = 0
+        self._shards = self.world_size * max(1, cfg.num_workers)
+        total = runs.n_cells
+        if cfg.remainder == "drop":
+            self._worker_batches = (total // self._shards) // cfg.batch_size
+        else:
+            self._worker_batches = -(-(-(-total // self._shards)) // cfg.batch_size)
+        if self._worker_batches == 0:
+            raise ValueError(f"CellStream: {total} cells cannot give every one of {self._shards} shards "
+                             f"(world_size x workers) a batch of {cfg.batch_size}; lower batch_size or use "
+                             f"remainder='pad'")
+
+    # -- public ------------------------------------------------------------------------------
+    @property
+    def n_cells(self) -> int:
+        return self.runs.n_cells
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """Batches each rank yields per epoch (the same on every rank)."""
+        return self._worker_batches * max(1, self.cfg.num_workers)
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"set_epoch: epoch must be an int >= 0, got {epoch!r}")
+        self.epoch = int(epoch)
+        self._resume_at = 0
+        self._position = 0
+
+    def shard_plan(self, epoch: int, worker: int) -> P.ShardPlan:
+        cfg = self.cfg
+        shard = self.rank * max(1, cfg.num_workers) + worker
+        shards, n_batches, window = P.plan_epoch(
+            self.runs.n_cells, batch_size=cfg.batch_size, chunk_cells=cfg.chunk_cells,
+            window_cells=cfg.window_cells, seed=cfg.seed, epoch=epoch, shuffle=cfg.shuffle,
+            n_shards=self._shards, remainder=cfg.remainder, strata=self.strata, groups=self.groups,
+            alpha=cfg.balance_alpha)
+        s, e = shards[shard]
+        return P.ShardPlan(s, e, n_batches, cfg.batch_size, window, cfg.seed, epoch, shard, cfg.shuffle)
+
+    # -- state -------------------------------------------------------------------------------
+    def _identity(self) -> dict:
+        c = self.cfg
+        return {"seed": c.seed, "world_size": self.world_size, "rank": self.rank, "num_workers": c.num_workers,
+                "snapshot_ms": self.locator.tiledb_timestamp_ms, "n_cells": self.runs.n_cells,
+                "tokenizer": c.tokenizer, "batch_size": c.batch_size}
+
+    def state_dict(self) -> dict:
+        info = get_worker_info()
+        return {"format": STREAM_FORMAT, "version": STATE_FORMAT_VERSION, **self._identity(),
+                "epoch": self.epoch, "worker": info.id if info else 0, "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        check_state(state, self._identity(), STREAM_FORMAT)
+        self.epoch = int(state["epoch"])
+        self._resume_at = self._position = int(state["position"])
+
+    # -- iteration ---------------------------------------------------------------------------
+    def __iter__(self):
+        info = get_worker_info()
+        n_workers = info.num_workers if info else 0
+        if n_workers != self.cfg.num_workers:
+            raise ValueError(f"LoaderConfig.num_workers={self.cfg.num_workers} but the DataLoader runs "
+                             f"{n_workers} workers; build the loader with make_loader()")
+        worker = info.id if info else 0
+        start, self._resume_at = self._resume_at, 0
+        self._position = start
+        return self._stream(self.shard_plan(self.epoch, worker), start)
+
+    def _stream(self, sp: P.ShardPlan, start: int):
+        cfg = self.cfg
+        wb = sp.window_cells // sp.batch_size
+        reader = BlockReader(self.locator, cfg.obs_columns, self.obs_categories)
+        tok = Tokenizer(cfg.tokenizer, cfg.max_len, cfg.n_bins, self._lut, self._medians, cfg.seed)
+        cum = self.runs.cum()
+
+        def tasks():
+            for w in range(start // wb, sp.n_windows):
+                reads = P.read_groups(*sp.window(w), cfg.read_cells)
+                for k, (s, e) in enumerate(reads):
+                    ranges = [r for a, b in zip(s.tolist(), e.tolist()) for r in self.runs.to_joinids(a, b, cum)]
+                    yield w, k == len(reads) - 1, ranges
+
+        def load(task) -> TokenBlock:
+            _, _, ranges = task
+            ids, indptr, cols, vals, labels = reader.read(ranges)
+            block = tok(indptr, cols, vals, ids, sp.epoch)
+            block.labels = labels
+            want = np.concatenate([np.arange(a, b) for a, b in ranges])
+            if len(want) != len(ids):  # duplicates (remainder="pad"): restore the multiplicity
+                block = block.take(np.searchsorted(ids, want))
+            return block
+
+        pending: list[TokenBlock] = []
+        skip = start % wb
+        pf = Prefetcher(tasks(), load, cfg.prefetch_reads)
+        try:
+            for (w, last, _), block in pf:
+                pending.append(block)
+                if not last:
+                    continue
+                window, pending = TokenBlock.concat(pending), []
+                order = sp.window_order(w, len(window))
+                rng = P.rng_for(sp.seed, sp.epoch, sp.shard, w, 0xB0) if cfg.shuffle else None
+                batches = batch_indices(order, window.lengths, sp.batch_size, cfg.bucket_batches, rng)
+                for idx in batches[skip:]:
+                    self._position += 1
+                    yield collate(window, idx, cfg.obs_columns)
+                skip = 0
+        finally:
+            pf.close()
+            reader.close()

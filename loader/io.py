@@ -1,0 +1,138 @@
+"""Grouped chunk reads from the pinned snapshot, and a background prefetch thread.
+
+One TileDB read per group of chunks (sorted point coordinates, or one slice when the group is a
+single range); TileDB releases the GIL while reading, so the thread overlaps I/O with the
+tokenization and collation of the previous group.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+import weakref
+
+import numpy as np
+import pandas as pd
+
+from atlasflow.store.schema import MEASUREMENT, X_LAYER
+
+
+class BlockReader:
+    """Reads cells (X rows as CSR + obs label codes) by joinid ranges. Opens lazily, once per process."""
+
+    def __init__(self, locator, obs_columns: tuple[str, ...] = (), categories: dict | None = None):
+        self.locator = locator
+        self.obs_columns = tuple(obs_columns)
+        self.categories = categories or {}
+        self._exp = None
+
+    def _open(self):
+        if self._exp is None:
+            self._exp = self.locator.open()
+            self._X = self._exp.ms[MEASUREMENT].X[X_LAYER]
+        return self._exp
+
+    def close(self):
+        if self._exp is not None:
+            self._exp.close()
+            self._exp = None
+
+    def __getstate__(self):  # handles never cross processes
+        d = dict(self.__dict__)
+        d["_exp"] = None
+        d.pop("_X", None)
+        return d
+
+    def read(self, ranges: list[tuple[int, int]]):
+        """-> (joinids sorted unique, indptr, cols, vals, labels); rows follow ``joinids``."""
+        exp = self._open()
+        parts = [np.arange(a, b, dtype=np.int64) for a, b in ranges]
+        ids = np.sort(np.concatenate(parts)) if len(parts) > 1 else parts[0]
+        if len(ids) > 1 and np.any(ids[1:] == ids[:-1]):
+            ids = ids[np.concatenate([[True], ids[1:] != ids[:-1]])]
+        contiguous = len(ids) == 0 or int(ids[-1]) - int(ids[0]) + 1 == len(ids)
+        coords = (slice(int(ids[0]), int(ids[-1])),) if contiguous and len(ids) else (ids,)
+        tbl = self._X.read(coords=coords).tables().concat()
+        dim0 = tbl["soma_dim_0"].to_numpy()
+        cols = tbl["soma_dim_1"].to_numpy()
+        vals = tbl["soma_data"].to_numpy()
+        row = (dim0 - ids[0]) if contiguous else np.searchsorted(ids, dim0)
+        if len(row) > 1:
+            key = row.astype(np.int64) << 32 | cols.astype(np.int64)
+            if np.any(key[1:] < key[:-1]):  # TileDB may return unordered cells; CSR needs (row, col)
+                o = np.argsort(key, kind="stable")
+                row, cols, vals = row[o], cols[o], vals[o]
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=len(ids)))]).astype(np.int64)
+        labels = self._labels(exp, coords, ids) if self.obs_columns else {}
+        return ids, indptr, cols.astype(np.int64, copy=False), vals, labels
+
+    def _labels(self, exp, coords, ids) -> dict[str, np.ndarray]:
+        tbl = exp.obs.read(coords=coords, column_names=["soma_joinid", *self.obs_columns]).concat()
+        df = tbl.to_pandas().set_index("soma_joinid").reindex(ids)
+        out = {}
+        for c in self.obs_columns:
+            cat = pd.Categorical(df[c].astype(str), categories=self.categories[c])
+            out[c] = np.asarray(cat.codes, dtype=np.int64)  # -1 only if the obs row is missing
+        return out
+
+
+_OK, _DONE, _ERR = 0, 1, 2
+_LIVE: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all():  # a thread still inside TileDB at interpreter exit aborts the process
+    for pf in list(_LIVE):
+        pf.close()
+
+
+class Prefetcher:
+    """Runs ``fn(task)`` for each task on a background thread, at most ``depth`` results ahead."""
+
+    def __init__(self, tasks, fn, depth: int):
+        self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(iter(tasks), fn), daemon=True,
+                                        name="atlasflow-prefetch")
+        self._thread.start()
+        _LIVE.add(self)
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, tasks, fn):
+        try:
+            for task in tasks:
+                if self._stop.is_set() or not self._put((_OK, task, fn(task))):
+                    return
+            self._put((_DONE, None, None))
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put((_ERR, None, exc))
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        kind, task, item = self._q.get()
+        if kind == _OK:
+            return task, item
+        if kind == _ERR:
+            self.close()
+            raise item
+        raise StopIteration
+
+    def close(self):
+        self._stop.set()
+        while True:
+            try:
+                self._q.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join(timeout=5)

@@ -1,0 +1,79 @@
+"""The token vocabulary: 4 specials, then the store's genes (optionally filtered) in joinid order.
+
+Saved with every checkpoint (``to_dict`` is JSON-able and versioned) so a model always decodes
+its input ids with the gene list it was trained on, even after the store gains genes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+VOCAB_FORMAT_VERSION = 1
+PAD, MASK, CLS, EOS = 0, 1, 2, 3
+SPECIALS = ("<pad>", "<mask>", "<cls>", "<eos>")
+N_SPECIAL = len(SPECIALS)
+
+
+@dataclass(frozen=True)
+class Vocab:
+    gene_joinids: np.ndarray  # int64, ascending store var joinids
+    gene_feature_ids: tuple[str, ...]  # Ensembl ids, same order
+    gene_filter: str | None = None
+
+    def __post_init__(self):
+        j = np.asarray(self.gene_joinids, dtype=np.int64)
+        object.__setattr__(self, "gene_joinids", j)
+        object.__setattr__(self, "gene_feature_ids", tuple(str(f) for f in self.gene_feature_ids))
+        if len(j) != len(self.gene_feature_ids):
+            raise ValueError(f"Vocab.gene_feature_ids: {len(self.gene_feature_ids)} ids for {len(j)} gene joinids")
+        if len(j) > 1 and np.any(np.diff(j) <= 0):
+            raise ValueError("Vocab.gene_joinids: must be strictly ascending")
+
+    def __len__(self) -> int:
+        return N_SPECIAL + len(self.gene_joinids)
+
+    @property
+    def specials(self) -> dict[str, int]:
+        return {s: i for i, s in enumerate(SPECIALS)}
+
+    def token_of(self, feature_id: str) -> int:
+        try:
+            return N_SPECIAL + self.gene_feature_ids.index(feature_id)
+        except ValueError:
+            raise KeyError(f"Vocab: gene {feature_id!r} is not in the vocabulary") from None
+
+    def lookup_table(self, n_store_genes: int) -> np.ndarray:
+        """int32 array: store gene joinid -> token id, -1 for genes outside the vocabulary."""
+        lut = np.full(max(n_store_genes, int(self.gene_joinids.max(initial=-1)) + 1), -1, dtype=np.int32)
+        lut[self.gene_joinids] = N_SPECIAL + np.arange(len(self.gene_joinids), dtype=np.int32)
+        return lut
+
+    def to_dict(self) -> dict:
+        return {"format": "atlasflow.vocab", "version": VOCAB_FORMAT_VERSION, "specials": list(SPECIALS),
+                "gene_filter": self.gene_filter, "gene_joinids": self.gene_joinids.tolist(),
+                "gene_feature_ids": list(self.gene_feature_ids)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Vocab":
+        if d.get("format") != "atlasflow.vocab":
+            raise ValueError(f"Vocab.from_dict: not a vocabulary (format={d.get('format')!r})")
+        if d.get("version") != VOCAB_FORMAT_VERSION:
+            raise ValueError(f"Vocab.from_dict: version {d.get('version')!r} unsupported "
+                             f"(this atlasflow reads {VOCAB_FORMAT_VERSION})")
+        if tuple(d.get("specials", ())) != SPECIALS:
+            raise ValueError(f"Vocab.from_dict: specials {d.get('specials')} differ from {list(SPECIALS)}")
+        return cls(np.asarray(d["gene_joinids"], dtype=np.int64), tuple(d["gene_feature_ids"]), d.get("gene_filter"))
+
+    @classmethod
+    def from_var(cls, var, gene_filter: str | None = None) -> "Vocab":
+        """From ``Store.var()`` (indexed by gene joinid); ``gene_filter`` keeps one feature_type."""
+        var = var.sort_index()
+        if gene_filter is not None:
+            types = sorted(set(var["feature_type"]))
+            var = var[var["feature_type"] == gene_filter]
+            if len(var) == 0:
+                raise ValueError(f"LoaderConfig.gene_filter: no gene has feature_type {gene_filter!r} "
+                                 f"(store has {types[:8]})")
+        return cls(var.index.to_numpy(np.int64), tuple(var["feature_id"].astype(str)), gene_filter)
