@@ -104,7 +104,9 @@ def test_failure_and_restart_is_exact(store, tmp_path):
     for key, ids in final.items():  # replayed batches are the very same cells
         if key in first:
             assert first[key] == ids
-    expected = expected_joinids(cfg, 2)
+    pinned = read_part(tmp_path / "b" / "ckpt_12", "config.json")["data"]["timestamp_ms"]
+    assert pinned == read_part(tmp_path / "b" / "ckpt_4", "config.json")["data"]["timestamp_ms"]
+    expected = expected_joinids(cfg.with_overrides({"data.timestamp_ms": pinned}), 2)
     want = [(e, m, ids) for e, m, ids in expected if (e, m) in final]
     assert len(want) == len(final) == 12
     assert [final[(e, m)] for e, m, _ in want] == [ids for _, _, ids in want]
@@ -118,7 +120,9 @@ def test_checkpoint_loads_for_embedding(store, tmp_path):
     ctx, _ = local_context(tmp_path / "run")
     run_worker(cfg, ctx)
     enc, cfg2, vocab = load_checkpoint(tmp_path / "run" / "ckpt_2")
-    assert cfg2 == cfg and isinstance(vocab, loader_mod.Vocab)
+    assert cfg2.data.timestamp_ms > 0  # the snapshot the run pinned travels with the checkpoint
+    assert cfg2 == cfg.with_overrides({"data.timestamp_ms": cfg2.data.timestamp_ms})
+    assert isinstance(vocab, loader_mod.Vocab)
     loader = loader_mod.make_loader(store, loader_config(cfg, 0, 1))
     loader.dataset.set_epoch(0)
     batch = next(iter(loader))

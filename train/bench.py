@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 
@@ -27,28 +28,37 @@ from .objective import MLMObjective
 from .pack import model_inputs
 
 
-def _train_steps(cfg, n_tokens, inputs_list, seed=0) -> dict:
-    torch.manual_seed(seed)
-    obj = MLMObjective(CellEncoder(cfg.model, cfg.data.tokenizer, n_tokens, cfg.data.max_len, cfg.data.n_bins))
-    opt = torch.optim.AdamW(obj.parameters(), lr=1e-4)
-    loss, _ = obj(inputs_list[0])  # warm-up step (allocator, kernels), not timed
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-    tokens = slots = cells = 0
-    t0 = time.perf_counter()
-    for inputs in inputs_list:
-        loss, _ = obj(inputs)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        tokens += inputs["n_tokens"]
-        slots += inputs["segment_ids"].numel()
-        cells += inputs["cell_pos"].shape[0]
-    dt = time.perf_counter() - t0
-    return {"seconds": dt, "tokens_per_s": tokens / dt, "cells_per_s": cells / dt,
-            "pad_fraction": 1 - tokens / slots, "rows_per_step": slots / len(inputs_list) / inputs_list[0][
-                "segment_ids"].shape[1], "steps": len(inputs_list)}
+def _train_interleaved(cfg, n_tokens, layouts: dict, repeats: int = 2) -> dict:
+    """Train one model per layout (same initial weights) on the same batches, interleaving the
+    layouts step by step so that a noisy machine slows them alike; throughput from median step time."""
+    models = {}
+    for name in layouts:
+        torch.manual_seed(0)
+        obj = MLMObjective(CellEncoder(cfg.model, cfg.data.tokenizer, n_tokens, cfg.data.max_len, cfg.data.n_bins))
+        models[name] = (obj, torch.optim.AdamW(obj.parameters(), lr=1e-4))
+    times: dict[str, list[float]] = {name: [] for name in layouts}
+    n = len(next(iter(layouts.values())))
+    for rep in range(repeats + 1):
+        for i in range(n):
+            for name, inputs_list in layouts.items():
+                obj, opt = models[name]
+                t0 = time.perf_counter()
+                loss, _ = obj(inputs_list[i])
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                if rep > 0:  # the first pass warms up allocator and kernels
+                    times[name].append(time.perf_counter() - t0)
+    out = {}
+    for name, inputs_list in layouts.items():
+        tokens = sum(x["n_tokens"] for x in inputs_list)
+        slots = sum(x["segment_ids"].numel() for x in inputs_list)
+        cells = sum(x["cell_pos"].shape[0] for x in inputs_list)
+        med = statistics.median(times[name])
+        out[name] = {"median_step_s": med, "tokens_per_s": tokens / n / med, "cells_per_s": cells / n / med,
+                     "tokens_per_s_mean": tokens * repeats / sum(times[name]), "pad_fraction": 1 - tokens / slots,
+                     "rows_per_batch": sum(x["segment_ids"].shape[0] for x in inputs_list) / n, "batches": n}
+    return out
 
 
 def _live(cfg, store: str, steps: int, num_workers: int) -> dict:
@@ -111,7 +121,7 @@ def run(store: str, max_len: int = 2048, batch_size: int = 32, steps: int = 6, l
         "dynamic": [model_inputs(b, pack=False) for b in batches],
         "packed": [model_inputs(b, pack=True, row_len=max_len) for b in batches],
     }
-    res = {name: _train_steps(cfg, n_tokens, inputs) for name, inputs in layouts.items()}
+    res = _train_interleaved(cfg, n_tokens, layouts)
     lengths = torch.cat([b["attention_mask"].sum(1) for b in batches]).float()
     out = {
         "bench": "atlasflow.train.bench", "format_version": 1, "store": store, "preset": preset,

@@ -58,9 +58,10 @@ class DataConfig:
     n_bins: int = 51
     split: str = ""  # "" | train | val | test
     split_by: str = "dataset_id"
-    # Pack the loader's padded batch into rows of max_len tokens (block-diagonal attention):
-    # the padding of a length-sorted batch mostly disappears.
+    # Pack each loader batch into rows of max_len tokens, attention per cell (no FLOP on padding).
     pack: bool = True
+    bucket_batches: int = 8  # loader: batches whose cells are length-sorted together (0 = off)
+    timestamp_ms: int = 0  # store snapshot; 0 = pinned when the run first starts, kept on resume
 
     def __post_init__(self):
         _check(self.tokenizer in TOKENIZERS, "data.tokenizer", f"must be one of {'|'.join(TOKENIZERS)}, "
@@ -69,6 +70,8 @@ class DataConfig:
         _check(self.batch_size > 0, "data.batch_size", f"must be > 0, got {self.batch_size}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.n_bins >= 3, "data.n_bins", f"must be >= 3, got {self.n_bins}")
+        _check(self.bucket_batches >= 0, "data.bucket_batches", f"must be >= 0, got {self.bucket_batches}")
+        _check(self.timestamp_ms >= 0, "data.timestamp_ms", f"must be >= 0, got {self.timestamp_ms}")
         _check(self.split in ("", "train", "val", "test"), "data.split",
                f"must be ''|train|val|test, got {self.split!r}")
 

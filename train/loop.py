@@ -55,7 +55,8 @@ def loader_config(cfg: Config, rank: int, world_size: int):
     return LoaderConfig(tokenizer=d.tokenizer, max_len=d.max_len, batch_size=d.batch_size, shuffle=d.shuffle,
                         seed=d.seed, num_workers=d.num_workers, obs_filter=d.obs_filter or None,
                         split=d.split or None, split_by=d.split_by, rank=rank, world_size=world_size,
-                        n_bins=d.n_bins, gene_filter=d.gene_filter or None)
+                        n_bins=d.n_bins, gene_filter=d.gene_filter or None, bucket_batches=d.bucket_batches,
+                        timestamp_ms=d.timestamp_ms or None)
 
 
 def lr_factor(cfg: Config, step: int) -> float:
@@ -107,38 +108,45 @@ def run_worker(cfg: Config, ctx: WorkerContext, loader=None) -> dict:
 
     ``loader`` defaults to ``make_loader(data.store, ...)`` for this rank/world.
     """
-    torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
-    if loader is None:
-        from atlasflow.loader import make_loader
-
-        loader = make_loader(cfg.data.store, loader_config(cfg, ctx.rank, ctx.world_size))
-    ds = loader.dataset
-    vocab = ds.vocab
-    n_tokens = N_SPECIAL + len(vocab.gene_joinids)
-    model_meta = {"tokenizer": cfg.data.tokenizer, "n_tokens": n_tokens, "max_len": cfg.data.max_len,
-                  "n_bins": cfg.data.n_bins}
-    encoder = CellEncoder(cfg.model, cfg.data.tokenizer, n_tokens, cfg.data.max_len, cfg.data.n_bins)
-    if cfg.train.compile:
-        for blk in encoder.blocks:  # in place: state-dict keys stay unchanged
-            blk.compile(dynamic=True)
-    model = ctx.wrap(MLMObjective(encoder).to(ctx.device), cfg.train.strategy)
-    o = cfg.optim
-    optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
-                                  weight_decay=o.weight_decay, fused=ctx.device.type == "cuda")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
-    st = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "cells_seen": 0, "tokens_seen": 0, "history": [],
-          "format_version": 1}
-    loader_state = None
     with ctx.restore_dir() as d:
+        # Every rank, and every restart of the run, must read the same store snapshot: the batch
+        # order is a function of it. The first start pins rank 0's clock; restarts reuse the pin.
         if d is not None:
-            msd, osd = read_part(d, "model.pt"), read_part(d, "optimizer.pt")
-            _load_state_dicts(model, optimizer, msd, osd)
-            scheduler.load_state_dict(read_part(d, "scheduler.pt"))
-            st = read_part(d, "train_state.json")
+            ts = read_part(d, "config.json")["data"]["timestamp_ms"]
+        else:
+            ts = cfg.data.timestamp_ms or _gather_objects(int(time.time() * 1000), ctx.world_size)[0]
+        if ts != cfg.data.timestamp_ms:
+            cfg = cfg.with_overrides({"data.timestamp_ms": ts})
+        torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
+        if loader is None:
+            from atlasflow.loader import make_loader
+
+            loader = make_loader(cfg.data.store, loader_config(cfg, ctx.rank, ctx.world_size))
+        ds = loader.dataset
+        vocab = ds.vocab
+        n_tokens = N_SPECIAL + len(vocab.gene_joinids)
+        model_meta = {"tokenizer": cfg.data.tokenizer, "n_tokens": n_tokens, "max_len": cfg.data.max_len,
+                      "n_bins": cfg.data.n_bins}
+        encoder = CellEncoder(cfg.model, cfg.data.tokenizer, n_tokens, cfg.data.max_len, cfg.data.n_bins)
+        if cfg.train.compile:
+            for blk in encoder.blocks:  # in place: state-dict keys stay unchanged
+                blk.compile(dynamic=True)
+        model = ctx.wrap(MLMObjective(encoder).to(ctx.device), cfg.train.strategy)
+        o = cfg.optim
+        optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
+                                      weight_decay=o.weight_decay, fused=ctx.device.type == "cuda")
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
+        st = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "cells_seen": 0, "tokens_seen": 0, "history": [],
+              "format_version": 1}
+        loader_state = None
+        if d is not None:
             n_ranks = read_part(d, "format.json")["n_loader_ranks"]
             if n_ranks != ctx.world_size:
                 raise ValueError(f"run.num_workers: checkpoint {d} was written by {n_ranks} ranks, this run has "
                                  f"{ctx.world_size}; exact loader resume needs the same world size")
+            _load_state_dicts(model, optimizer, read_part(d, "model.pt"), read_part(d, "optimizer.pt"))
+            scheduler.load_state_dict(read_part(d, "scheduler.pt"))
+            st = read_part(d, "train_state.json")
             loader_state = read_part(d, f"loader_rank{ctx.rank}.pt")
     resumed_from = st["step"]
     bpe = ds.batches_per_epoch

@@ -5,12 +5,15 @@ depending on the tokenizer. The ``<cls>`` output is the cell embedding.
 
 Attention sees only tokens of the same cell: every model input carries ``segment_ids`` (0 = pad,
 k >= 1 = k-th cell of the row), so one code path serves padded batches (one cell per row) and packed
-rows (several cells per row, block-diagonal attention). Two kernels:
-  * ``sdpa``: F.scaled_dot_product_attention with a boolean same-segment mask (CPU, tests, any GPU);
-  * ``varlen``: flash-attention over the flattened real tokens with cumulative sequence offsets
-    (torch.nn.attention.varlen, CUDA + bf16/fp16 only): no pad FLOPs, no L x L mask.
-Pad tokens attend to pad tokens in the sdpa path (never an all-False row, so no NaN); no real token
-ever attends to a pad or to another cell, and pads never reach the loss.
+rows (several cells per row, block-diagonal attention). Two paths:
+  * ``sdpa``: the [R, L] layout, F.scaled_dot_product_attention with a boolean same-segment mask
+    (pays for every pad token and for the off-diagonal blocks of packed rows);
+  * ``varlen``: the real tokens flattened to [T, d] with cumulative cell offsets: no FLOP on padding,
+    attention costs sum(n_i^2) instead of R * L^2. On CUDA with bf16/fp16 it is one flash kernel
+    (torch.nn.attention.varlen); elsewhere one unmasked SDPA per cell (same math, used by tests).
+``auto`` takes varlen for packed inputs and sdpa for padded ones (the plain loader layout).
+No real token ever attends to a pad or to another cell, and pads never reach the loss; pad queries
+get a harmless output (never an all-False mask row, so no NaN) that nothing reads.
 """
 
 from __future__ import annotations
@@ -44,11 +47,17 @@ class Block(nn.Module):
     def _attend(self, h: torch.Tensor, attn) -> torch.Tensor:
         p = self.p_attn if self.training else 0.0
         if attn[0] == "varlen":  # h: [T, d] flattened real tokens
-            _, cu, max_len = attn
+            _, cu, max_len, cuda_kernel = attn
             q, k, v = self.qkv(h).unflatten(-1, (3, self.n_heads, -1)).unbind(-3)  # [T, H, Dh]
-            from torch.nn.attention.varlen import varlen_attn
+            if cuda_kernel:
+                from torch.nn.attention.varlen import varlen_attn
 
-            return varlen_attn(q, k, v, cu, cu, max_len, max_len).flatten(-2)
+                return varlen_attn(q, k, v, cu, cu, max_len, max_len).flatten(-2)
+            bounds = cu.tolist()
+            qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, T, Dh]
+            cells = [F.scaled_dot_product_attention(qs[..., a:b, :], ks[..., a:b, :], vs[..., a:b, :], dropout_p=p)
+                     for a, b in zip(bounds[:-1], bounds[1:])]  # one cell each, no mask: fused CPU kernel
+            return torch.cat(cells, dim=2)[0].transpose(0, 1).flatten(-2)
         mask = attn[1]
         b, n, _ = h.shape
         q, k, v = self.qkv(h).view(b, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # [B, H, L, Dh]
@@ -106,27 +115,27 @@ class CellEncoder(nn.Module):
             x = x + self.bin_emb(inputs["bins"])
         else:
             x = x + self.value_proj(inputs["values"].unsqueeze(-1).to(x.dtype)) * (ids != PAD).unsqueeze(-1)
-        if self._use_varlen(x):
+        if self.cfg.attention == "varlen" or (self.cfg.attention == "auto" and inputs.get("packed", False)):
             real = seg > 0
             cu, max_len = _cu_seqlens(seg)
             h = x[real]
+            attn = ("varlen", cu, max_len, self._cuda_varlen(x))
             for blk in self.blocks:
-                h = blk(h, ("varlen", cu, max_len))
+                h = blk(h, attn)
             x = x.new_zeros(x.shape).masked_scatter(real.unsqueeze(-1), self.ln_f(h).to(x.dtype))
             return x
-        mask = None if bool((seg == 1).all()) else (seg.unsqueeze(-1) == seg.unsqueeze(-2)).unsqueeze(1)
+        if bool((seg <= 1).all()):  # one cell per row: a key-padding mask (pad queries see the cell; ignored)
+            mask = None if bool((seg == 1).all()) else (seg > 0)[:, None, None, :]
+        else:  # packed rows: block-diagonal; pad queries see only pads, so no row is all-False
+            mask = (seg.unsqueeze(-1) == seg.unsqueeze(-2)).unsqueeze(1)
         for blk in self.blocks:
             x = blk(x, ("sdpa", mask))
         return self.ln_f(x)
 
-    def _use_varlen(self, x: torch.Tensor) -> bool:
-        if self.cfg.attention == "sdpa":
-            return False
-        half = x.dtype in (torch.bfloat16, torch.float16) or (x.is_cuda and torch.is_autocast_enabled("cuda"))
-        usable = x.is_cuda and half
-        if self.cfg.attention == "varlen" and not usable:
-            raise RuntimeError("model.attention: 'varlen' needs CUDA with bf16/fp16 (use 'auto' or 'sdpa')")
-        return usable
+    @staticmethod
+    def _cuda_varlen(x: torch.Tensor) -> bool:
+        # The flash varlen kernel exists only on CUDA and only for half precision.
+        return x.is_cuda and (x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda"))
 
     def predict(self, hidden: torch.Tensor) -> torch.Tensor:
         """MLM predictions for selected hidden states [N, d]: logits [N, C] or values [N]."""

@@ -90,6 +90,7 @@ def _pack(batch: dict, mask: torch.Tensor, lengths: torch.Tensor, row_len: int) 
     out["position_ids"] = pos.view(n_rows, row_len)
     out["cell_pos"] = torch.stack([rows, offs], 1)
     out["n_tokens"] = int(lengths.sum())
+    out["packed"] = True
     return out
 
 
