@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -215,7 +215,6 @@ class Chunk:
     cell_type: np.ndarray  # (n,) index into vocab.CELL_TYPES
     donor: np.ndarray  # (n,) index into plan.donor_ids
     X: sp.csr_matrix  # (n, G) float32 integer-valued counts
-    _stats: tuple | None = field(default=None, repr=False)
 
     @property
     def n(self) -> int:

@@ -348,3 +348,13 @@ def test_store_layout_killed_midway_resumes_to_exactly_once(tmp_path):
     assert np.array_equal(per_cell, obs["nnz"].to_numpy())
     sizes = sorted((e.n_cells for e in st.manifest.sources.values()), reverse=True)
     assert sizes == synth.dataset_sizes(n, d).tolist()
+
+
+def test_atlasflow_command_runs_synth(tmp_path, capsys):
+    cli = pytest.importorskip("atlasflow.infra.cli")
+    out = tmp_path / "c"
+    rc = cli.main(["synth", "--out", str(out), "--cells", "40", "--genes", "60", "--datasets", "2",
+                   "--seed", "0", "--layout", "census"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["layout"] == "census" and (out / "census_data" / "homo_sapiens").is_dir()
