@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 
@@ -79,6 +80,7 @@ class CellStream(IterableDataset):
             self.strata = column_labels(exp, runs, strat, cfg.obs_filter) if strat else None
             self.obs_categories = {c: column_labels(exp, runs, c, cfg.obs_filter, rle=False) for c in cfg.obs_columns}
         self.runs = runs
+        self._fingerprint = hashlib.blake2b(runs.starts.tobytes() + runs.stops.tobytes(), digest_size=8).hexdigest()
         self.rank, self.world_size = resolve_rank_world(cfg)
         self.epoch = cfg.epoch
         self._resume_at = 0
@@ -130,6 +132,7 @@ class CellStream(IterableDataset):
         c = self.cfg
         return {"seed": c.seed, "world_size": self.world_size, "rank": self.rank, "num_workers": c.num_workers,
                 "snapshot_ms": self.locator.tiledb_timestamp_ms, "n_cells": self.runs.n_cells,
+                "query_fingerprint": self._fingerprint,
                 "tokenizer": c.tokenizer, "batch_size": c.batch_size}
 
     def state_dict(self) -> dict:

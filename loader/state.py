@@ -12,7 +12,8 @@ STREAM_FORMAT = "atlasflow.cellstream_state"
 LOADER_FORMAT = "atlasflow.loader_state"
 
 # fields that must match between the saved state and the running loader
-_MUST_MATCH = ("seed", "world_size", "rank", "num_workers", "snapshot_ms", "n_cells", "tokenizer", "batch_size")
+# (the snapshot may differ as long as the query resolves to the same cells: the plan depends only on them)
+_MUST_MATCH = ("seed", "world_size", "rank", "num_workers", "n_cells", "query_fingerprint", "tokenizer", "batch_size")
 
 
 def check_state(saved: dict, current: dict, fmt: str) -> None:
@@ -24,5 +25,8 @@ def check_state(saved: dict, current: dict, fmt: str) -> None:
     for k in _MUST_MATCH:
         if k in current and saved.get(k) != current[k]:
             hint = " (resume with the same number of ranks)" if k == "world_size" else ""
+            if k in ("n_cells", "query_fingerprint"):
+                hint = (f"; the store changed since the state was saved: build the loader with "
+                        f"LoaderConfig(timestamp_ms={saved.get('snapshot_ms')}) to resume on that snapshot")
             raise ValueError(f"load_state_dict: saved {k}={saved.get(k)!r} but this loader has {k}={current[k]!r}; "
                              f"the batch order would differ, refusing to resume{hint}")
