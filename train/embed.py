@@ -1,0 +1,192 @@
+"""``atlasflow embed``: cell embeddings from a pretrained checkpoint, for a store, a query or an .h5ad.
+
+New data is tokenized with the checkpoint's own vocabulary (genes matched by Ensembl id; genes
+outside it are counted, reported and dropped) and, for the ``rank`` tokenizer, with the gene
+medians of the store the model was pretrained on (read from ``data.store`` of the checkpoint's
+config at its pinned snapshot): a gene's rank must mean the same thing it meant in pretraining.
+Inputs stream in blocks of cells; embeddings go to ``obsm["X_atlasflow"]`` of an .h5ad and/or a
+parquet file keyed by ``soma_joinid`` (the row number for .h5ad inputs).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+
+EMBED_FORMAT_VERSION = 1
+OBSM_KEY = "X_atlasflow"
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    pooling: str = "cls"  # cls | mean
+    batch_size: int = 64
+    block_cells: int = 4096
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self):
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"EmbedConfig.pooling: must be 'cls' or 'mean', got {self.pooling!r}")
+        for name in ("batch_size", "block_cells"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"EmbedConfig.{name}: must be an int >= 1, got {v!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"EmbedConfig.device: auto|cpu|cuda|cuda:N, got {self.device!r}")
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+
+class PretrainedModel:
+    """A checkpoint's encoder with everything needed to tokenize data it has never seen."""
+
+    def __init__(self, checkpoint: str, medians_store: str | None = None, device: str | torch.device = "cpu"):
+        from .checkpoint import load_checkpoint, read_part
+
+        self.checkpoint = str(checkpoint)
+        self.encoder, self.config, self.vocab = load_checkpoint(checkpoint, map_location=str(device))
+        self.meta = read_part(checkpoint, "model.json")
+        self.device = torch.device(device)
+        self.token_of = {f: 4 + i for i, f in enumerate(self.vocab.gene_feature_ids)}
+        self.medians = self._medians(medians_store) if self.meta["tokenizer"] == "rank" else None
+
+    def _medians(self, medians_store: str | None) -> dict[str, float]:
+        from atlasflow.store import open_store
+
+        uri = medians_store or self.config.data.store
+        ts = None if medians_store else (self.config.data.timestamp_ms or None)
+        try:
+            stats = open_store(uri, ts).gene_stats()
+        except Exception as exc:
+            raise ValueError(f"checkpoint {self.checkpoint}: the rank tokenizer needs the gene medians of the "
+                             f"pretraining store {uri!r}, which could not be read ({type(exc).__name__}: {exc}); "
+                             f"pass medians_store / --medians-store") from exc
+        joinids = self.vocab.gene_joinids
+        med = stats["nonzero_median"].reindex(joinids).to_numpy(np.float64)
+        return dict(zip(self.vocab.gene_feature_ids, med))
+
+    def tokenizer_for(self, feature_ids) -> tuple:
+        """(Tokenizer over these input columns, number of input genes not in the vocabulary)."""
+        from atlasflow.loader import Tokenizer
+
+        feature_ids = [str(f) for f in feature_ids]
+        lut = np.array([self.token_of.get(f, -1) for f in feature_ids], dtype=np.int32)
+        med = None
+        if self.medians is not None:
+            med = np.array([self.medians.get(f, 1.0) for f in feature_ids], dtype=np.float64)
+        m = self.meta
+        tok = Tokenizer(m["tokenizer"], m["max_len"], m["n_bins"], lut, med, self.config.data.seed)
+        return tok, int((lut < 0).sum())
+
+    def embed_block(self, block, cfg: EmbedConfig, encoder: torch.nn.Module | None = None) -> np.ndarray:
+        """Embeddings [n, d] for a TokenBlock, in block order."""
+        from atlasflow.loader.batching import collate
+
+        enc = encoder or self.encoder
+        enc.eval()
+        out = []
+        for a in range(0, len(block), cfg.batch_size):
+            idx = np.arange(a, min(len(block), a + cfg.batch_size))
+            out.append(enc.embed(collate(block, idx), pooling=cfg.pooling).cpu().numpy())
+        d = self.encoder.cfg.d_model
+        return np.concatenate(out) if out else np.zeros((0, d), np.float32)
+
+
+def tokenize(tok, X: sp.csr_matrix, joinids: np.ndarray):
+    X = sp.csr_matrix(X)
+    X.sort_indices()
+    return tok(X.indptr.astype(np.int64), X.indices.astype(np.int64), X.data, np.asarray(joinids, np.int64), 0)
+
+
+# -- inputs: (joinids, obs, CSR counts, feature ids) in blocks -----------------------------------
+def iter_h5ad(path: str, block_cells: int, organism: str = "homo_sapiens"):
+    """Blocks of an .h5ad's raw counts (raw.X, layers/counts or X), genes mapped to Ensembl ids."""
+    from atlasflow.ingest.h5ad import open_counts, probe_h5ad, read_obs, read_rows
+
+    p = probe_h5ad(path, organism)
+    if p.error:
+        raise ValueError(p.error)
+    obs = read_obs(path)
+    f, node = open_counts(path, p.counts_field)
+    try:
+        for a in range(0, p.n_cells, block_cells):
+            b = min(p.n_cells, a + block_cells)
+            X = read_rows(node, a, b)[:, p.source_cols]
+            yield np.arange(a, b, dtype=np.int64), obs.iloc[a:b], sp.csr_matrix(X), p.feature_ids
+    finally:
+        f.close()
+
+
+def iter_input(source, block_cells: int, obs_columns: tuple[str, ...] = ()):
+    """``source``: a store path, an .h5ad path, or a ``QueryConfig``."""
+    from .query import QueryConfig, iter_blocks, select
+
+    if isinstance(source, (str, os.PathLike)) and str(source).endswith(".h5ad"):
+        yield from iter_h5ad(str(source), block_cells)
+        return
+    cfg = source if isinstance(source, QueryConfig) else QueryConfig(source="store", uri=str(source))
+    cfg = QueryConfig(**{**cfg.__dict__, "block_cells": block_cells})
+    sel = select(cfg)
+    fids = list(sel.var["feature_id"].astype(str))
+    for ids, obs, X in iter_blocks(cfg, sel, obs_columns=tuple(obs_columns) or cfg.obs_columns):
+        yield ids, obs, X, fids
+
+
+def embed(checkpoint: str, source, out_h5ad: str | None = None, out_parquet: str | None = None,
+          cfg: EmbedConfig | None = None, medians_store: str | None = None, obs_columns=()) -> dict:
+    """Embed every cell of ``source``; returns {n_cells, dim, genes_dropped, outputs, ...}."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cfg = cfg or EmbedConfig()
+    if not (out_h5ad or out_parquet):
+        raise ValueError("embed: give out_h5ad and/or out_parquet")
+    model = PretrainedModel(checkpoint, medians_store, cfg.torch_device())
+    writer = None
+    embs, obs_parts, ids_all = [], [], []
+    dropped = n_genes = 0
+    tok = fids_seen = None
+    for ids, obs, X, fids in iter_input(source, cfg.block_cells, obs_columns):
+        if fids is not fids_seen:
+            tok, dropped = model.tokenizer_for(fids)
+            fids_seen, n_genes = fids, len(fids)
+        e = model.embed_block(tokenize(tok, X, ids), cfg)
+        if out_parquet:
+            col = pa.FixedSizeListArray.from_arrays(pa.array(e.astype(np.float32).ravel()), e.shape[1])
+            tbl = pa.table({"soma_joinid": pa.array(ids, pa.int64()), "embedding": col})
+            if writer is None:
+                meta = {"atlasflow.embed_format_version": str(EMBED_FORMAT_VERSION), "checkpoint": str(checkpoint),
+                        "pooling": cfg.pooling}
+                writer = pq.ParquetWriter(out_parquet, tbl.schema.with_metadata(meta))
+            writer.write_table(tbl)
+        if out_h5ad:
+            embs.append(e)
+            obs_parts.append(obs)
+        ids_all.append(ids)
+    if writer is not None:
+        writer.close()
+    n = int(sum(len(i) for i in ids_all))
+    if n == 0:
+        raise ValueError(f"embed: input {source!r} has no cells")
+    print(f"[atlasflow embed] {dropped} of {n_genes} input genes are not in the checkpoint vocabulary "
+          f"({len(model.vocab.gene_feature_ids)} genes) and were dropped")
+    if out_h5ad:
+        import anndata as ad
+
+        obs = pd.concat(obs_parts)
+        obs.index = obs.index.astype(str)
+        obs = obs.astype({c: str for c in obs.columns if obs[c].dtype == object})
+        a = ad.AnnData(obs=obs, obsm={OBSM_KEY: np.concatenate(embs)})
+        a.uns["atlasflow_embed"] = {"format_version": EMBED_FORMAT_VERSION, "checkpoint": str(checkpoint),
+                                    "pooling": cfg.pooling}
+        a.write_h5ad(out_h5ad)
+    return {"n_cells": n, "dim": int(model.encoder.cfg.d_model), "genes_in_input": n_genes,
+            "genes_dropped": dropped, "pooling": cfg.pooling, "h5ad": out_h5ad, "parquet": out_parquet}
