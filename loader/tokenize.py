@@ -111,18 +111,19 @@ class Tokenizer:
                  epoch: int) -> TokenBlock:
         """``cols`` are store gene joinids, ascending within each row; ``vals`` raw counts."""
         n = len(indptr) - 1
-        row = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
-        raw_sum = np.bincount(row, weights=vals.astype(np.float64), minlength=n)
+        row = np.repeat(np.arange(n, dtype=np.int32), np.diff(indptr))
+        raw_sum = np.bincount(row, weights=vals, minlength=n)
         lut = self.lut
         cols = np.asarray(cols, dtype=np.int64)
         tok = lut[cols] if len(cols) and cols.max() < len(lut) else _safe_lookup(lut, cols)
         keep = (tok >= 0) & (vals > 0)
-        row, tok, x, gene = row[keep], tok[keep], vals[keep], cols[keep]
+        if not keep.all():  # gene filter or explicit zeros; usually nothing to drop
+            row, tok, vals, cols = row[keep], tok[keep], vals[keep], cols[keep]
         cnt = np.bincount(row, minlength=n).astype(np.int64)
         kptr = np.concatenate([[0], np.cumsum(cnt)]).astype(np.int64)
         if self.kind == "rank":
-            return self._rank(n, row, tok, x, gene, cnt, kptr, raw_sum, joinids)
-        return self._bin_value(n, row, tok, x, gene, cnt, kptr, raw_sum, joinids, epoch)
+            return self._rank(n, row, tok, vals, cols, cnt, kptr, raw_sum, joinids)
+        return self._bin_value(n, row, tok, vals, cols, cnt, kptr, raw_sum, joinids, epoch)
 
     # -- rank ------------------------------------------------------------------------------
     def _rank(self, n, row, tok, x, gene, cnt, kptr, raw_sum, joinids) -> TokenBlock:
@@ -143,30 +144,31 @@ class Tokenizer:
     # -- bin / value ---------------------------------------------------------------------------
     def _bin_value(self, n, row, tok, x, gene, cnt, kptr, raw_sum, joinids, epoch) -> TokenBlock:
         limit = self.max_len - 1
-        keep = np.ones(len(row), dtype=bool)
-        over = np.flatnonzero(cnt > limit)
-        if len(over):  # seeded sample without replacement, only for the (few) long cells
-            sel = np.flatnonzero(np.isin(row, over))
+        keep = None
+        if cnt.max(initial=0) > limit:  # seeded sample without replacement, only for the (few) long cells
+            keep = np.ones(len(row), dtype=bool)
+            sel = np.flatnonzero((cnt > limit)[row])
             h = gene_hash(self.seed, epoch, np.asarray(joinids)[row[sel]], gene[sel])
             o = np.lexsort((h, row[sel]))
-            q = np.arange(len(sel)) - np.searchsorted(row[sel][o], row[sel][o], side="left")
-            drop = sel[o[q >= limit]]
-            keep[drop] = False
+            rs = row[sel][o]
+            q = np.arange(len(sel)) - np.searchsorted(rs, rs, side="left")
+            keep[sel[o[q >= limit]]] = False
         lens = np.minimum(cnt, limit) + 1
         offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
         ids = np.empty(int(offsets[-1]), dtype=np.int32)
         ids[offsets[:-1]] = CLS
-        gene_slot = np.ones(len(ids), dtype=bool)
-        gene_slot[offsets[:-1]] = False
-        ids[gene_slot] = tok[keep]
+        rk = row if keep is None else row[keep]
+        dest = np.arange(len(rk), dtype=np.int64) + rk + 1  # one <cls> ahead of each cell's genes
+        pick = (lambda a: a) if keep is None else (lambda a: a[keep])  # noqa: E731
+        ids[dest] = pick(tok)
         out = TokenBlock(offsets, ids, np.asarray(joinids, dtype=np.int64))
         if self.kind == "bin":
             bins = np.zeros(len(ids), dtype=np.int16)
-            bins[gene_slot] = self._bins(n, row, x, cnt, kptr)[keep]
+            bins[dest] = pick(self._bins(n, row, x, cnt, kptr))
             out.bins = bins
         else:
             values = np.zeros(len(ids), dtype=np.float32)
-            values[gene_slot] = np.log1p(x.astype(np.float64) / raw_sum[row] * 1e4)[keep].astype(np.float32)
+            values[dest] = pick(np.log1p(x / raw_sum[row] * 1e4)).astype(np.float32)
             out.values = values
         return out
 
@@ -190,13 +192,27 @@ class Tokenizer:
         a, b = v[base + prev_i], v[base + next_i]
         diff = b - a
         edges = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
+        # Integer counts below K (nearly all): bin = #{edges <= x} from a per-cell table built from
+        # ceil(edges) (for integer x, edge <= x <=> ceil(edge) <= x). Others: search packed float32 bits.
+        K = 64
+        c = np.clip(np.ceil(edges), 0, K).astype(np.int64)
+        hist = np.bincount((np.arange(n, dtype=np.int64)[:, None] * (K + 1) + c).ravel(), minlength=n * (K + 1))
+        table = np.cumsum(hist.reshape(n, K + 1), axis=1)[:, :K].astype(np.int16)
+        out = np.empty(len(x), dtype=np.int16)
+        small = (x < K) & (x == np.floor(x))
+        if small.all():
+            return table[row, x.astype(np.int64)]
+        out[small] = table[row[small], x[small].astype(np.int64)]
+        big = ~small
         # x >= edge  <=>  x >= (smallest float32 >= edge), so the search can run on packed float32 bits.
         e32 = edges.astype(np.float32)
         low = e32.astype(np.float64) < edges
         e32[low] = np.nextafter(e32[low], np.float32(np.inf))
         E = (np.arange(n, dtype=np.uint64)[:, None] << _U64(32)) | e32.view(np.uint32).astype(np.uint64)
-        b_idx = np.searchsorted(E.ravel(), (row.astype(np.uint64) << _U64(32)) | xb, side="right")
-        return (b_idx - row * Q).astype(np.int16)
+        rb = row[big].astype(np.int64)
+        b_idx = np.searchsorted(E.ravel(), (rb.astype(np.uint64) << _U64(32)) | xb[big], side="right")
+        out[big] = (b_idx - rb * Q).astype(np.int16)
+        return out
 
 
 def _safe_lookup(lut: np.ndarray, cols: np.ndarray) -> np.ndarray:
