@@ -302,10 +302,15 @@ def iter_chunks(cfg: SynthConfig, model: Model, plans: list[DatasetPlan]) -> Ite
                 ct = np.concatenate([p[0] for p in pending])
                 dn = np.concatenate([p[1] for p in pending])
                 X = sp.vstack([p[2] for p in pending], format="csr") if len(pending) > 1 else pending[0][2]
-                yield Chunk(plan, emitted, ct[:take], dn[:take], X[:take])
+                pending = []
+                if take == have:  # the common case: no row slicing, no extra copy of the chunk
+                    yield Chunk(plan, emitted, ct, dn, X)
+                else:
+                    pending = [(ct[take:], dn[take:], X[take:])]
+                    yield Chunk(plan, emitted, ct[:take], dn[:take], X[:take])
+                del X
                 emitted += take
                 have -= take
-                pending = [(ct[take:], dn[take:], X[take:])] if have else []
 
 
 def synthesize(out: str, n_cells: int, n_genes: int, n_datasets: int, seed: int, layout: str = "h5ad",
