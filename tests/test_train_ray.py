@@ -50,7 +50,7 @@ def test_fault_injection_restart_and_rerun_resume(tmp_path, ray_session):
     runs = tmp_path / "runs"
     cmd = ["train", "--preset", "debug", "--store", store, "--storage-path", str(runs), "--name", "ft",
            "--set", "data.batch_size=8", "--set", "data.max_len=64", "--set", "train.ckpt_every=2",
-           "--set", "model.d_model=32", "--set", f"run.trace_dir=\"{trace}\"", "--set", "run.fail_rank=1"]
+           "--set", "model.d_model=32", "--set", "train.epochs=2", "--set", f"run.trace_dir=\"{trace}\"", "--set", "run.fail_rank=1"]
     assert atlasflow_main(cmd + ["--set", "train.max_steps=4", "--set", "run.fail_at_step=3"]) == 0
     assert (runs / "ft" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (trace / ".failure_injected_at_step3").exists()
@@ -88,7 +88,7 @@ def test_fault_injection_restart_and_rerun_resume(tmp_path, ray_session):
 
     from atlasflow.train.checkpoint import read_part
 
-    ckpts = sorted((runs / "ft").glob("checkpoint_*"))
+    ckpts = sorted(p for p in (runs / "ft").glob("checkpoint_*") if p.is_dir())
     state = read_part(ckpts[-1], "train_state.json")
     assert state["step"] == 8 and (state["epoch"], state["micro_in_epoch"]) == (1, 2)
     assert state["cells_seen"] == 8 * 8  # rank 0's count: 8 micro-batches of 8 cells
