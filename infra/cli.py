@@ -8,7 +8,14 @@ import sys
 
 # Modules exposing ``register_cli(subparsers)``; missing ones are skipped so that a partial
 # install still gives a working --help.
-_AREAS = ["atlasflow.ingest.cli", "atlasflow.store.cli", "atlasflow.loader.cli", "atlasflow.train.cli"]
+_AREAS = [
+    "atlasflow.ingest.cli",
+    "atlasflow.store.cli",
+    "atlasflow.loader.cli",
+    "atlasflow.train.cli",
+    "atlasflow.train.eval_cli",
+    "atlasflow.infra.quickstart",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

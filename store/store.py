@@ -234,13 +234,11 @@ def write_cells(uri: str, joinid_start: int, obs: pa.Table, rows: np.ndarray, co
     obs = obs.add_column(0, "soma_joinid", pa.array(joinids))
     obs = obs.select(["soma_joinid", *schema.OBS_SCHEMA.names]).cast(
         pa.schema([("soma_joinid", pa.int64()), *schema.OBS_SCHEMA]))
-    coo = pa.table({
-        "soma_dim_0": pa.array(joinids[rows] if len(rows) else np.zeros(0, np.int64)),
-        "soma_dim_1": pa.array(cols.astype(np.int64)),
-        "soma_data": pa.array(vals.astype(np.float32)),
-    })
+    from .xwrite import write_x_global_order
+
     ctx = soma_context()
     with soma.Experiment.open(uri, "w", context=ctx) as exp:
-        exp.ms[schema.MEASUREMENT].X[schema.X_LAYER].write(coo)
+        write_x_global_order(exp.ms[schema.MEASUREMENT].X[schema.X_LAYER],
+                             joinids[rows] if len(rows) else np.zeros(0, np.int64), cols, vals, row_major=False)
     with soma.Experiment.open(uri, "w", context=ctx) as exp:
         exp.obs.write(obs)
