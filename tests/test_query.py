@@ -1,0 +1,169 @@
+"""atlasflow query: selection, per-label caps, outputs (.h5ad, store, loader), Census mirror, CLI.
+
+Expected values are recomputed independently: cell lists from ``Store.obs`` + pandas, counts from
+a direct TileDB-SOMA read of X, the Census case against ``cellxgene_census.get_anndata``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import tiledbsoma as soma
+
+from atlasflow.infra.cli import main as atlasflow_main
+from atlasflow.train.query import QueryConfig, select, subsample, to_h5ad, to_loader, to_store
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> str:
+    from atlasflow.ingest.synth import synthesize
+    from atlasflow.store.stats import compute_gene_stats
+
+    path = tmp_path_factory.mktemp("query") / "store"
+    synthesize(str(path), 300, 200, 3, 7, layout="store")
+    compute_gene_stats(str(path))
+    return str(path)
+
+
+def dense_x(uri: str, joinids: np.ndarray, n_genes: int) -> np.ndarray:
+    """Counts straight from the SOMA array (no atlasflow code)."""
+    with soma.Experiment.open(uri) as exp:
+        tbl = exp.ms["RNA"].X["raw"].read(coords=(joinids,)).tables().concat()
+    out = np.zeros((len(joinids), n_genes), dtype=np.float32)
+    rows = np.searchsorted(joinids, tbl["soma_dim_0"].to_numpy())
+    out[rows, tbl["soma_dim_1"].to_numpy()] = tbl["soma_data"].to_numpy()
+    return out
+
+
+def test_filter_and_cap_match_pandas(store):
+    from atlasflow.store import open_store
+
+    obs = open_store(store).obs(["cell_type", "is_primary_data"])
+    want = obs[obs["is_primary_data"]]
+    cfg = QueryConfig(uri=store, obs_value_filter="is_primary_data == True", label="cell_type", per_label_cap=10,
+                      seed=3)
+    sel = select(cfg)
+    assert sel.matched == len(want)
+    expected_counts = {k: min(10, int(v)) for k, v in want["cell_type"].value_counts().items()}
+    assert sel.counts == expected_counts
+    assert np.all(np.diff(sel.joinids) > 0)
+    assert set(sel.joinids) <= set(want.index)
+    assert (obs.loc[sel.joinids, "cell_type"].to_numpy() == sel.labels).all()
+    again = select(cfg)
+    assert np.array_equal(again.joinids, sel.joinids)  # seeded: the same cells every run
+    other = select(QueryConfig(**{**cfg.__dict__, "seed": 4}))
+    assert not np.array_equal(other.joinids, sel.joinids)
+
+
+def test_subsample_fraction_per_label():
+    labels = np.array(["a"] * 10 + ["b"] * 4 + ["c"], dtype=object)
+    pos = subsample(labels, cap=0, fraction=0.5, seed=0)
+    kept = pd.Series(labels[pos]).value_counts().to_dict()
+    assert kept == {"a": 5, "b": 2, "c": 1}  # round(0.5 * n), at least one per label
+    # a label's draw does not depend on the other labels present
+    solo = subsample(labels[:10], cap=0, fraction=0.5, seed=0)
+    assert np.array_equal(solo, pos[labels[pos] == "a"])
+
+
+def test_h5ad_output_equals_store_counts(store, tmp_path):
+    import anndata as ad
+
+    from atlasflow.store import open_store
+
+    s = open_store(store)
+    var = s.var()
+    cfg = QueryConfig(uri=store, obs_value_filter="cell_type == 'B cell'", label="cell_type", block_cells=7,
+                      obs_columns=("cell_type", "dataset_id"))
+    sel = to_h5ad(cfg, str(tmp_path / "q.h5ad"))
+    a = ad.read_h5ad(tmp_path / "q.h5ad")
+    obs = s.obs(["cell_type"])
+    ids = obs.index[obs["cell_type"] == "B cell"].to_numpy()
+    assert a.n_obs == len(ids) == sel.n_cells and sel.counts == {"B cell": len(ids)}
+    assert list(a.obs.index.astype(int)) == ids.tolist()
+    assert list(a.var.index) == list(var["feature_id"])  # Ensembl ids in var
+    assert sorted(a.obs.columns) == ["cell_type", "dataset_id"]
+    assert np.array_equal(a.X.toarray(), dense_x(store, ids, len(var)))
+
+
+def test_gene_subset_and_new_store(store, tmp_path):
+    from atlasflow.store import open_store
+
+    s = open_store(store)
+    var = s.var()
+    genes = tuple(var["feature_id"].iloc[[3, 50, 120]])
+    cfg = QueryConfig(uri=store, genes=genes, label="cell_type", per_label_cap=5)
+    sel = to_store(cfg, str(tmp_path / "sub"))
+    new = open_store(str(tmp_path / "sub"))
+    assert new.n_cells == sel.n_cells == sum(sel.counts.values())
+    assert list(new.var()["feature_id"]) == sorted(genes)  # the store registers genes in sorted order
+    assert [e.kind for e in new.manifest.complete()] == ["query"]
+    assert len(new.gene_stats()) == 3
+    got = dense_x(str(tmp_path / "sub"), np.arange(new.n_cells), 3)
+    ref_cols = [int(var.index[var["feature_id"] == g][0]) for g in sorted(genes)]
+    assert np.array_equal(got, dense_x(store, sel.joinids, len(var))[:, ref_cols])
+    # raw_sum in the new store is over the kept genes (what the new store's tokenizers will see)
+    assert np.allclose(new.obs(["raw_sum"])["raw_sum"].to_numpy(), got.sum(1))
+
+
+def test_empty_and_bad_queries_are_refused(store):
+    with pytest.raises(ValueError, match="matches no cells"):
+        select(QueryConfig(uri=store, obs_value_filter="cell_type == 'no such cell'"))
+    with pytest.raises(ValueError, match="label / obs_columns.*'nope'"):
+        select(QueryConfig(uri=store, label="nope"))
+    with pytest.raises(ValueError, match="QueryConfig.per_label_cap"):
+        QueryConfig(uri=store, label="cell_type", per_label_cap=-1)
+    with pytest.raises(ValueError, match="QueryConfig.label"):
+        QueryConfig(uri=store, fraction=0.5)
+    with pytest.raises(ValueError, match="QueryConfig.genes"):
+        select(QueryConfig(uri=store, genes=("ENSG_NOT_A_GENE",)))
+
+
+def test_loader_over_query_without_copy(store):
+    from atlasflow.loader import LoaderConfig
+    from atlasflow.store import open_store
+
+    obs = open_store(store).obs(["cell_type"])
+    want = set(obs.index[obs["cell_type"] == "B cell"])
+    loader = to_loader(QueryConfig(uri=store, obs_value_filter="cell_type == 'B cell'"),
+                       LoaderConfig(batch_size=4, shuffle=False, remainder="pad", max_len=32))
+    seen = {int(j) for b in loader for j in b["soma_joinid"]}
+    assert seen == want
+    with pytest.raises(ValueError, match="per_label_cap"):
+        to_loader(QueryConfig(uri=store, label="cell_type", per_label_cap=2))
+
+
+def test_census_mirror_matches_get_anndata(tmp_path):
+    import cellxgene_census
+
+    from atlasflow.ingest.synth import synthesize
+
+    root = tmp_path / "census"
+    synthesize(str(root), 240, 150, 3, 11, layout="census")
+    flt = "cell_type == 'B cell' and is_primary_data == True"
+    cfg = QueryConfig(source="census", uri=str(root), organism="Homo sapiens", obs_value_filter=flt,
+                      label="cell_type", block_cells=16)
+    sel = to_h5ad(cfg, str(tmp_path / "c.h5ad"))
+    import anndata as ad
+
+    got = ad.read_h5ad(tmp_path / "c.h5ad")
+    with cellxgene_census.open_soma(uri=str(root)) as census:
+        ref = cellxgene_census.get_anndata(census, "Homo sapiens", obs_value_filter=flt)
+    ref = ref[np.argsort(ref.obs["soma_joinid"].to_numpy())]
+    assert sel.n_cells == ref.n_obs > 0
+    assert got.obs.index.astype(int).tolist() == ref.obs["soma_joinid"].tolist()
+    assert list(got.var.index) == list(ref.var["feature_id"])
+    assert np.array_equal(got.X.toarray(), sp.csr_matrix(ref.X).toarray())
+
+
+def test_cli_prints_counts_and_refuses_empty(store, tmp_path, capsys):
+    assert atlasflow_main(["query", "--input", store, "--label", "cell_type", "--per-label-cap", "3",
+                           "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "per label:" in out and "B cell" in out
+    rc = atlasflow_main(["query", "--input", store, "--filter", "cell_type == 'zzz'", "--out-h5ad",
+                         str(tmp_path / "x.h5ad")])
+    assert rc == 2
+    assert "matches no cells" in capsys.readouterr().err
+    assert not (tmp_path / "x.h5ad").exists()

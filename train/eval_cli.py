@@ -1,0 +1,196 @@
+"""``atlasflow query | embed | finetune | eval`` (wired into the ``atlasflow`` command by infra/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_source(p, required: bool = True, many: bool = False) -> None:
+    g = p.add_argument_group("input (an atlasflow store, an .h5ad, or a Census query)")
+    g.add_argument("--input", action="append" if many else "store", default=[] if many else None,
+                   metavar="PATH", help="store directory or .h5ad file" + (" (repeatable)" if many else ""))
+    g.add_argument("--census-version", help="query CELLxGENE Census (e.g. stable) instead of --input")
+    g.add_argument("--census-uri", help="query a local Census mirror (root directory) instead of --input")
+    g.add_argument("--organism", default="homo_sapiens")
+    g.add_argument("--filter", default="", help="obs value filter, e.g. \"tissue_general == 'lung'\"")
+    p.set_defaults(_source_required=required)
+
+
+def _sources(args) -> list:
+    from .query import QueryConfig
+
+    census = args.census_version or args.census_uri
+    inputs = args.input if isinstance(args.input, list) else ([args.input] if args.input else [])
+    if census and inputs:
+        raise ValueError("--input: give --input or a Census query (--census-version/--census-uri), not both")
+    if census:
+        return [QueryConfig(source="census", uri=args.census_uri or "", census_version=args.census_version or "",
+                            organism=args.organism, obs_value_filter=args.filter)]
+    if not inputs:
+        raise ValueError("--input: no input given (a store, an .h5ad, or --census-version/--census-uri)")
+    out = []
+    for path in inputs:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"--input: {path} does not exist")
+        if args.filter and not path.endswith(".h5ad"):
+            out.append(QueryConfig(source="store", uri=path, obs_value_filter=args.filter))
+        elif args.filter:
+            raise ValueError("--filter: obs filters apply to stores and Census, not to .h5ad inputs")
+        else:
+            out.append(path)
+    return out
+
+
+def _label_map(text: str | None) -> dict:
+    if not text:
+        return {}
+    raw = Path(text).read_text() if Path(text).is_file() else text
+    try:
+        d = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--label-map: neither a JSON file nor JSON text ({exc})") from exc
+    if not isinstance(d, dict):
+        raise ValueError("--label-map: must be a JSON object {source label: harmonized label or null}")
+    return d
+
+
+def register_cli(subparsers) -> None:
+    q = subparsers.add_parser("query", help="cut a cell set from Census or a store into an .h5ad or a new store")
+    _add_source(q)
+    q.add_argument("--genes", default="", help="comma-separated Ensembl ids, or a file with one per line")
+    q.add_argument("--obs-columns", default="", help="comma-separated obs columns to keep (default: all)")
+    q.add_argument("--label", default="", help="label column: cells per label are printed, caps apply to it")
+    q.add_argument("--per-label-cap", type=int, default=0)
+    q.add_argument("--fraction", type=float, default=1.0, help="stratified subsample: fraction of every label")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out-h5ad")
+    q.add_argument("--out-store")
+    q.add_argument("--dry-run", action="store_true", help="print the cells per label and stop")
+    q.set_defaults(func=_query)
+
+    e = subparsers.add_parser("embed", help="cell embeddings from a pretrained checkpoint")
+    e.add_argument("--checkpoint", required=True)
+    _add_source(e)
+    e.add_argument("--out-h5ad", help="write obsm['X_atlasflow'] (+ obs) here")
+    e.add_argument("--out-parquet", help="write soma_joinid + embedding here")
+    e.add_argument("--pooling", default="cls", choices=("cls", "mean"))
+    e.add_argument("--batch-size", type=int, default=64)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--medians-store", help="store whose gene medians tokenize (default: the pretraining store)")
+    e.set_defaults(func=_embed)
+
+    f = subparsers.add_parser("finetune", help="train a classification head on a checkpoint (Ray Train)")
+    f.add_argument("--checkpoint", required=True)
+    _add_source(f)
+    f.add_argument("--label", default="cell_type")
+    f.add_argument("--label-map", help="JSON file or text {label: harmonized label or null}")
+    f.add_argument("--mode", default="frozen", choices=("frozen", "full"))
+    f.add_argument("--pooling", default="cls", choices=("cls", "mean"))
+    f.add_argument("--steps", type=int, default=200)
+    f.add_argument("--batch-size", type=int, default=32)
+    f.add_argument("--lr", type=float, default=3e-3)
+    f.add_argument("--num-workers", type=int, default=1)
+    f.add_argument("--use-gpu", action="store_true")
+    f.add_argument("--storage-path", default="./atlasflow_runs")
+    f.add_argument("--name", default="finetune")
+    f.add_argument("--medians-store")
+    f.set_defaults(func=_finetune)
+
+    v = subparsers.add_parser("eval", help="cell-type scores of embeddings vs PCA / logistic-regression baselines")
+    v.add_argument("--checkpoint", required=True)
+    _add_source(v, many=True)
+    v.add_argument("--label", default="cell_type")
+    v.add_argument("--label-map", help="JSON file or text {label: harmonized label or null}")
+    v.add_argument("--split-by", default="dataset_id", help="grouping column (dataset_id, donor_id)")
+    v.add_argument("--test-group", action="append", default=[], help="held-out group (repeatable)")
+    v.add_argument("--test-fraction", type=float, default=0.3)
+    v.add_argument("--pooling", default="cls", choices=("cls", "mean"))
+    v.add_argument("--finetune-steps", type=int, default=150, help="0 = no fine-tuned row")
+    v.add_argument("--finetune-mode", default="frozen", choices=("frozen", "full"))
+    v.add_argument("--finetuned", help="score this fine-tuned checkpoint instead of fine-tuning")
+    v.add_argument("--medians-store")
+    v.add_argument("--out", default="atlasflow_eval")
+    v.add_argument("--no-plot", action="store_true")
+    v.set_defaults(func=_eval)
+
+
+def _fail(cmd: str, exc: Exception) -> int:
+    print(f"atlasflow {cmd}: {exc}", file=sys.stderr)
+    return 2
+
+
+def _query(args) -> int:
+    from .query import QueryConfig, select, to_h5ad, to_store
+
+    try:
+        src = _sources(args)[0]
+        if not isinstance(src, QueryConfig):
+            if str(src).endswith(".h5ad"):
+                raise ValueError("--input: query reads a store or Census, not an .h5ad")
+            src = QueryConfig(source="store", uri=src)
+        genes = args.genes
+        if genes and Path(genes).is_file():
+            genes = ",".join(Path(genes).read_text().split())
+        cfg = QueryConfig(**{**src.__dict__, "genes": tuple(g for g in genes.split(",") if g),
+                             "obs_columns": tuple(c for c in args.obs_columns.split(",") if c), "label": args.label,
+                             "per_label_cap": args.per_label_cap, "fraction": args.fraction, "seed": args.seed})
+        if not (args.out_h5ad or args.out_store or args.dry_run):
+            raise ValueError("--out-h5ad / --out-store: say where to write (or --dry-run)")
+        sel = select(cfg)
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail("query", exc)
+    print(sel.counts_table(), flush=True)
+    if args.out_h5ad:
+        to_h5ad(cfg, args.out_h5ad, sel)
+        print(f"wrote {args.out_h5ad}")
+    if args.out_store:
+        to_store(cfg, args.out_store, sel)
+        print(f"wrote store {args.out_store}")
+    return 0
+
+
+def _embed(args) -> int:
+    from .embed import EmbedConfig, embed
+
+    try:
+        src = _sources(args)[0]
+        cfg = EmbedConfig(pooling=args.pooling, batch_size=args.batch_size, device=args.device)
+        out = embed(args.checkpoint, src, args.out_h5ad, args.out_parquet, cfg, args.medians_store)
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail("embed", exc)
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+def _finetune(args) -> int:
+    from .finetune import FinetuneConfig, run_finetune
+
+    try:
+        src = _sources(args)[0]
+        cfg = FinetuneConfig(label=args.label, mode=args.mode, pooling=args.pooling, steps=args.steps,
+                             batch_size=args.batch_size, lr=args.lr, num_workers=args.num_workers,
+                             use_gpu=args.use_gpu, storage_path=args.storage_path, name=args.name)
+        out = run_finetune(args.checkpoint, src, cfg, _label_map(args.label_map) or None, args.medians_store)
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail("finetune", exc)
+    print(json.dumps(out, indent=1, default=str))
+    return 0
+
+
+def _eval(args) -> int:
+    from .evaluate import EvalConfig, run_eval
+
+    try:
+        cfg = EvalConfig(label=args.label, split_by=args.split_by, test_groups=tuple(args.test_group),
+                         test_fraction=args.test_fraction, label_map=_label_map(args.label_map),
+                         pooling=args.pooling, finetune_steps=0 if args.finetuned else args.finetune_steps,
+                         finetune_mode=args.finetune_mode, plot=not args.no_plot)
+        table = run_eval(args.checkpoint, _sources(args), args.out, cfg, args.medians_store, args.finetuned)
+    except (ValueError, FileNotFoundError) as exc:
+        return _fail("eval", exc)
+    print(Path(args.out, "eval.md").read_text())
+    print(json.dumps({k: table[k] for k in ("n_train", "n_test", "test_groups", "rows")}, indent=1))
+    return 0

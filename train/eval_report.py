@@ -1,0 +1,123 @@
+"""Reproduce the evaluation runs quoted in the README; prints one JSON document.
+
+    python -m atlasflow.train.eval_report --work /tmp/atlasflow_eval [--only real|synthetic] [--steps N]
+
+real: pretrain (MLM, CPU, Ray Train) on the unlabelled-or-other PBMC sources of ../shared/data
+(SoupX PBMC4k, Kang 2018, scirpy Wu 2020), then score cell types with labels harmonized to
+{B, CD4 T, CD8 T}: (1) train on SoupX, test on Garnett/Zheng 2017 (never pretrained on), and
+(2) the other way round, where the test source WAS in pretraining (the leakage check flags it).
+synthetic: a synthetic atlas store, pretraining restricted to the ``train`` split of dataset_id,
+evaluated with a dataset-level split that holds out datasets the model never saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SOUPX = "soupx_pbmc4k_2170cells_counts.h5ad"
+GARNETT = "garnett_zheng2017_pbmc_800cells_counts.h5ad"
+KANG = "harmony_kang2018_ctrl_stim_2000cells_counts.h5ad"
+SCIRPY = "scirpy_wu2020_200cells_counts.h5ad"
+# Harmonized PBMC labels; MNP, NK and '?' have no counterpart in the FACS-sorted Garnett set.
+LABEL_MAP = {"B": "B", "T_CD4": "CD4 T", "T_CD8": "CD8 T",
+             "B cells": "B", "CD4 T cells": "CD4 T", "CD8 T cells": "CD8 T"}
+
+
+def pretrain(store: str, runs: Path, name: str, steps: int, overrides: dict | None = None) -> dict:
+    from atlasflow.train import load_preset, run_training
+
+    cfg = load_preset("debug").with_overrides({
+        "data.store": store, "run.storage_path": str(runs), "run.name": name, "train.max_steps": steps,
+        "train.epochs": 1000, "train.ckpt_every": steps, "train.log_every": max(1, steps // 10),
+        "optim.warmup_steps": max(1, steps // 20), **(overrides or {})})
+    t0 = time.time()
+    out = run_training(cfg)
+    return {"checkpoint": out["checkpoint"], "steps": out["step"], "final_loss": out["metrics"].get("loss"),
+            "masked_accuracy": out["metrics"].get("masked_accuracy"), "seconds": round(time.time() - t0, 1)}
+
+
+def run_real(work: Path, steps: int, finetune_steps: int) -> dict:
+    from atlasflow.ingest import ingest_paths
+    from atlasflow.store.stats import compute_gene_stats
+
+    from .evaluate import EvalConfig, run_eval
+
+    data = SHARED_DATA
+    for f in (SOUPX, GARNETT, KANG, SCIRPY):
+        if not (data / f).is_file():
+            raise FileNotFoundError(f"real-data run: {data / f} missing (the ../shared/data checkout)")
+    store = str(work / "pbmc_pretrain_store")
+    rep = ingest_paths(store, [str(data / f) for f in (SOUPX, KANG, SCIRPY)], progress=False)
+    if not rep.ok and not rep.skipped:
+        raise RuntimeError(f"ingest failed: {rep.to_dict()}")
+    compute_gene_stats(store)
+    pre = pretrain(store, work / "runs", "pbmc", steps)
+    out = {"pretraining": {"sources": [SOUPX, KANG, SCIRPY], **pre}, "evals": {}}
+    cfg = EvalConfig(label="cell_type", split_by="dataset", label_map=LABEL_MAP, finetune_steps=finetune_steps)
+    for name, train_src, test_src in (("soupx_to_garnett", SOUPX, GARNETT), ("garnett_to_soupx", GARNETT, SOUPX)):
+        test_group = _dataset_value(data / test_src)
+        t0 = time.time()
+        tab = run_eval(pre["checkpoint"], [str(data / train_src), str(data / test_src)], str(work / name),
+                       EvalConfig(**{**cfg.__dict__, "test_groups": (test_group,)}))
+        tab["seconds"] = round(time.time() - t0, 1)
+        out["evals"][name] = tab
+    return out
+
+
+def _dataset_value(path: Path) -> str:
+    import anndata as ad
+
+    a = ad.read_h5ad(path, backed="r")
+    try:
+        return str(a.obs["dataset"].astype(str).iloc[0])
+    finally:
+        a.file.close()
+
+
+def run_synthetic(work: Path, steps: int, finetune_steps: int, n_cells: int = 6000, n_genes: int = 2000,
+                  n_datasets: int = 10) -> dict:
+    from atlasflow.ingest.synth import synthesize
+    from atlasflow.store.stats import compute_gene_stats
+
+    from .evaluate import EvalConfig, run_eval
+
+    store = str(work / "synth_store")
+    if not Path(store).exists():
+        synthesize(store, n_cells, n_genes, n_datasets, 0, layout="store")
+        compute_gene_stats(store)
+    pre = pretrain(store, work / "runs", "synth", steps, {"data.split": "train"})
+    t0 = time.time()
+    tab = run_eval(pre["checkpoint"], store, str(work / "synth_eval"),
+                   EvalConfig(label="cell_type", split_by="dataset_id", finetune_steps=finetune_steps))
+    tab["seconds"] = round(time.time() - t0, 1)
+    return {"pretraining": {"store": store, "n_cells": n_cells, "n_genes": n_genes, "n_datasets": n_datasets,
+                            "split": "train (dataset_id)", **pre}, "eval": tab}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m atlasflow.train.eval_report", description=__doc__.split("\n")[0])
+    p.add_argument("--work", default="./atlasflow_eval_report")
+    p.add_argument("--only", choices=("real", "synthetic"))
+    p.add_argument("--steps", type=int, default=300, help="pretraining optimizer steps")
+    p.add_argument("--finetune-steps", type=int, default=150)
+    args = p.parse_args(argv)
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    out = {}
+    if args.only in (None, "real"):
+        out["real"] = run_real(work, args.steps, args.finetune_steps)
+    if args.only in (None, "synthetic"):
+        out["synthetic"] = run_synthetic(work, args.steps, args.finetune_steps)
+    text = json.dumps(out, indent=1, default=str)
+    (work / "report.json").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
