@@ -171,21 +171,24 @@ class CellStream(IterableDataset):
                     ranges = [r for a, b in zip(s.tolist(), e.tolist()) for r in self.runs.to_joinids(a, b, cum)]
                     yield w, k == len(reads) - 1, ranges
 
-        def load(task) -> TokenBlock:
-            _, _, ranges = task
-            ids, indptr, cols, vals, labels = reader.read(ranges)
+        def read(task):
+            return task, reader.read(task[2])
+
+        def tokenize(item):
+            task, (ids, indptr, cols, vals, labels) = item
             block = tok(indptr, cols, vals, ids, sp.epoch)
             block.labels = labels
-            want = np.concatenate([np.arange(a, b) for a, b in ranges])
+            want = np.concatenate([np.arange(a, b) for a, b in task[2]])
             if len(want) != len(ids):  # duplicates (remainder="pad"): restore the multiplicity
                 block = block.take(np.searchsorted(ids, want))
-            return block
+            return task, block
 
         pending: list[TokenBlock] = []
         skip = start % wb
-        pf = Prefetcher(tasks(), load, cfg.prefetch_reads)
+        reads = Prefetcher(tasks(), read, cfg.prefetch_reads)
+        blocks = Prefetcher(reads, tokenize, 1)
         try:
-            for (w, last, _), block in pf:
+            for (w, last, _), block in blocks:
                 pending.append(block)
                 if not last:
                     continue
@@ -198,5 +201,6 @@ class CellStream(IterableDataset):
                     yield collate(window, idx, cfg.obs_columns)
                 skip = 0
         finally:
-            pf.close()
+            reads.close()
+            blocks.close()
             reader.close()

@@ -114,7 +114,7 @@ class Tokenizer:
         row = np.repeat(np.arange(n, dtype=np.int32), np.diff(indptr))
         raw_sum = np.bincount(row, weights=vals, minlength=n)
         lut = self.lut
-        cols = np.asarray(cols, dtype=np.int64)
+        cols = np.asarray(cols)
         tok = lut[cols] if len(cols) and cols.max() < len(lut) else _safe_lookup(lut, cols)
         keep = (tok >= 0) & (vals > 0)
         if not keep.all():  # gene filter or explicit zeros; usually nothing to drop

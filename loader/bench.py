@@ -1,0 +1,283 @@
+"""Loader benchmark (issue #3): prints one JSON document.
+
+Each measurement runs in a fresh child process (clean peak RSS, summed over the process and its
+DataLoader workers, sampled every 50 ms):
+
+(a) atlasflow tokenized shuffled cells/s and tokens/s, per tokenizer, 0 and 2 workers;
+(b) tiledbsoma-ml 0.1 with shuffle on the same store and batch size (dense X, untokenized);
+(c) a raw sequential scan of X in 8192-row slices (the read ceiling);
+(d) mean per-batch entropy of dataset_id relative to batches of a true random permutation;
+(e) peak RSS, and with ``--memory-stores`` the same loader on stores of growing size.
+
+    atlasflow bench loader --store /tmp/s200k --json [--cells 60000] [--build 200000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+
+BENCH_FORMAT_VERSION = 1
+
+
+class _PeakRSS:
+    def __init__(self):
+        import psutil
+
+        self.proc = psutil.Process(os.getpid())
+        self.peak = 0
+        self.peak_pss = 0
+        self._n = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+
+    def _run(self):
+        while not self._stop.is_set():
+            try:
+                procs = [self.proc, *self.proc.children(recursive=True)]
+                total = pss = 0
+                for p in procs:
+                    try:
+                        total += p.memory_info().rss
+                        if self._n % 10 == 0:  # PSS (shared pages split between processes) is costlier to read
+                            pss += p.memory_full_info().pss
+                    except Exception:
+                        pass
+                self.peak = max(self.peak, total)
+                self.peak_pss = max(self.peak_pss, pss)
+                self._n += 1
+            except Exception:
+                pass
+            self._stop.wait(0.05)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._t.join()
+        return {"peak_rss_gb": round(self.peak / 2**30, 3), "peak_pss_gb": round(self.peak_pss / 2**30, 3)}
+
+
+def _entropy(codes: np.ndarray) -> float:
+    c = np.bincount(codes)
+    p = c[c > 0] / len(codes)
+    return float(-(p * np.log(p)).sum())
+
+
+def _random_baseline(counts: np.ndarray, batch_size: int, n_batches: int, seed: int = 0) -> float:
+    labels = np.repeat(np.arange(len(counts)), counts)
+    perm = np.random.default_rng(seed).permutation(labels)[: n_batches * batch_size]
+    return float(np.mean([_entropy(b) for b in perm.reshape(-1, batch_size)]))
+
+
+def measure_atlasflow(store: str, tokenizer: str, workers: int, cells: int, batch_size: int, **cfg_kw) -> dict:
+    from atlasflow.loader import LoaderConfig, make_loader
+
+    mem = _PeakRSS()
+    t0 = time.perf_counter()
+    cfg = LoaderConfig(tokenizer=tokenizer, num_workers=workers, batch_size=batch_size,
+                       obs_columns=("dataset_id",), **cfg_kw)
+    loader = make_loader(store, cfg)
+    build_s = time.perf_counter() - t0
+    n = tokens = padded = 0
+    ents, t_first = [], None
+    t0 = time.perf_counter()
+    for b in loader:
+        if t_first is None:
+            t_first = time.perf_counter() - t0
+            t1 = time.perf_counter()
+        lens = b["lengths"]
+        n += len(lens)
+        tokens += int(lens.sum())
+        padded += int(b["input_ids"].numel())
+        ents.append(_entropy(b["obs.dataset_id"].numpy()))
+        if n >= cells:
+            break
+    steady = time.perf_counter() - t1
+    total = time.perf_counter() - t0
+    ds = loader.dataset
+    counts = np.bincount(ds.strata.codes, weights=np.diff(ds.strata.bounds)).astype(np.int64) \
+        if ds.strata is not None else None
+    base = _random_baseline(counts, batch_size, len(ents)) if counts is not None else None
+    del loader
+    return {"loader": "atlasflow", "tokenizer": tokenizer, "workers": workers, "batch_size": batch_size,
+            "cells": n, "build_s": round(build_s, 2), "first_batch_s": round(t_first, 2),
+            "cells_per_s": round(n / total, 1), "steady_cells_per_s": round((n - batch_size) / steady, 1),
+            "tokens_per_s": round(tokens / total, 1), "pad_fraction": round(1 - tokens / padded, 4),
+            "entropy": round(float(np.mean(ents)), 4), "entropy_random": None if base is None else round(base, 4),
+            "entropy_ratio": None if base is None else round(float(np.mean(ents)) / base, 4),
+            **mem.stop(), "config": {k: v for k, v in cfg.to_dict().items() if v not in (None, ())}}
+
+
+def measure_tiledbsoma_ml(store: str, cells: int, batch_size: int, io_batch_size: int = 8192) -> dict:
+    import tiledbsoma as soma
+    from tiledbsoma_ml import ExperimentDataset, experiment_dataloader
+
+    mem = _PeakRSS()
+    n, ents, t_first = 0, [], None
+    t0 = time.perf_counter()
+    with soma.Experiment.open(store) as exp:
+        with exp.axis_query(measurement_name="RNA") as query:
+            ds = ExperimentDataset(query, layer_name="raw", obs_column_names=["soma_joinid", "dataset_id"],
+                                   batch_size=batch_size, io_batch_size=io_batch_size, shuffle=True, seed=0)
+            for X, obs in experiment_dataloader(ds):
+                if t_first is None:
+                    t_first = time.perf_counter() - t0
+                n += X.shape[0]
+                ents.append(_entropy(np.unique(obs["dataset_id"].to_numpy(), return_inverse=True)[1]))
+                if n >= cells:
+                    break
+    total = time.perf_counter() - t0
+    return {"loader": "tiledbsoma-ml", "version": __import__("tiledbsoma_ml").__version__, "workers": 0,
+            "batch_size": batch_size, "io_batch_size": io_batch_size, "cells": n,
+            "first_batch_s": round(t_first, 2), "cells_per_s": round(n / total, 1),
+            "entropy": round(float(np.mean(ents)), 4), **mem.stop(), "output": "dense X, untokenized"}
+
+
+def measure_scan(store: str, cells: int, slice_rows: int = 8192) -> dict:
+    from atlasflow.store import open_store
+
+    mem = _PeakRSS()
+    s = open_store(store)
+    n = nnz = 0
+    t0 = time.perf_counter()
+    with s.experiment() as exp:
+        X = exp.ms["RNA"].X["raw"]
+        for lo, hi in s.complete_ranges():
+            for a in range(lo, hi, slice_rows):
+                b = min(hi, a + slice_rows)
+                tbl = X.read(coords=(slice(a, b - 1),)).tables().concat()
+                nnz += tbl.num_rows
+                n += b - a
+                if n >= cells:
+                    break
+            if n >= cells:
+                break
+    total = time.perf_counter() - t0
+    return {"loader": "raw_sequential_scan", "slice_rows": slice_rows, "cells": n, "cells_per_s": round(n / total, 1),
+            "nnz_per_s": round(nnz / total, 1), **mem.stop()}
+
+
+def _child(spec: dict) -> dict:
+    kind = spec.pop("kind")
+    fn = {"atlasflow": measure_atlasflow, "tiledbsoma-ml": measure_tiledbsoma_ml, "scan": measure_scan}[kind]
+    return fn(**spec)
+
+
+def _run_child(spec: dict, timeout: int = 900) -> dict:
+    cmd = [sys.executable, "-m", "atlasflow.loader.bench", "--child", json.dumps(spec)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"spec": spec, "error": f"timed out after {timeout} s"}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        return {"spec": spec, "error": (p.stderr or p.stdout)[-2000:]}
+    return json.loads(lines[-1])
+
+
+def run(store: str, cells: int = 60_000, batch_size: int = 32, tokenizers=("rank", "bin", "value"),
+        workers=(0, 2), with_ml: bool = True, memory_stores=(), log=None) -> dict:
+    from atlasflow.store import open_store
+
+    s = open_store(store)
+    out = {"bench_format_version": BENCH_FORMAT_VERSION, "store": store, "n_cells": s.n_cells, "n_genes": s.n_genes,
+           "cells_per_run": cells, "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()[0], "runs": []}
+
+    def add(spec):
+        r = _run_child(dict(spec))
+        r["load_avg"] = round(os.getloadavg()[0], 2)
+        out["runs"].append(r)
+        if log:
+            log(json.dumps(r))
+        return r
+
+    scan = add({"kind": "scan", "store": store, "cells": cells})
+    ml = add({"kind": "tiledbsoma-ml", "store": store, "cells": min(cells, 30_000), "batch_size": batch_size}) \
+        if with_ml else None
+    ours = [add({"kind": "atlasflow", "store": store, "tokenizer": t, "workers": w, "cells": cells,
+                 "batch_size": batch_size}) for t in tokenizers for w in workers]
+    mem = [add({"kind": "atlasflow", "store": m, "tokenizer": "value", "workers": 2, "cells": cells,
+                "batch_size": batch_size}) for m in memory_stores]
+    ok = [r for r in ours if "cells_per_s" in r]
+    if ok:
+        best = max(ok, key=lambda r: r["cells_per_s"])
+        summary = {"best": {k: best[k] for k in ("tokenizer", "workers", "cells_per_s", "tokens_per_s")},
+                   "min_entropy_ratio": min(r["entropy_ratio"] for r in ok if r.get("entropy_ratio")),
+                   "max_peak_rss_gb_2_workers": max((r["peak_rss_gb"] for r in ok if r["workers"] == 2), default=None),
+                   "max_peak_pss_gb_2_workers": max((r["peak_pss_gb"] for r in ok if r["workers"] == 2), default=None)}
+        if ml and "cells_per_s" in ml:
+            summary["speedup_vs_tiledbsoma_ml"] = round(best["cells_per_s"] / ml["cells_per_s"], 2)
+        if "cells_per_s" in scan:
+            summary["fraction_of_sequential_scan"] = round(best["cells_per_s"] / scan["cells_per_s"], 3)
+        if mem:
+            summary["memory_curve"] = [{"n_cells": open_store(m).n_cells, "store": m,
+                                        "peak_rss_gb": r.get("peak_rss_gb"), "peak_pss_gb": r.get("peak_pss_gb")}
+                                       for r, m in zip(mem, memory_stores)]
+        out["summary"] = summary
+    out["load_avg_end"] = os.getloadavg()[0]
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="atlasflow-bench-loader")
+    add_arguments(ap)
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(json.loads(args.child))))
+        return 0
+    return run_cli(args)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--store", required=False, help="store to read (built with --build N if missing)")
+    ap.add_argument("--json", action="store_true", help="print the result as JSON (always JSON; kept for the contract)")
+    ap.add_argument("--cells", type=int, default=60_000, help="cells per measurement (default 60000)")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--tokenizers", default="rank,bin,value")
+    ap.add_argument("--workers", default="0,2")
+    ap.add_argument("--no-ml", action="store_true", help="skip tiledbsoma-ml")
+    ap.add_argument("--build", type=int, default=0, help="build a synthetic store of N cells at --store if missing")
+    ap.add_argument("--memory-stores", default="", help="comma-separated stores for the memory curve")
+    ap.add_argument("--out", default=None, help="also write the JSON here")
+
+
+def run_cli(args) -> int:
+    if not args.store:
+        print("atlasflow bench loader: --store is required", file=sys.stderr)
+        return 2
+    if args.build and not os.path.exists(args.store):
+        from .benchstore import build_bench_store
+
+        build_bench_store(args.store, args.build)
+    if "rank" in args.tokenizers:
+        from atlasflow.store import open_store
+
+        try:
+            open_store(args.store).gene_stats()
+        except Exception:
+            from atlasflow.store.stats import compute_gene_stats
+
+            compute_gene_stats(args.store)
+    res = run(args.store, cells=args.cells, batch_size=args.batch_size,
+              tokenizers=tuple(t for t in args.tokenizers.split(",") if t),
+              workers=tuple(int(w) for w in args.workers.split(",") if w), with_ml=not args.no_ml,
+              memory_stores=tuple(m for m in args.memory_stores.split(",") if m),
+              log=lambda line: print(line, file=sys.stderr, flush=True))
+    text = json.dumps(res, indent=1)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
