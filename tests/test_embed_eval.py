@@ -1,0 +1,229 @@
+"""embed / finetune / eval on real stores, real torch, real sklearn; one Ray test (finetune under Ray Train).
+
+Checks are independent of the code under test: embeddings are recomputed from the loader's own
+batches (a different tokenization path) and the encoder; scores by hand; splits and leakage by set
+arithmetic on obs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from atlasflow.infra.cli import main as atlasflow_main
+from atlasflow.train.baselines import log1p_normalize, scores
+from atlasflow.train.embed import EmbedConfig, PretrainedModel, embed
+from atlasflow.train.evaluate import EvalConfig, choose_split, run_eval
+
+D, MAX_LEN = 32, 64
+
+
+def make_store(path, seed: int, n_cells: int = 240, n_genes: int = 200, n_datasets: int = 4) -> str:
+    from atlasflow.ingest.synth import synthesize
+    from atlasflow.store.stats import compute_gene_stats
+
+    synthesize(str(path), n_cells, n_genes, n_datasets, seed, layout="store")
+    compute_gene_stats(str(path))
+    return str(path)
+
+
+def make_checkpoint(path, store_uri: str) -> str:
+    """A real (randomly initialized, seeded) checkpoint in the training format."""
+    from atlasflow.loader import Vocab
+    from atlasflow.store import open_store
+    from atlasflow.train import CellEncoder, load_preset, save_checkpoint
+
+    store = open_store(store_uri)
+    cfg = load_preset("debug").with_overrides({"data.store": store_uri, "data.max_len": MAX_LEN, "model.d_model": D,
+                                               "model.d_ff": 64, "data.timestamp_ms": store.timestamp_ms})
+    vocab = Vocab.from_var(store.var())
+    torch.manual_seed(0)
+    enc = CellEncoder(cfg.model, "rank", len(vocab), MAX_LEN)
+    save_checkpoint(path, model_state=enc.state_dict(), config=cfg, vocab=vocab.to_dict(),
+                    model_meta={"tokenizer": "rank", "n_tokens": len(vocab), "max_len": MAX_LEN, "n_bins": 51},
+                    train_state={"step": 0, "history": []})
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("embed_eval")
+    store = make_store(root / "store", seed=5)
+    return store, make_checkpoint(root / "ckpt", store), root
+
+
+def test_embed_matches_loader_batches(setup, tmp_path):
+    from atlasflow.loader import LoaderConfig, make_loader
+    from atlasflow.train import load_checkpoint
+
+    store, ckpt, _ = setup
+    out = embed(ckpt, store, out_h5ad=str(tmp_path / "e.h5ad"), out_parquet=str(tmp_path / "e.parquet"),
+                cfg=EmbedConfig(batch_size=16, block_cells=50))
+    enc, _, _ = load_checkpoint(ckpt)
+    want = {}
+    for b in make_loader(store, LoaderConfig(max_len=MAX_LEN, batch_size=8, shuffle=False, remainder="pad")):
+        for j, e in zip(b["soma_joinid"].tolist(), enc.embed(b).numpy()):
+            want[j] = e
+    pq = pd.read_parquet(tmp_path / "e.parquet")
+    assert out["n_cells"] == len(pq) == len(want) == 240 and out["genes_dropped"] == 0
+    got = np.stack(pq["embedding"].to_numpy())
+    ref = np.stack([want[j] for j in pq["soma_joinid"]])
+    assert got.shape == (240, D)
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
+    import anndata as ad
+
+    a = ad.read_h5ad(tmp_path / "e.h5ad")
+    np.testing.assert_allclose(a.obsm["X_atlasflow"], got, rtol=1e-6)
+    assert a.obs.index.astype(int).tolist() == pq["soma_joinid"].tolist()
+    assert a.uns["atlasflow_embed"]["format_version"] == 1
+
+
+def test_h5ad_input_drops_unknown_genes_and_agrees_with_store(setup, tmp_path):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from atlasflow.store import gene_reference, open_store
+    from test_query import dense_x
+
+    store, ckpt, _ = setup
+    s = open_store(store)
+    var = s.var()
+    ids = np.arange(0, 40)
+    X = dense_x(store, ids, len(var))
+    extra = next(g for g in gene_reference().index if g not in set(var["feature_id"]))
+    # the extra gene is a real Ensembl id outside the vocabulary, zero everywhere, so cell totals agree
+    a = ad.AnnData(X=sp.csr_matrix(np.hstack([X, np.zeros((len(ids), 1), np.float32)])),
+                   obs=pd.DataFrame(index=[str(i) for i in ids]),
+                   var=pd.DataFrame(index=list(var["feature_id"]) + [extra]))
+    a.write_h5ad(tmp_path / "in.h5ad")
+    out = embed(ckpt, str(tmp_path / "in.h5ad"), out_parquet=str(tmp_path / "h.parquet"),
+                cfg=EmbedConfig(pooling="mean", block_cells=16))
+    assert out["genes_dropped"] == 1 and out["genes_in_input"] == len(var) + 1
+    ref = embed(ckpt, store, out_parquet=str(tmp_path / "s.parquet"), cfg=EmbedConfig(pooling="mean"))
+    assert ref["genes_dropped"] == 0
+    got = np.stack(pd.read_parquet(tmp_path / "h.parquet")["embedding"].to_numpy())
+    want = np.stack(pd.read_parquet(tmp_path / "s.parquet")["embedding"].to_numpy())[ids]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_scores_and_normalization_by_hand():
+    s = scores(["a", "a", "b", "c"], ["a", "b", "b", "d"])
+    assert s["accuracy"] == pytest.approx(0.5)
+    # F1: a = 2*1*.5/1.5 = 2/3, b = 2*.5*1/1.5 = 2/3, c = 0; 'd' is not a test label
+    assert s["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
+    import scipy.sparse as sp
+
+    X = sp.csr_matrix(np.array([[1.0, 3.0, 0.0], [0.0, 0.0, 0.0]]))
+    n = log1p_normalize(X, totals=np.array([8.0, 0.0])).toarray()
+    np.testing.assert_allclose(n[0], np.log1p(np.array([1, 3, 0]) / 8 * 1e4))
+    assert (n[1] == 0).all()
+
+
+def test_choose_split_prefers_unseen_groups_and_never_straddles():
+    groups = np.array(["g1"] * 50 + ["g2"] * 30 + ["g3"] * 20)
+    cfg = EvalConfig(test_fraction=0.3, finetune_steps=0)
+    test = choose_split(groups, cfg, seen={"g1", "g2"})
+    assert test == {"g3"} or (test >= {"g3"} and "g1" not in test)
+    named = choose_split(groups, EvalConfig(test_groups=("g1",), finetune_steps=0), seen=set())
+    assert named == {"g1"}
+    with pytest.raises(ValueError, match="EvalConfig.test_groups"):
+        choose_split(groups, EvalConfig(test_groups=("zzz",), finetune_steps=0), seen=set())
+    with pytest.raises(ValueError, match="EvalConfig.split_by"):
+        choose_split(np.array(["g"] * 5), cfg, seen=set())
+    with pytest.raises(ValueError, match="EvalConfig.test_fraction"):
+        EvalConfig(test_fraction=1.0)
+
+
+def test_eval_table_split_and_leakage(setup, tmp_path):
+    from atlasflow.store import open_store
+
+    store, ckpt, root = setup
+    tab = run_eval(ckpt, store, str(tmp_path / "ev"), EvalConfig(finetune_steps=0, n_pcs=10))
+    obs = open_store(store).obs(["dataset_id", "cell_type"])
+    assert set(tab["train_groups"]).isdisjoint(tab["test_groups"])
+    assert set(tab["train_groups"]) | set(tab["test_groups"]) == set(obs["dataset_id"])
+    n_test_all = int(obs["dataset_id"].isin(tab["test_groups"]).sum())
+    assert tab["n_train"] == len(obs) - n_test_all
+    assert tab["n_test"] + tab["test_cells_dropped_unseen_label"] == n_test_all
+    # baselines use the genes detected in both training and (kept) test cells
+    from test_query import dense_x
+
+    X = dense_x(store, obs.index.to_numpy(), 200)
+    is_train = ~obs["dataset_id"].isin(tab["test_groups"]).to_numpy()
+    kept_test = ~is_train & obs["cell_type"].isin(set(obs["cell_type"][is_train])).to_numpy()
+    shared = int(((X[is_train] > 0).any(0) & (X[kept_test] > 0).any(0)).sum())
+    assert tab["genes_shared_train_test"] == shared == tab["n_hvg"]  # fewer than 2000: all are "HVGs"
+    assert [(r["features"].split(" (")[0], r["classifier"].split(" (")[0]) for r in tab["rows"]] == [
+        ("atlasflow embedding", "kNN"), ("atlasflow embedding", "logistic regression"),
+        ("PCA(10) of log1p HVG counts", "kNN"), ("PCA(10) of log1p HVG counts", "logistic regression"),
+        (f"log1p-normalized counts, {shared} HVGs", "logistic regression")]
+    assert all(0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1 for r in tab["rows"])
+    # evaluating on the pretraining store itself: every test group leaked, and it says so
+    assert tab["leakage"]["test_groups_in_pretraining"] == sorted(tab["test_groups"])
+    assert "warning" in tab["leakage"]
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["rows"] == tab["rows"]
+    assert "| features | classifier | accuracy | macro-F1 |" in (tmp_path / "ev" / "eval.md").read_text()
+    for png in ("embedding.png", "scores.png"):
+        assert (tmp_path / "ev" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # a store of other datasets: no test group was pretrained on, no warning
+    other = make_store(root / "other", seed=6)
+    assert set(open_store(other).obs(["dataset_id"])["dataset_id"]).isdisjoint(obs["dataset_id"])
+    tab2 = run_eval(ckpt, other, str(tmp_path / "ev2"), EvalConfig(finetune_steps=0, n_pcs=10, plot=False))
+    assert tab2["leakage"]["test_groups_in_pretraining"] == [] and "warning" not in tab2["leakage"]
+
+
+def test_finetune_frozen_keeps_encoder_full_updates_it(setup, tmp_path):
+    from atlasflow.train.finetune import (FinetuneConfig, block_to_arrays, finetune_worker, labelled_tokens,
+                                          load_classifier, predict)
+    from atlasflow.train.loop import WorkerContext
+
+    store, ckpt, _ = setup
+    model = PretrainedModel(ckpt)
+    block, labels = labelled_tokens(model, store, "cell_type")
+    classes = sorted(set(labels))
+    data = {**block_to_arrays(block), "y": np.array([classes.index(v) for v in labels])}
+    base = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+
+    def run(mode):
+        dest = tmp_path / mode
+
+        def report(metrics, d):
+            if d:
+                shutil.copytree(d, dest)
+        ctx = WorkerContext(0, 1, torch.device("cpu"), lambda: contextlib.nullcontext(None), report)
+        finetune_worker(FinetuneConfig(mode=mode, steps=6, batch_size=16), ckpt, data, classes, ctx)
+        return load_classifier(str(dest))
+
+    for mode in ("frozen", "full"):
+        clf, cl, meta = run(mode)
+        assert cl == classes and meta["config"]["mode"] == mode
+        same = all(torch.equal(base[k], v) for k, v in clf.encoder.state_dict().items())
+        assert same == (mode == "frozen"), mode
+        pred = predict(clf, cl, block)
+        assert len(pred) == len(labels) and set(pred) <= set(classes)
+    with pytest.raises(ValueError, match="FinetuneConfig.mode"):
+        FinetuneConfig(mode="half")
+    with pytest.raises(FileNotFoundError, match="not a fine-tuned checkpoint"):
+        load_classifier(ckpt)
+
+
+@pytest.mark.ray
+def test_cli_eval_with_finetune_under_ray(setup, tmp_path, ray_session):
+    store, ckpt, _ = setup
+    rc = atlasflow_main(["eval", "--checkpoint", ckpt, "--input", store, "--out", str(tmp_path / "ev"),
+                         "--finetune-steps", "4", "--no-plot"])
+    assert rc == 0
+    tab = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    ft = tab["rows"][-1]
+    assert ft["features"] == "fine-tuned atlasflow (frozen encoder)" and 0 <= ft["accuracy"] <= 1
+    # the fine-tuned checkpoint is a regular checkpoint: embed reads it
+    rc = atlasflow_main(["embed", "--checkpoint", tab["finetune"]["checkpoint"], "--input", store,
+                         "--out-parquet", str(tmp_path / "f.parquet")])
+    assert rc == 0 and len(pd.read_parquet(tmp_path / "f.parquet")) == 240
