@@ -85,3 +85,22 @@ def test_state_records_position_json_able_dataset_state(uri):
         next(it)
     ds_state = a.dataset.state_dict()
     assert json.loads(json.dumps(ds_state))["position"] == 4
+
+
+def test_after_a_resumed_epoch_the_next_epoch_is_whole(uri):
+    cfg = LoaderConfig(**BASE)
+    a = make_loader(uri, cfg)
+    it = iter(a)
+    for _ in range(3):
+        next(it)
+    state = a.state_dict()
+    b = make_loader(uri, cfg)
+    b.load_state_dict(state)
+    rest = list(b)
+    assert len(rest) == b.dataset.batches_per_epoch - 3
+    b.dataset.set_epoch(1)
+    nxt = [x["soma_joinid"].numpy() for x in b]
+    assert len(nxt) == b.dataset.batches_per_epoch
+    fresh = make_loader(uri, cfg)
+    fresh.dataset.set_epoch(1)
+    assert all(np.array_equal(x, y["soma_joinid"].numpy()) for x, y in zip(nxt, fresh))
