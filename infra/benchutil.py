@@ -42,7 +42,11 @@ class PeakRSS:
 
     def _sample(self) -> int:
         total = 0
-        for p in [self._proc, *self._proc.children(recursive=True)]:
+        try:
+            procs = [self._proc, *self._proc.children(recursive=True)]
+        except Exception:  # the process just exited
+            return 0
+        for p in procs:
             try:
                 total += p.memory_info().rss
             except Exception:
