@@ -82,7 +82,7 @@ class CensusWriter(_Writer):
         X = chunk.X
         nnz = chunk.nnz_per_cell
         with soma.SparseNDArray.open(self.x_uri, "w", context=soma_context()) as x:
-            write_x_global_order(x, np.repeat(joinids, nnz), X.indices.astype(np.int64), X.data)
+            write_x_global_order(x, X, start)
         raw_sum = chunk.raw_sum
         obs = obs_arrow(chunk, {
             "raw_mean_nnz": pa.array(np.divide(raw_sum, nnz, out=np.zeros(chunk.n), where=nnz > 0)),
