@@ -27,7 +27,8 @@ def register_synth_cli(subparsers) -> argparse.ArgumentParser:
         description="Generate a synthetic atlas (negative-binomial counts, cell-type gene programs, Zipf-sized "
                     "datasets, real Ensembl genes) as H5AD files, a CELLxGENE-Census-layout SOMA store, or an "
                     "atlasflow store. Same arguments -> identical data. Prints a JSON summary.")
-    p.add_argument("--out", required=True, help="output directory (must not exist or be empty); with --layout store an existing "
+    p.add_argument("--out", required=True,
+                   help="output directory (must not exist or be empty); with --layout store an existing "
                         "atlasflow store is appended to, and an interrupted run is completed by re-running it")
     p.add_argument("--cells", type=int, required=True, help="total number of cells")
     p.add_argument("--genes", type=int, required=True, help="number of genes (real reference Ensembl IDs)")
