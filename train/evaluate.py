@@ -194,21 +194,21 @@ def choose_split(groups: np.ndarray, cfg: EvalConfig, seen: set) -> set:
     return test
 
 
-def run_eval(checkpoint: str, data, out_dir: str, cfg: EvalConfig | None = None, medians_store: str | None = None,
-             finetuned: str | None = None) -> dict:
-    """Evaluate ``checkpoint`` on ``data`` (store / .h5ad / QueryConfig, or a list of them).
+def run_eval(checkpoint: str, store, out: str = "atlasflow_eval", cfg: EvalConfig | None = None,
+             medians_store: str | None = None, finetuned: str | None = None) -> dict:
+    """Evaluate ``checkpoint`` on ``store``: a store path, an .h5ad, a QueryConfig, or a list of them.
 
-    Returns the table as a dict (also written to out_dir/eval.json, eval.md and the PNGs).
+    Returns the table as a dict (also written to out/eval.json, eval.md and the PNGs).
     ``finetuned``: an existing fine-tuned checkpoint to score instead of fine-tuning here.
     """
     from .baselines import baseline_rows, embedding_rows, scores
     from .embed import PretrainedModel
 
     cfg = cfg or EvalConfig()
-    out = Path(out_dir)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = PretrainedModel(checkpoint, medians_store)
-    sources = list(data) if isinstance(data, (list, tuple)) else [data]
+    sources = list(store) if isinstance(store, (list, tuple)) else [store]
     es = load_eval_set(model, sources, cfg)
     try:
         pre = pretraining_data(model)

@@ -78,8 +78,10 @@ class CellClassifier(nn.Module):
         self.encoder, self.pooling, self.frozen = encoder, pooling, frozen
         d = encoder.cfg.d_model
         self.head = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, n_classes))
-        if frozen:
-            for p in self.encoder.parameters():
+        for name, p in self.encoder.named_parameters():
+            # The MLM output head takes no part in classification; under DDP a trainable parameter
+            # without a gradient would stall the gradient all-reduce.
+            if frozen or name.startswith(("head_bias", "head.")):
                 p.requires_grad_(False)
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -158,7 +160,8 @@ def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data: dict, class
     model = ctx.wrap(model, "ddp")
     groups = [{"params": [p for p in _core(model).head.parameters()], "lr": cfg.lr}]
     if cfg.mode == "full":
-        groups.append({"params": [p for p in _core(model).encoder.parameters()], "lr": cfg.encoder_lr})
+        groups.append({"params": [p for p in _core(model).encoder.parameters() if p.requires_grad],
+                       "lr": cfg.encoder_lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     block = arrays_to_block(data)
     y_all = torch.as_tensor(data["y"], dtype=torch.long)
