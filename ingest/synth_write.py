@@ -1,7 +1,7 @@
 """Writers of the synthetic atlas layouts: H5AD files, a CELLxGENE-Census-layout SOMA store, an atlasflow store.
 
 Each writer receives chunks in global cell order (see ``synth.iter_chunks``) and writes them as
-they come, so memory stays bounded by one chunk. Everything a reader needs to know the output is
+they come (one writer thread, at most two chunks alive), so memory is bounded by chunk_cells. What tells a reader the output is
 complete is written last (h5ad: atomic rename; census: root metadata; store: manifest status).
 """
 
