@@ -1,8 +1,9 @@
 """Writers of the synthetic atlas layouts: H5AD files, a CELLxGENE-Census-layout SOMA store, an atlasflow store.
 
 Each writer receives chunks in global cell order (see ``synth.iter_chunks``) and writes them as
-they come (one writer thread, at most two chunks alive), so memory is bounded by chunk_cells. What tells a reader the output is
-complete is written last (h5ad: atomic rename; census: root metadata; store: manifest status).
+they come (one writer thread, at most two chunks alive), so memory is bounded by chunk_cells.
+What tells a reader the output is complete is written last (h5ad: atomic rename; census: root
+metadata; store: manifest status).
 """
 
 from __future__ import annotations
