@@ -161,6 +161,7 @@ def test_eval_table_split_and_leakage(setup, tmp_path):
     assert tab["genes_shared_train_test"] == shared == tab["n_hvg"]  # fewer than 2000: all are "HVGs"
     assert [(r["features"].split(" (")[0], r["classifier"].split(" (")[0]) for r in tab["rows"]] == [
         ("atlasflow embedding", "kNN"), ("atlasflow embedding", "logistic regression"),
+        ("atlasflow embedding", "kNN"), ("atlasflow embedding", "logistic regression"),
         ("PCA(10) of log1p HVG counts", "kNN"), ("PCA(10) of log1p HVG counts", "logistic regression"),
         (f"log1p-normalized counts, {shared} HVGs", "logistic regression")]
     assert all(0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1 for r in tab["rows"])
@@ -222,7 +223,7 @@ def test_cli_eval_with_finetune_under_ray(setup, tmp_path, ray_session):
     assert rc == 0
     tab = json.loads((tmp_path / "ev" / "eval.json").read_text())
     ft = tab["rows"][-1]
-    assert ft["features"] == "fine-tuned atlasflow (frozen encoder)" and 0 <= ft["accuracy"] <= 1
+    assert ft["features"] == "fine-tuned atlasflow (frozen encoder, mean pooling)" and 0 <= ft["accuracy"] <= 1
     # the fine-tuned checkpoint is a regular checkpoint: embed reads it
     rc = atlasflow_main(["embed", "--checkpoint", tab["finetune"]["checkpoint"], "--input", store,
                          "--out-parquet", str(tmp_path / "f.parquet")])

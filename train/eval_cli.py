@@ -107,7 +107,7 @@ def register_cli(subparsers) -> None:
     v.add_argument("--split-by", default="dataset_id", help="grouping column (dataset_id, donor_id)")
     v.add_argument("--test-group", action="append", default=[], help="held-out group (repeatable)")
     v.add_argument("--test-fraction", type=float, default=0.3)
-    v.add_argument("--pooling", default="cls", choices=("cls", "mean"))
+    v.add_argument("--pooling", default="mean", choices=("cls", "mean"), help="fine-tuned head and plot")
     v.add_argument("--finetune-steps", type=int, default=150, help="0 = no fine-tuned row")
     v.add_argument("--finetune-mode", default="frozen", choices=("frozen", "full"))
     v.add_argument("--finetuned", help="score this fine-tuned checkpoint instead of fine-tuning")

@@ -28,7 +28,8 @@ def embed_2d(emb: np.ndarray, seed: int) -> np.ndarray:
     return TSNE(2, perplexity=min(30.0, (len(z) - 1) / 3), init="pca", random_state=seed).fit_transform(z)
 
 
-def plot_embedding(emb: np.ndarray, labels: np.ndarray, is_test: np.ndarray, path: Path, seed: int = 0) -> Path:
+def plot_embedding(emb: np.ndarray, labels: np.ndarray, is_test: np.ndarray, path: Path, seed: int = 0,
+                   title: str = "atlasflow embedding (t-SNE), by label") -> Path:
     plt = _pyplot()
     rng = np.random.default_rng(seed)
     idx = np.arange(len(emb)) if len(emb) <= MAX_PLOT_CELLS else np.sort(rng.choice(len(emb), MAX_PLOT_CELLS, False))
@@ -40,7 +41,7 @@ def plot_embedding(emb: np.ndarray, labels: np.ndarray, is_test: np.ndarray, pat
         m = lab == c
         axes[0].scatter(xy[m, 0], xy[m, 1], s=4, color=cmap(i % 20), label=f"{c} ({int(m.sum())})")
     axes[0].legend(markerscale=3, fontsize=7, loc="best")
-    axes[0].set_title("atlasflow embedding (t-SNE), by label")
+    axes[0].set_title(title)
     for m, name, col in ((~test, "train", "#999999"), (test, "test (held-out groups)", "#d62728")):
         axes[1].scatter(xy[m, 0], xy[m, 1], s=4, color=col, label=f"{name} ({int(m.sum())})")
     axes[1].legend(markerscale=3, fontsize=8)

@@ -38,7 +38,8 @@ class EvalConfig:
     k: int = 15
     n_pcs: int = 50
     n_hvg: int = 2000
-    pooling: str = "cls"
+    pooling: str = "mean"  # the fine-tuned head's pooling and the plotted embedding
+    embedding_poolings: tuple[str, ...] = ("cls", "mean")  # one pair of (a) rows each
     finetune_steps: int = 150  # 0 = no fine-tuned row
     finetune_mode: str = "frozen"
     finetune_workers: int = 1
@@ -59,8 +60,12 @@ class EvalConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"EvalConfig.{name}: must be an int >= {lo}, got {v!r}")
+        object.__setattr__(self, "embedding_poolings", tuple(self.embedding_poolings))
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"EvalConfig.pooling: must be 'cls' or 'mean', got {self.pooling!r}")
+        if not self.embedding_poolings or not set(self.embedding_poolings) <= {"cls", "mean"}:
+            raise ValueError(f"EvalConfig.embedding_poolings: a non-empty subset of cls/mean, "
+                             f"got {self.embedding_poolings!r}")
         if self.finetune_mode not in ("frozen", "full"):
             raise ValueError(f"EvalConfig.finetune_mode: must be 'frozen' or 'full', got {self.finetune_mode!r}")
         if not isinstance(self.label_map, dict):
@@ -72,7 +77,7 @@ class EvalSet:
     labels: np.ndarray
     groups: np.ndarray
     sources: np.ndarray  # source name per cell
-    emb: np.ndarray
+    emb: dict  # pooling -> [n, d] embeddings
     block: object  # TokenBlock, for the fine-tuned classifier
     X: sp.csr_matrix  # counts over the union of the sources' genes
     totals: np.ndarray  # each cell's count total over all of its source's genes
@@ -109,7 +114,8 @@ def load_eval_set(model, sources, cfg: EvalConfig) -> EvalSet:
 
     from .embed import EmbedConfig, iter_input, tokenize
 
-    ecfg = EmbedConfig(pooling=cfg.pooling, block_cells=cfg.block_cells)
+    pools = tuple(dict.fromkeys((cfg.pooling, *cfg.embedding_poolings)))
+    ecfg = {p: EmbedConfig(pooling=p, block_cells=cfg.block_cells) for p in pools}
     col_of: dict[str, int] = {}
     labels, groups, names, embs, blocks, mats, totals, fps = [], [], [], [], [], [], [], {}
     dropped = 0
@@ -135,7 +141,7 @@ def load_eval_set(model, sources, cfg: EvalConfig) -> EvalSet:
             X = sp.csr_matrix(X)[keep]
             grp = obs[cfg.split_by].astype(str).to_numpy() if cfg.split_by in obs.columns else np.full(len(obs), name)
             blk = tokenize(tok, X, ids[keep])
-            embs.append(model.embed_block(blk, ecfg))
+            embs.append({p: model.embed_block(blk, ecfg[p]) for p in pools})
             blocks.append(blk)
             labels.append(lab[keep].astype(str))
             groups.append(np.asarray(grp, dtype=str)[keep])
@@ -148,7 +154,8 @@ def load_eval_set(model, sources, cfg: EvalConfig) -> EvalSet:
                          f"(label={cfg.label!r}, label_map keys={sorted(cfg.label_map)[:6]})")
     n_genes = len(col_of)
     parts = [sp.csr_matrix((d, (r, c)), shape=(n, n_genes), dtype=np.float32) for r, c, d, n in mats]
-    return EvalSet(np.concatenate(labels), np.concatenate(groups), np.concatenate(names), np.concatenate(embs),
+    return EvalSet(np.concatenate(labels), np.concatenate(groups), np.concatenate(names),
+                   {p: np.concatenate([e[p] for e in embs]) for p in pools},
                    TokenBlock.concat(blocks), sp.vstack(parts, format="csr"), np.concatenate(totals),
                    list(col_of), fps, dropped)
 
@@ -242,8 +249,10 @@ def run_eval(checkpoint: str, store, out: str = "atlasflow_eval", cfg: EvalConfi
     # side (another panel or genome build) carries no transferable signal.
     Xtr, Xte = es.X[tr], es.X[te]
     shared = np.flatnonzero((np.asarray((Xtr > 0).sum(0)).ravel() > 0) & (np.asarray((Xte > 0).sum(0)).ravel() > 0))
-    rows = embedding_rows(es.emb[tr], es.emb[te], ytr, yte, name=f"atlasflow embedding ({cfg.pooling})",
-                          k=cfg.k, seed=cfg.seed)
+    rows = []
+    for p in cfg.embedding_poolings:
+        rows += embedding_rows(es.emb[p][tr], es.emb[p][te], ytr, yte, name=f"atlasflow embedding ({p} pooling)",
+                               k=cfg.k, seed=cfg.seed)
     brows, binfo = baseline_rows(Xtr[:, shared], Xte[:, shared], ytr, yte, totals_tr=es.totals[tr],
                                  totals_te=es.totals[te], n_hvg=cfg.n_hvg, n_pcs=cfg.n_pcs, k=cfg.k, seed=cfg.seed)
     rows += brows
@@ -259,8 +268,8 @@ def run_eval(checkpoint: str, store, out: str = "atlasflow_eval", cfg: EvalConfi
             finetuned = res["checkpoint"]
         clf, classes, meta = load_classifier(finetuned)
         pred = predict(clf, classes, es.block.take(te))
-        mode = meta["config"]["mode"]
-        rows.append({"features": f"fine-tuned atlasflow ({mode} encoder)", "classifier": "linear head",
+        mode, pool = meta["config"]["mode"], meta["config"]["pooling"]
+        rows.append({"features": f"fine-tuned atlasflow ({mode} encoder, {pool} pooling)", "classifier": "linear head",
                      **scores(yte, pred)})
         ft_info = {"checkpoint": str(finetuned), "mode": mode, "steps": meta["config"]["steps"]}
     table = {
@@ -278,7 +287,8 @@ def run_eval(checkpoint: str, store, out: str = "atlasflow_eval", cfg: EvalConfi
     if cfg.plot:
         from .eval_plots import plot_embedding, plot_scores
 
-        table["embedding_png"] = str(plot_embedding(es.emb, es.labels, is_test, out / "embedding.png", cfg.seed))
+        table["embedding_png"] = str(plot_embedding(es.emb[cfg.pooling], es.labels, is_test, out / "embedding.png", cfg.seed,
+                                                        f"atlasflow embedding ({cfg.pooling} pooling, t-SNE)"))
         table["scores_png"] = str(plot_scores(rows, out / "scores.png", title=f"{cfg.label}: test {sorted(test_groups)}"))
         (out / "eval.json").write_text(json.dumps(table, indent=1, default=list))
     return table

@@ -164,7 +164,7 @@ def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data: dict, class
                        "lr": cfg.encoder_lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
     block = arrays_to_block(data)
-    y_all = torch.as_tensor(data["y"], dtype=torch.long)
+    y_all = torch.tensor(np.asarray(data["y"]), dtype=torch.long)  # ray.get arrays are read-only
     mine = np.arange(ctx.rank, len(block), ctx.world_size)
     if len(mine) == 0:
         raise ValueError(f"finetune: {len(block)} cells cannot feed {ctx.world_size} workers")
