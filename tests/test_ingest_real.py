@@ -140,3 +140,22 @@ def test_gene_stats_exact_on_real_store(real_store):
             assert stats.nonzero_median[g] == np.median(vals)
         else:
             assert np.isnan(stats.nonzero_median[g])
+
+
+def test_store_info_reports_the_store(real_store, capsys):
+    import json
+
+    from atlasflow.infra.cli import main as cli_main
+
+    uri, _ = real_store
+    assert cli_main(["store", "info", uri, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    store = open_store(uri)
+    obs = store.obs(["nnz", "dataset_id"])
+    assert info["cells"] == len(obs) == store.n_cells
+    assert info["genes"] == store.n_genes
+    assert info["nnz"] == int(obs.nnz.sum())
+    assert info["datasets"] == obs.dataset_id.nunique()
+    assert info["manifest"]["sources"] == {"complete": 7, "pending": 0, "failed": 0}
+    assert cli_main(["store", "info", uri]) == 0
+    assert f"cells       {store.n_cells:,}" in capsys.readouterr().out
