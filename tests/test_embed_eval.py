@@ -228,3 +228,60 @@ def test_cli_eval_with_finetune_under_ray(setup, tmp_path, ray_session):
     rc = atlasflow_main(["embed", "--checkpoint", tab["finetune"]["checkpoint"], "--input", store,
                          "--out-parquet", str(tmp_path / "f.parquet")])
     assert rc == 0 and len(pd.read_parquet(tmp_path / "f.parquet")) == 240
+
+
+def test_leakage_respects_pretraining_split_and_h5ad_fingerprints(setup, tmp_path):
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from atlasflow.ingest.h5ad import fingerprint
+    from atlasflow.ingest.obs import to_store_obs
+    from atlasflow.loader import split_of
+    from atlasflow.store import SourceEntry, StoreWriter, open_store, write_cells
+    from atlasflow.store.stats import compute_gene_stats
+    from test_query import dense_x
+
+    store, _, _ = setup
+    s = open_store(store)
+    var, obs = s.var(), s.obs(["cell_type", "dataset_id"])
+    # 1. pretraining restricted to the train split of dataset_id: only those datasets count as seen
+    ck = make_checkpoint(tmp_path / "ck_split", store)
+    cfg_f = tmp_path / "ck_split" / "config.json"
+    c = json.loads(cfg_f.read_text())
+    c["data"]["split"] = "train"
+    cfg_f.write_text(json.dumps(c))
+    tab = run_eval(ck, store, str(tmp_path / "ev_split"), EvalConfig(finetune_steps=0, n_pcs=5, plot=False,
+                                                                      embedding_poolings=("mean",)))
+    trained = {g for g in set(obs["dataset_id"]) if split_of(g) == "train"}
+    assert tab["leakage"]["test_groups_in_pretraining"] == sorted(set(tab["test_groups"]) & trained)
+    if set(obs["dataset_id"]) - trained:  # unseen datasets exist: they are the ones held out
+        assert not set(tab["test_groups"]) & trained
+
+    # 2. .h5ad inputs without dataset_id: the file is the group, its content fingerprint is checked
+    paths = {}
+    for name, ids in (("a", obs.index[:120].to_numpy()), ("b", obs.index[120:].to_numpy())):
+        a = ad.AnnData(X=sp.csr_matrix(dense_x(store, ids, len(var))),
+                       obs=pd.DataFrame({"cell_type": obs.loc[ids, "cell_type"].to_numpy()},
+                                        index=[str(i) for i in ids]),
+                       var=pd.DataFrame(index=list(var["feature_id"])))
+        paths[name] = str(tmp_path / f"{name}.h5ad")
+        a.write_h5ad(paths[name])
+    pre = str(tmp_path / "pre")  # a pretraining store holding a.h5ad's cells, recorded with its fingerprint
+    w = StoreWriter(pre)
+    gj = w.register_genes(list(var["feature_id"]))
+    ids = obs.index[:120].to_numpy()
+    m = sp.coo_matrix(dense_x(store, ids, len(var)))
+    e = w.reserve(SourceEntry(source_id="a", kind="h5ad", name="a.h5ad", fingerprint=fingerprint(paths["a"]),
+                              n_cells=len(ids)))
+    tbl = to_store_obs(pd.DataFrame(index=range(len(ids))), source_id="a", source_file="a", source_rows=ids,
+                       nnz=np.bincount(m.row, minlength=len(ids)), raw_sum=np.asarray(m.sum(1)).ravel(),
+                       default_dataset_id="a")
+    write_cells(pre, e.joinid_start, tbl, m.row.astype(np.int64), gj[m.col], m.data)
+    w.complete("a")
+    compute_gene_stats(pre)
+    ck2 = make_checkpoint(tmp_path / "ck_pre", pre)
+    for test, leaked in (("a.h5ad", ["a.h5ad"]), ("b.h5ad", [])):
+        t = run_eval(ck2, [paths["a"], paths["b"]], str(tmp_path / f"ev_{test}"),
+                     EvalConfig(test_groups=(test,), finetune_steps=0, n_pcs=5, plot=False,
+                                embedding_poolings=("mean",)))
+        assert t["test_groups"] == [test] and t["leakage"]["test_groups_in_pretraining"] == leaked

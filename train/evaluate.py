@@ -93,19 +93,13 @@ def _source_name(src) -> str:
 
 
 def _fingerprints(src) -> set:
-    from .query import QueryConfig
-
-    if isinstance(src, QueryConfig):
-        if src.source != "store":
-            return set()
-        src = src.uri
-    if str(src).endswith(".h5ad"):
+    """Content fingerprint of an .h5ad source (the one ingest records); store and Census cells carry
+    their dataset_id, which the dataset_id check covers exactly."""
+    if isinstance(src, (str, os.PathLike)) and str(src).endswith(".h5ad"):
         from atlasflow.ingest.h5ad import fingerprint
 
         return {fingerprint(str(src))}
-    from atlasflow.store import open_store
-
-    return {s.fingerprint for s in open_store(str(src)).manifest.complete()}
+    return set()
 
 
 def load_eval_set(model, sources, cfg: EvalConfig) -> EvalSet:
@@ -161,17 +155,24 @@ def load_eval_set(model, sources, cfg: EvalConfig) -> EvalSet:
 
 
 def pretraining_data(model) -> dict:
-    """Dataset ids and source fingerprints the checkpoint was pretrained on (its store, its snapshot)."""
+    """Dataset ids and source fingerprints the checkpoint was pretrained on (its store, its snapshot).
+
+    With a dataset-level pretraining split only the ``train`` datasets count, and a source counts
+    only if some of its cells were in them.
+    """
     from atlasflow.loader import split_of
     from atlasflow.store import open_store
 
     d = model.config.data
     store = open_store(d.store, d.timestamp_ms or None)
-    ds = set(store.obs(["dataset_id"])["dataset_id"].astype(str))
+    obs = store.obs(["dataset_id", "source_id"])
+    ds = obs["dataset_id"].astype(str)
     if d.split and d.split_by == "dataset_id":  # the loader's default fractions (DataConfig has none)
-        ds = {v for v in ds if split_of(v) == d.split}
-    return {"store": d.store, "dataset_ids": ds, "split": d.split or None,
-            "fingerprints": {s.fingerprint for s in store.manifest.complete()}}
+        obs = obs[ds.map(lambda v: split_of(v) == d.split).to_numpy(bool)]
+    sources = store.manifest.sources
+    fps = {sources[s].fingerprint for s in set(obs["source_id"].astype(str)) if s in sources}
+    return {"store": d.store, "dataset_ids": set(obs["dataset_id"].astype(str)), "split": d.split or None,
+            "fingerprints": fps}
 
 
 def choose_split(groups: np.ndarray, cfg: EvalConfig, seen: set) -> set:
@@ -235,7 +236,7 @@ def run_eval(checkpoint: str, store, out: str = "atlasflow_eval", cfg: EvalConfi
     leakage = {"pretraining_store": pre["store"], "pretraining_split": pre.get("split"),
                "test_groups_in_pretraining": leaked,
                "test_cells_in_pretraining": int(np.isin(es.groups[te], leaked).sum()),
-               "check": "dataset_id values + source content fingerprints vs the pretraining store's manifest"}
+               "check": "dataset_id values, and .h5ad content fingerprints, vs the cells the checkpoint was pretrained on"}
     if "error" in pre:
         leakage["warning"] = f"pretraining store unreadable, leakage not checked: {pre['error']}"
     elif leaked:
