@@ -28,8 +28,23 @@ LABEL_MAP = {"B": "B", "T_CD4": "CD4 T", "T_CD8": "CD8 T",
              "B cells": "B", "CD4 T cells": "CD4 T", "CD8 T cells": "CD8 T"}
 
 
+def _finished(runs: Path, name: str, steps: int) -> str | None:
+    """The latest checkpoint of an earlier run of this report with at least ``steps`` steps."""
+    for ck in sorted((runs / name).glob("checkpoint_*"), reverse=True):
+        st = ck / "train_state.json"
+        if st.is_file() and json.loads(st.read_text()).get("step", 0) >= steps:
+            return str(ck)
+    return None
+
+
 def pretrain(store: str, runs: Path, name: str, steps: int, overrides: dict | None = None) -> dict:
-    from atlasflow.train import load_preset, run_training
+    from atlasflow.train import load_preset, read_part, run_training
+
+    done = _finished(runs, name, steps)
+    if done:  # re-running the report re-evaluates without pretraining again
+        last = read_part(done, "train_state.json")["history"][-1]
+        return {"checkpoint": done, "steps": steps, "final_loss": last.get("loss"),
+                "masked_accuracy": last.get("masked_accuracy"), "seconds": None, "reused": True}
 
     cfg = load_preset("debug").with_overrides({
         "data.store": store, "run.storage_path": str(runs), "run.name": name, "train.max_steps": steps,
@@ -52,10 +67,11 @@ def run_real(work: Path, steps: int, finetune_steps: int) -> dict:
         if not (data / f).is_file():
             raise FileNotFoundError(f"real-data run: {data / f} missing (the ../shared/data checkout)")
     store = str(work / "pbmc_pretrain_store")
-    rep = ingest_paths(store, [str(data / f) for f in (SOUPX, KANG, SCIRPY)], progress=False)
-    if not rep.ok and not rep.skipped:
-        raise RuntimeError(f"ingest failed: {rep.to_dict()}")
-    compute_gene_stats(store)
+    if not _finished(work / "runs", "pbmc", steps):
+        rep = ingest_paths(store, [str(data / f) for f in (SOUPX, KANG, SCIRPY)], progress=False)
+        if not rep.ok and not rep.skipped:
+            raise RuntimeError(f"ingest failed: {rep.to_dict()}")
+        compute_gene_stats(store)
     pre = pretrain(store, work / "runs", "pbmc", steps)
     out = {"pretraining": {"sources": [SOUPX, KANG, SCIRPY], **pre}, "evals": {}}
     cfg = EvalConfig(label="cell_type", split_by="dataset", label_map=LABEL_MAP, finetune_steps=finetune_steps)

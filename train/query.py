@@ -3,7 +3,8 @@
 The query is resolved in two streaming passes, so memory is bounded by the selected joinids (8
 bytes per cell), their labels and one block of X:
 
-1. obs scan (``soma_joinid`` + the label column, Arrow batches) -> the matching joinids, then an
+1. obs scan (``soma_joinid`` + the label column, Arrow batches) -> the matching joinids and int32
+   label codes (12 bytes per matching cell, whatever the label strings), then an
    optional per-label cap and/or stratified fraction with a seeded RNG (the same seed gives the same
    cells on every run, whatever the batch boundaries);
 2. X (and the kept obs columns) read for blocks of ``block_cells`` selected cells.
@@ -79,10 +80,15 @@ class Selection:
     """The resolved query: sorted joinids, their labels, the gene columns."""
 
     joinids: np.ndarray  # int64, ascending
-    labels: np.ndarray | None  # object (str), aligned with joinids
+    codes: np.ndarray | None  # int32 label codes, aligned with joinids
     var: pd.DataFrame  # the kept genes: var rows indexed by var soma_joinid (feature_id, feature_name, ...)
+    categories: list = field(default_factory=list)  # label of each code
     counts: dict[str, int] = field(default_factory=dict)  # cells per label after subsampling
     matched: int = 0  # cells matching the filter before subsampling
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        return None if self.codes is None else np.asarray(self.categories, dtype=object)[self.codes]
 
     @property
     def n_cells(self) -> int:
@@ -147,7 +153,7 @@ def select(cfg: QueryConfig) -> Selection:
 
     with open_experiment(cfg) as (exp, ranges):
         _check_obs_columns(exp, [cfg.label, *cfg.obs_columns], "label / obs_columns")
-        ids, labs = [], []
+        ids, labs, seen = [], [], {}
         cols = ["soma_joinid"] + ([cfg.label] if cfg.label else [])
         try:
             for tbl in exp.obs.read(column_names=cols, value_filter=cfg.obs_value_filter or None):
@@ -155,7 +161,7 @@ def select(cfg: QueryConfig) -> Selection:
                 keep = np.ones(len(j), bool) if ranges is None else in_ranges(j, ranges)
                 ids.append(j[keep])
                 if cfg.label:
-                    labs.append(np.asarray(tbl[cfg.label].to_pylist(), dtype=object)[keep])
+                    labs.append(_codes(tbl[cfg.label].filter(pa.array(keep)), seen))
         except Exception as exc:
             if cfg.obs_value_filter and any(w in str(exc).lower() for w in ("filter", "parse", "column", "attribute")):
                 raise ValueError(f"QueryConfig.obs_value_filter: {cfg.obs_value_filter!r} is not a valid value "
@@ -165,13 +171,15 @@ def select(cfg: QueryConfig) -> Selection:
     joinids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     order = np.argsort(joinids, kind="stable")
     joinids = joinids[order]
-    labels = np.concatenate(labs)[order].astype(str).astype(object) if cfg.label and labs else None
+    codes = np.concatenate(labs)[order] if cfg.label and labs else None
+    categories = list(seen)
     matched = len(joinids)
     if matched == 0:
         raise ValueError(f"query matches no cells ({cfg.describe()}); check obs_value_filter and the source")
-    if labels is not None and (cfg.per_label_cap or cfg.fraction < 1.0):
-        pos = subsample(labels, cfg.per_label_cap, float(cfg.fraction), cfg.seed)
-        joinids, labels = joinids[pos], labels[pos]
+    if codes is not None and (cfg.per_label_cap or cfg.fraction < 1.0):
+        pos = subsample(np.asarray(categories, dtype=object)[codes], cfg.per_label_cap, float(cfg.fraction),
+                        cfg.seed)
+        joinids, codes = joinids[pos], codes[pos]
     if cfg.genes:
         missing = sorted(set(cfg.genes) - set(var["feature_id"]))
         if len(missing) == len(set(cfg.genes)):
@@ -180,8 +188,18 @@ def select(cfg: QueryConfig) -> Selection:
         if missing:
             print(f"[atlasflow query] {len(missing)} requested genes not in var, skipped (e.g. {missing[:5]})")
         var = var[var["feature_id"].isin(cfg.genes)]
-    counts = {} if labels is None else {str(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
-    return Selection(joinids.astype(np.int64), labels, var, counts, matched)
+    counts = {} if codes is None else {categories[k]: int(v) for k, v in zip(*np.unique(codes, return_counts=True))}
+    return Selection(joinids.astype(np.int64), codes, var, categories, counts, matched)
+
+
+def _codes(col, seen: dict) -> np.ndarray:
+    """Global int32 codes of a string column chunk (``seen``: label -> code, grown in place)."""
+    import pyarrow.compute as pc
+
+    enc = pc.dictionary_encode(pc.cast(col, pa.large_string()).combine_chunks())
+    local = np.array([seen.setdefault(str(v), len(seen)) for v in enc.dictionary.to_pylist()], dtype=np.int32)
+    idx = enc.indices.to_numpy(zero_copy_only=False)
+    return local[idx] if len(idx) else np.zeros(0, dtype=np.int32)
 
 
 def iter_blocks(cfg: QueryConfig, sel: Selection, obs_columns: tuple[str, ...] | None = None):
