@@ -73,13 +73,13 @@ def expected_joinids(cfg, epochs) -> list[tuple[int, int, list[int]]]:
 
 
 def test_failure_and_restart_is_exact(store, tmp_path):
-    cfg = config(store)
+    cfg = config(store, **{"data.pack": True})  # packed rows, per-cell (varlen) attention
     ctx, reports = local_context(tmp_path / "a")
     st = run_worker(cfg, ctx)
     assert st["step"] == 12
     assert [r["step"] for r in reports] == list(range(1, 13))
     # fails right after the last step of epoch 0 (9 batches of 8 cells): resume crosses the boundary
-    bad = config(store, **{"run.fail_at_step": 9, "run.trace_dir": str(tmp_path / "trace")})
+    bad = config(store, **{"run.fail_at_step": 9, "run.trace_dir": str(tmp_path / "trace"), "data.pack": True})
     ctx, _ = local_context(tmp_path / "b")
     with pytest.raises(InjectedFailure):
         run_worker(bad, ctx)
@@ -143,3 +143,25 @@ def test_world_size_mismatch_is_refused(store, tmp_path):
     ctx, _ = local_context(tmp_path / "run")
     with pytest.raises(ValueError, match="run.num_workers"):
         run_worker(config(store, **{"train.max_steps": 4}), ctx)
+
+
+@pytest.mark.parametrize("tokenizer", ["bin", "value"])
+def test_other_tokenizers_train_from_the_loader(store, tmp_path, tokenizer):
+    cfg = config(store, **{"data.tokenizer": tokenizer, "train.max_steps": 3, "train.ckpt_every": 3,
+                           "optim.grad_accum": 2})
+    ctx, reports = local_context(tmp_path / "run")
+    st = run_worker(cfg, ctx)
+    assert st["step"] == 3 and st["micro_in_epoch"] == 6  # 3 optimizer steps x 2 accumulated batches
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["loss"] > 0 for r in reports)
+    enc, _, _ = load_checkpoint(tmp_path / "run" / "ckpt_3")
+    assert enc.tokenizer == tokenizer
+
+
+def test_bench_smoke(store):
+    from atlasflow.train.bench import run
+
+    out = run(store, max_len=64, batch_size=8, steps=2, live_workers=(0,))
+    lay = out["layouts"]
+    assert max(lay["packed"]["pad_fraction"], lay["bucketed"]["pad_fraction"]) < lay["pad_to_max_len"]["pad_fraction"]
+    assert all(v["tokens_per_s"] > 0 for v in lay.values())
+    assert 0 <= out["live"][0]["loader_wait_share"] <= 1

@@ -180,9 +180,15 @@ def test_embed_pooling_shapes_and_cls_vs_mean():
         enc.embed(batch, "max")
 
 
+def _vocab():
+    from atlasflow.loader import Vocab
+
+    return Vocab(list(range(N_TOKENS - 4)), [f"ENSG{i:011d}" for i in range(N_TOKENS - 4)])
+
+
 def _save(tmp_path, enc, cfg):
     return save_checkpoint(tmp_path / "ck", model_state=enc.state_dict(), config=cfg,
-                           vocab={"format_version": 1, "gene_feature_ids": ["ENSG1"]},
+                           vocab=_vocab().to_dict(),
                            model_meta={"tokenizer": "rank", "n_tokens": N_TOKENS, "max_len": 32, "n_bins": 51},
                            train_state={"step": 7}, loader_states=[{"pos": 3}, {"pos": 4}])
 
@@ -192,8 +198,9 @@ def test_checkpoint_roundtrip_and_safety(tmp_path):
     cfg = Config(model=SMALL)
     enc = CellEncoder(SMALL, "rank", N_TOKENS, max_len=32).eval()
     path = _save(tmp_path, enc, cfg)
-    loaded, cfg2, _vocab = load_checkpoint(path)
-    assert cfg2 == cfg
+    loaded, cfg2, vocab = load_checkpoint(path)
+    assert cfg2 == cfg and vocab.gene_feature_ids == _vocab().gene_feature_ids
+    assert len(vocab) == N_TOKENS == loaded.n_tokens
     batch = contract_batch([6, 4])
     torch.testing.assert_close(loaded.embed(batch), enc.embed(batch), atol=0, rtol=0)
     assert read_part(path, "loader_rank1.pt") == {"pos": 4}

@@ -10,7 +10,9 @@ rows (several cells per row, block-diagonal attention). Two paths:
     (pays for every pad token and for the off-diagonal blocks of packed rows);
   * ``varlen``: the real tokens flattened to [T, d] with cumulative cell offsets: no FLOP on padding,
     attention costs sum(n_i^2) instead of R * L^2. On CUDA with bf16/fp16 it is one flash kernel
-    (torch.nn.attention.varlen); elsewhere one unmasked SDPA per cell (same math, used by tests).
+    (torch.nn.attention.varlen); elsewhere one unmasked SDPA per cell: same math, used by tests, but
+    slower on CPU than the loader's length-bucketed padded batches (bench.py), hence the debug
+    preset trains unpacked.
 ``auto`` takes varlen for packed inputs and sdpa for padded ones (the plain loader layout).
 No real token ever attends to a pad or to another cell, and pads never reach the loss; pad queries
 get a harmless output (never an all-False mask row, so no NaN) that nothing reads.
@@ -53,11 +55,11 @@ class Block(nn.Module):
                 from torch.nn.attention.varlen import varlen_attn
 
                 return varlen_attn(q, k, v, cu, cu, max_len, max_len).flatten(-2)
-            bounds = cu.tolist()
-            qs, ks, vs = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, T, Dh]
-            cells = [F.scaled_dot_product_attention(qs[..., a:b, :], ks[..., a:b, :], vs[..., a:b, :], dropout_p=p)
-                     for a, b in zip(bounds[:-1], bounds[1:])]  # one cell each, no mask: fused CPU kernel
-            return torch.cat(cells, dim=2)[0].transpose(0, 1).flatten(-2)
+            sizes = cu.diff().tolist()
+            # split (not slicing): its backward is one cat, where slices would each allocate a [T, d] grad
+            cells = [F.scaled_dot_product_attention(*(t.transpose(0, 1).unsqueeze(0) for t in qkv), dropout_p=p)
+                     for qkv in zip(q.split(sizes), k.split(sizes), v.split(sizes))]  # one cell each, no mask
+            return torch.cat([c[0].transpose(0, 1) for c in cells]).flatten(-2)
         mask = attn[1]
         b, n, _ = h.shape
         q, k, v = self.qkv(h).view(b, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # [B, H, L, Dh]
