@@ -52,22 +52,23 @@ def _n_rows(node) -> int:
     return int(node.attrs["shape"][0])
 
 
-def read_rows(node, a: int, b: int) -> sp.csr_matrix:
-    """Rows [a, b) of a dense or sparse H5AD matrix node, as CSR float64."""
+def read_rows(node, a: int, b: int, dtype=np.float32) -> sp.csr_matrix:
+    """Rows [a, b) of a dense or sparse H5AD matrix node, as CSR (float32 is exact for counts < 2**24;
+    validation reads the stored dtype so that no near-integer is rounded into a count)."""
     if isinstance(node, h5py.Dataset):
-        return sp.csr_matrix(np.asarray(node[a:b], dtype=np.float64))
+        return sp.csr_matrix(np.asarray(node[a:b], dtype=dtype))
     enc = node.attrs.get("encoding-type", "")
     if enc not in ("csr_matrix", "csc_matrix"):
         raise ValueError(f"unsupported matrix encoding {enc!r}")
     m = sparse_dataset(node)[a:b]
-    return sp.csr_matrix(m, dtype=np.float64)
+    return sp.csr_matrix(m, dtype=dtype)
 
 
 def _check_counts(node, fld: str, path: str) -> None:
     """Full streaming pass: finite, non-negative, integer-valued."""
     n = _n_rows(node)
     for a in range(0, n, VALIDATE_BLOCK):
-        m = read_rows(node, a, min(n, a + VALIDATE_BLOCK))
+        m = read_rows(node, a, min(n, a + VALIDATE_BLOCK), dtype=None)
         d = m.data
         if not np.all(np.isfinite(d)):
             i = int(np.flatnonzero(~np.isfinite(d))[0])

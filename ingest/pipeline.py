@@ -19,7 +19,7 @@ import numpy as np
 
 from atlasflow.store import COMPLETE, SourceEntry, StoreWriter, write_cells
 
-DEFAULT_BLOCK_CELLS = 50_000
+DEFAULT_BLOCK_CELLS = 20_000  # ~30M nonzeros at Census density: ~1 GB per write task
 
 
 @dataclass
@@ -52,10 +52,12 @@ def _write_h5ad_block(store_uri, path, counts_field, a, b, joinid_start, source_
 
     f, node = open_counts(path, counts_field)
     with f:
-        m = read_rows(node, a, b)[:, source_cols].tocsr()
+        m = read_rows(node, a, b)
+    if len(source_cols) != m.shape[1]:  # drop unmapped genes (a copy only when some are dropped)
+        m = m[:, source_cols].tocsr()
     m.eliminate_zeros()
     nnz = np.diff(m.indptr)
-    raw_sum = np.asarray(m.sum(axis=1)).ravel()
+    raw_sum = np.asarray(m.sum(axis=1, dtype=np.float64)).ravel()
     obs = read_obs(path).iloc[a:b]
     tbl = to_store_obs(obs, source_id=source_id, source_file=os.path.basename(path),
                        source_rows=np.arange(a, b), nnz=nnz, raw_sum=raw_sum, default_dataset_id=dataset_id)
