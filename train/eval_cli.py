@@ -91,7 +91,7 @@ def register_cli(subparsers) -> None:
     f.add_argument("--pooling", default="cls", choices=("cls", "mean"))
     f.add_argument("--steps", type=int, default=200)
     f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--lr", type=float, default=3e-3)
+    f.add_argument("--lr", type=float, default=1e-2, help="head learning rate")
     f.add_argument("--num-workers", type=int, default=1)
     f.add_argument("--use-gpu", action="store_true")
     f.add_argument("--storage-path", default="./atlasflow_runs")
