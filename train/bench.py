@@ -100,13 +100,15 @@ def _live(cfg, store: str, steps: int, num_workers: int) -> dict:
 
 
 def run(store: str, max_len: int = 2048, batch_size: int = 32, steps: int = 6, live_workers=(0, 1),
-        preset: str = "debug", repeats: int = 1) -> dict:
+        preset: str = "debug", repeats: int = 1, bucket_batches: int | None = None) -> dict:
     from atlasflow.loader import make_loader
 
     from .loop import loader_config
 
-    cfg = load_preset(preset).with_overrides({"data.max_len": max_len, "data.batch_size": batch_size,
-                                              "data.store": store})
+    over = {"data.max_len": max_len, "data.batch_size": batch_size, "data.store": store}
+    if bucket_batches is not None:
+        over["data.bucket_batches"] = bucket_batches
+    cfg = load_preset(preset).with_overrides(over)
     loader = make_loader(store, loader_config(cfg, 0, 1))
     loader.dataset.set_epoch(0)
     n_tokens = N_SPECIAL + len(loader.dataset.vocab.gene_joinids)
@@ -129,6 +131,7 @@ def run(store: str, max_len: int = 2048, batch_size: int = 32, steps: int = 6, l
         "bench": "atlasflow.train.bench", "format_version": 1, "store": store, "preset": preset,
         "model": {"d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "n_heads": cfg.model.n_heads},
         "max_len": max_len, "batch_size": batch_size, "tokenizer": cfg.data.tokenizer,
+        "bucket_batches": cfg.data.bucket_batches,
         "cell_tokens": {"mean": float(lengths.mean()), "min": int(lengths.min()), "max": int(lengths.max())},
         "layouts": res,
         "speedup_packed_vs_pad_to_max_len": res["packed"]["tokens_per_s"] / res["pad_to_max_len"]["tokens_per_s"],
@@ -149,10 +152,11 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--live-workers", default="0,1", help="loader worker counts for the live run")
     p.add_argument("--repeats", type=int, default=1, help="timed passes over the batches (after one warm-up)")
+    p.add_argument("--bucket-batches", type=int, help="loader length bucketing (default: the preset's)")
     p.add_argument("--out", help="also write the JSON here")
     a = p.parse_args(argv)
     res = run(a.store, a.max_len, a.batch_size, a.steps, tuple(int(w) for w in a.live_workers.split(",") if w),
-              repeats=a.repeats)
+              repeats=a.repeats, bucket_batches=a.bucket_batches)
     text = json.dumps(res, indent=1)
     print(text)
     if a.out:
