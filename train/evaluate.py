@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -262,6 +263,8 @@ def run_eval(checkpoint: str, store, out: str = "atlasflow_eval", cfg: EvalConfi
         from .finetune import FinetuneConfig, load_classifier, predict, run_finetune_tokens
 
         if not finetuned:
+            # a fresh fine-tune per evaluation: Ray Train would treat the same storage path + name as a resume
+            shutil.rmtree(out / "finetune" / "eval-finetune", ignore_errors=True)
             fcfg = FinetuneConfig(label=cfg.label, mode=cfg.finetune_mode, pooling=cfg.pooling,
                                   steps=cfg.finetune_steps, seed=cfg.seed, num_workers=cfg.finetune_workers,
                                   storage_path=str(out / "finetune"), name="eval-finetune")
