@@ -23,7 +23,9 @@ from atlasflow.store.store import soma_context
 
 from . import synth_vocab as vocab
 from .synth import Chunk, DatasetPlan, Model, SynthConfig
-from .synth_write import SYNTH_META_KEY, _meta, _Writer, obs_arrow, write_x_global_order
+from atlasflow.store.xwrite import write_x_global_order
+
+from .synth_write import SYNTH_META_KEY, _meta, _Writer, obs_arrow
 
 CENSUS_OBS_SCHEMA = pa.schema(
     [("soma_joinid", pa.int64())]

@@ -10,10 +10,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import scipy.sparse as sp
 import tiledbsoma as soma
 
 from . import schema
 from .manifest import COMPLETE, FAILED, Manifest, SourceEntry
+from .xwrite import write_x_global_order
 
 
 def _now_ms() -> int:
@@ -234,11 +236,11 @@ def write_cells(uri: str, joinid_start: int, obs: pa.Table, rows: np.ndarray, co
     obs = obs.add_column(0, "soma_joinid", pa.array(joinids))
     obs = obs.select(["soma_joinid", *schema.OBS_SCHEMA.names]).cast(
         pa.schema([("soma_joinid", pa.int64()), *schema.OBS_SCHEMA]))
-    from .xwrite import write_x_global_order
-
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    X = sp.csr_matrix((np.asarray(vals, dtype=np.float32), (rows, cols)),
+                      shape=(n, int(cols.max()) + 1 if len(cols) else 1))
     ctx = soma_context()
     with soma.Experiment.open(uri, "w", context=ctx) as exp:
-        write_x_global_order(exp.ms[schema.MEASUREMENT].X[schema.X_LAYER],
-                             joinids[rows] if len(rows) else np.zeros(0, np.int64), cols, vals, row_major=False)
+        write_x_global_order(exp.ms[schema.MEASUREMENT].X[schema.X_LAYER], X, joinid_start)
     with soma.Experiment.open(uri, "w", context=ctx) as exp:
         exp.obs.write(obs)
