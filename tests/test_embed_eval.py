@@ -163,7 +163,10 @@ def test_eval_table_split_and_leakage(setup, tmp_path):
         ("atlasflow embedding", "kNN"), ("atlasflow embedding", "logistic regression"),
         ("atlasflow embedding", "kNN"), ("atlasflow embedding", "logistic regression"),
         ("PCA(10) of log1p HVG counts", "kNN"), ("PCA(10) of log1p HVG counts", "logistic regression"),
-        (f"log1p-normalized counts, {shared} HVGs", "logistic regression")]
+        (f"log1p-normalized counts, {shared} HVGs", "logistic regression"), ("none", "majority training label")]
+    major = obs["cell_type"][is_train].value_counts()
+    major = sorted(major.index[major == major.max()])[0]
+    assert tab["rows"][-1]["accuracy"] == pytest.approx(float((obs["cell_type"][kept_test] == major).mean()))
     assert all(0 <= r["accuracy"] <= 1 and 0 <= r["macro_f1"] <= 1 for r in tab["rows"])
     # evaluating on the pretraining store itself: every test group leaked, and it says so
     assert tab["leakage"]["test_groups_in_pretraining"] == sorted(tab["test_groups"])

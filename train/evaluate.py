@@ -258,6 +258,10 @@ def run_eval(checkpoint: str, store, out: str = "atlasflow_eval", cfg: EvalConfi
     brows, binfo = baseline_rows(Xtr[:, shared], Xte[:, shared], ytr, yte, totals_tr=es.totals[tr],
                                  totals_te=es.totals[te], n_hvg=cfg.n_hvg, n_pcs=cfg.n_pcs, k=cfg.k, seed=cfg.seed)
     rows += brows
+    # Reference point: what predicting the most frequent training label scores on this test set.
+    major = max(sorted(set(ytr.tolist())), key=lambda c: int((ytr == c).sum()))
+    rows.append({"features": "none (reference)", "classifier": f"majority training label ({major})",
+                 **scores(yte, np.full(len(yte), major, dtype=object))})
     ft_info = None
     if finetuned or cfg.finetune_steps:
         from .finetune import FinetuneConfig, load_classifier, predict, run_finetune_tokens
