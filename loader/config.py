@@ -4,10 +4,10 @@ Memory knobs (per DataLoader worker process, defaults measured on the 200k x 20k
 
 - ``chunk_cells`` (512): contiguous cells per chunk, the unit of shuffling. Smaller chunks mix
   better but read slower (each chunk is one range in the TileDB read).
-- ``read_cells`` (4096): cells per TileDB read (several chunks in one read).
+- ``read_cells`` (2048): cells per TileDB read (several chunks in one read).
 - ``window_cells`` (16384): cells shuffled together; one window is tokenized and held in memory
   (about 6 to 12 KB per cell at ~1.4k nonzero genes, i.e. ~100-200 MB) while the next one is read.
-- ``prefetch_reads`` (2): reads queued ahead by the background read thread (one more is being
+- ``prefetch_reads`` (1): reads queued ahead by the background read thread (one more is being
   tokenized on a second thread).
 """
 
@@ -43,9 +43,9 @@ class LoaderConfig:
     # engine knobs
     stratify_by: str | None = "dataset_id"
     chunk_cells: int = 512
-    read_cells: int = 4096
+    read_cells: int = 2048
     window_cells: int = 16384
-    prefetch_reads: int = 2
+    prefetch_reads: int = 1
     bucket_batches: int = 8
     remainder: str = "drop"
     timestamp_ms: int | None = None

@@ -15,12 +15,15 @@ from atlasflow.store import Store, open_store
 from . import plan as P
 from .batching import batch_indices, collate
 from .config import LoaderConfig
-from .io import BlockReader, Prefetcher
+from .io import BlockReader, Prefetcher, release_memory
 from .query import check_columns, column_labels, query_runs, restrict_to_split
 from .runs import Runs
 from .state import STATE_FORMAT_VERSION, STREAM_FORMAT, check_state
 from .tokenize import TokenBlock, Tokenizer
 from .vocab import Vocab
+
+
+TOKENIZE_CELLS = 1024  # cells per tokenizer call: bounds its ~60 B/nonzero of temporaries
 
 
 def resolve_rank_world(cfg: LoaderConfig) -> tuple[int, int]:
@@ -176,7 +179,13 @@ class CellStream(IterableDataset):
 
         def tokenize(item):
             task, (ids, indptr, cols, vals, labels) = item
-            block = tok(indptr, cols, vals, ids, sp.epoch)
+            parts = []
+            for a in range(0, len(ids), TOKENIZE_CELLS):  # sub-blocks bound the tokenizer's temporaries
+                b = min(len(ids), a + TOKENIZE_CELLS)
+                lo, hi = int(indptr[a]), int(indptr[b])
+                parts.append(tok(indptr[a:b + 1] - lo, cols[lo:hi], vals[lo:hi], ids[a:b], sp.epoch))
+            del cols, vals
+            block = TokenBlock.concat(parts)
             block.labels = labels
             want = np.concatenate([np.arange(a, b) for a, b in task[2]])
             if len(want) != len(ids):  # duplicates (remainder="pad"): restore the multiplicity
@@ -193,6 +202,7 @@ class CellStream(IterableDataset):
                 if not last:
                     continue
                 window, pending = TokenBlock.concat(pending), []
+                release_memory()
                 order = sp.window_order(w, len(window))
                 rng = P.rng_for(sp.seed, sp.epoch, sp.shard, w, 0xB0) if cfg.shuffle else None
                 batches = batch_indices(order, window.lengths, sp.batch_size, cfg.bucket_batches, rng)
@@ -200,6 +210,7 @@ class CellStream(IterableDataset):
                     self._position += 1
                     yield collate(window, idx, cfg.obs_columns)
                 skip = 0
+                window = batches = None  # free before the next window is assembled
         finally:
             reads.close()
             blocks.close()

@@ -59,11 +59,9 @@ class BlockReader:
         vals = tbl["soma_data"].to_numpy()
         del tbl
         row = (dim0 - ids[0]) if contiguous else np.searchsorted(ids, dim0)
-        if len(row) > 1:
-            key = row.astype(np.int64) << 32 | cols.astype(np.int64)
-            if np.any(key[1:] < key[:-1]):  # TileDB may return unordered cells; CSR needs (row, col)
-                o = np.argsort(key, kind="stable")
-                row, cols, vals = row[o], cols[o], vals[o]
+        if len(row) > 1 and not _rows_then_cols_sorted(row, cols):
+            o = np.lexsort((cols, row))  # TileDB may return unordered cells; CSR needs (row, col)
+            row, cols, vals = row[o], cols[o], vals[o]
         indptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=len(ids)))]).astype(np.int64)
         labels = self._labels(exp, coords, ids) if self.obs_columns else {}
         return ids, indptr, cols, vals, labels
@@ -78,6 +76,29 @@ class BlockReader:
         return out
 
 
+def _rows_then_cols_sorted(row: np.ndarray, cols: np.ndarray) -> bool:
+    dr = np.diff(row)
+    if (dr < 0).any():
+        return False
+    same = dr == 0
+    return not (same & (cols[1:] < cols[:-1])).any()
+
+
+def release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps per-thread arenas otherwise; RSS creeps)."""
+    global _TRIM
+    if _TRIM is None:
+        try:
+            import ctypes
+
+            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except Exception:
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
+_TRIM = None
 _OK, _DONE, _ERR = 0, 1, 2
 _LIVE: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
 

@@ -20,8 +20,9 @@ chunks, then a random subset of chunks for the rest. alpha=1 reproduces natural 
 alpha=0 gives every group the same number of cells per epoch (small groups repeat, large
 groups are subsampled, with a fresh subset every epoch).
 
-Index memory is O(chunks): ~5 int64 per chunk, about 16 MB per worker at 100M cells and
-chunk_cells=256 (the query itself is held as runs; see runs.py).
+Index memory is O(chunks), never O(cells). Measured at 100M cells (chunk_cells=512, 1000 datasets,
+16 shards): planning an epoch takes 0.6 s and 13.5 MB transient in each worker, which then keeps
+0.19 MB (its shard's pieces). The query itself is held as runs (16 bytes per run, see runs.py).
 """
 
 from __future__ import annotations
