@@ -100,7 +100,7 @@ def _live(cfg, store: str, steps: int, num_workers: int) -> dict:
 
 
 def run(store: str, max_len: int = 2048, batch_size: int = 32, steps: int = 6, live_workers=(0, 1),
-        preset: str = "debug", repeats: int = 1, bucket_batches: int | None = None) -> dict:
+        preset: str = "debug", repeats: int = 1, bucket_batches: int | None = None, pad_batches: int = 64) -> dict:
     from atlasflow.loader import make_loader
 
     from .loop import loader_config
@@ -112,26 +112,37 @@ def run(store: str, max_len: int = 2048, batch_size: int = 32, steps: int = 6, l
     loader = make_loader(store, loader_config(cfg, 0, 1))
     loader.dataset.set_epoch(0)
     n_tokens = N_SPECIAL + len(loader.dataset.vocab.gene_joinids)
-    batches = []
-    for i, batch in enumerate(loader):
-        batches.append(mask_batch(batch, cfg.data.tokenizer, cfg.masking, masking_generator(0, 0, i, 0), n_tokens,
-                                  cfg.data.n_bins))
-        if len(batches) == steps + 1:
+    sample = []  # padding is measured on many batches (cheap); training is timed on a spread subset
+    for batch in loader:
+        sample.append(batch)
+        if len(sample) == max(pad_batches, steps + 1):
             break
-    if len(batches) < 2:
-        raise ValueError(f"store: {store} yields {len(batches)} batches of {batch_size}; need at least 2")
+    if len(sample) < 2:
+        raise ValueError(f"store: {store} yields {len(sample)} batches of {batch_size}; need at least 2")
+    pad = {}
+    for name, kw in (("pad_to_max_len", {"pack": False, "pad_to": max_len}), ("bucketed", {"pack": False}),
+                     ("packed", {"pack": True, "row_len": max_len})):
+        ins = [model_inputs(b, **kw) for b in sample]
+        pad[name] = 1 - sum(x["n_tokens"] for x in ins) / sum(x["segment_ids"].numel() for x in ins)
+    stride = max(1, len(sample) // (steps + 1))
+    batches = [mask_batch(b, cfg.data.tokenizer, cfg.masking, masking_generator(0, 0, i, 0), n_tokens,
+                          cfg.data.n_bins) for i, b in enumerate(sample[::stride][:steps + 1])]
     layouts = {
         "pad_to_max_len": [model_inputs(b, pack=False, pad_to=max_len) for b in batches],
         "bucketed": [model_inputs(b, pack=False) for b in batches],
         "packed": [model_inputs(b, pack=True, row_len=max_len) for b in batches],
     }
     res = _train_interleaved(cfg, n_tokens, layouts, repeats)
-    lengths = torch.cat([b["attention_mask"].sum(1) for b in batches]).float()
+    for name in res:
+        res[name]["pad_fraction_timed_batches"] = res[name].pop("pad_fraction")
+        res[name]["pad_fraction"] = pad[name]
+    lengths = torch.cat([b["attention_mask"].sum(1) for b in sample]).float()
     out = {
         "bench": "atlasflow.train.bench", "format_version": 1, "store": store, "preset": preset,
         "model": {"d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "n_heads": cfg.model.n_heads},
         "max_len": max_len, "batch_size": batch_size, "tokenizer": cfg.data.tokenizer,
-        "bucket_batches": cfg.data.bucket_batches,
+        "bucket_batches": cfg.data.bucket_batches, "pad_fraction_batches": len(sample),
+        "timed_batches": len(batches) - 1,
         "cell_tokens": {"mean": float(lengths.mean()), "min": int(lengths.min()), "max": int(lengths.max())},
         "layouts": res,
         "speedup_packed_vs_pad_to_max_len": res["packed"]["tokens_per_s"] / res["pad_to_max_len"]["tokens_per_s"],
