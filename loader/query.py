@@ -15,18 +15,30 @@ from .runs import Labels, Runs
 from .split import split_of
 
 
-def _obs_batches(exp, columns: list[str], value_filter: str | None):
+OBS_SLICE = 65_536  # rows per obs read: bounds the construction-time peak whatever the corpus size
+
+
+def _obs_batches(exp, columns: list[str], value_filter: str | None, within: Runs):
+    """obs rows (joinid order) inside ``within``, read in joinid slices of OBS_SLICE rows."""
     cols = ["soma_joinid", *[c for c in columns if c != "soma_joinid"]]
-    try:
-        it = exp.obs.read(column_names=cols, value_filter=value_filter, result_order="row-major")
-        for tbl in it:
-            yield tbl
-    except Exception as exc:  # surface the field the user set
-        if value_filter is not None and ("filter" in str(exc).lower() or "parse" in str(exc).lower()
-                                         or "column" in str(exc).lower()):
-            raise ValueError(f"LoaderConfig.obs_filter: {value_filter!r} is not a valid SOMA value filter on obs "
-                             f"({exc})") from exc
-        raise
+    if within.n_runs == 0:
+        return
+    lo, hi = int(within.starts[0]), int(within.stops[-1])
+    for a in range(lo, hi, OBS_SLICE):
+        b = min(hi, a + OBS_SLICE)
+        k0 = int(np.searchsorted(within.stops, a, side="right"))
+        if k0 >= within.n_runs or within.starts[k0] >= b:
+            continue  # no query cell in this slice
+        try:
+            it = exp.obs.read(coords=(slice(a, b - 1),), column_names=cols, value_filter=value_filter,
+                              result_order="row-major")
+            for tbl in it:
+                yield tbl
+        except Exception as exc:  # surface the field the user set
+            if value_filter is not None and any(w in str(exc).lower() for w in ("filter", "parse", "column")):
+                raise ValueError(f"LoaderConfig.obs_filter: {value_filter!r} is not a valid SOMA value filter "
+                                 f"on obs ({exc})") from exc
+            raise
 
 
 def check_columns(exp, columns, field: str) -> None:
@@ -41,7 +53,7 @@ def query_runs(exp, complete: Runs, value_filter: str | None) -> Runs:
     if value_filter is None:
         return complete
     starts, stops = [], []
-    for tbl in _obs_batches(exp, [], value_filter):
+    for tbl in _obs_batches(exp, [], value_filter, complete):
         ids = tbl["soma_joinid"].to_numpy()
         if len(ids):
             r = Runs.from_sorted_ids(np.sort(ids))
@@ -57,7 +69,7 @@ def column_labels(exp, runs: Runs, column: str, value_filter: str | None, rle: b
     bounds, codes = [], []
     pos = 0
     last = -1
-    for tbl in _obs_batches(exp, [column], value_filter):
+    for tbl in _obs_batches(exp, [column], value_filter, runs):
         ids = tbl["soma_joinid"].to_numpy()
         keep = _in_runs(ids, runs)
         if not keep.any():
