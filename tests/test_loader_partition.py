@@ -106,3 +106,5 @@ def test_bad_query_is_refused(uri):
         make_loader(uri, LoaderConfig(**SMALL, obs_columns=("no_such_column",)))
     with pytest.raises(ValueError, match="no committed cells"):
         make_loader(uri, LoaderConfig(**SMALL, obs_filter="dataset_id == 'dsX'"))  # only the pending source
+    with pytest.raises(ValueError, match="obs_filter"):
+        make_loader(uri, LoaderConfig(**SMALL, obs_filter="dataset_id === 'ds1'"))
