@@ -63,7 +63,9 @@ def run_quickstart(out: str, cells: int = 6000, genes: int = 2000, datasets: int
     summary["store"] = {k: info[k] for k in ("cells", "genes", "nnz", "datasets")}
 
     t = _step("4/5 pretrain (debug preset, Ray Train, 2 CPU workers)")
-    over = {"data.store": store, "run.storage_path": os.path.join(out, "runs"), "run.name": "quickstart"}
+    # Pretrain on the train split of datasets only, so the evaluation's test datasets are unseen.
+    over = {"data.store": store, "data.split": "train", "run.storage_path": os.path.join(out, "runs"),
+            "run.name": "quickstart"}
     if max_steps:
         over["train.max_steps"] = max_steps
     result = run_training(load_preset("debug").with_overrides(over))
@@ -87,6 +89,9 @@ def run_quickstart(out: str, cells: int = 6000, genes: int = 2000, datasets: int
 def _run(args) -> int:
     s = run_quickstart(args.out, args.cells, args.genes, args.datasets, args.seed, args.max_steps, args.skip_eval)
     print(json.dumps(s, indent=2, default=str))
+    md = os.path.join(s["out"], "eval", "eval.md")
+    if os.path.exists(md):
+        print("\n" + open(md).read())
     print(f"\ncheckpoint: {s['train']['checkpoint']}\nloss curve: {s['train']['loss_png']}\n"
           f"summary:    {os.path.join(s['out'], 'summary.json')}", file=sys.stderr)
     return 0

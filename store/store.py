@@ -22,10 +22,19 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+_CONTEXTS: dict[int, soma.SOMATileDBContext] = {}
+
+
 def soma_context() -> soma.SOMATileDBContext:
-    # Modest buffers: several worker processes share a 24 GiB machine.
-    return soma.SOMATileDBContext(tiledb_config={"soma.init_buffer_bytes": 128 * 1024**2,
-                                                 "py.init_buffer_bytes": 128 * 1024**2})
+    """One TileDB context per process (contexts are heavy and thread-safe; a fresh one per open
+    wastes memory and was seen to abort under load). Keyed by pid: never reused across fork."""
+    pid = os.getpid()
+    ctx = _CONTEXTS.get(pid)
+    if ctx is None:
+        # Modest buffers: several worker processes share a 24 GiB machine.
+        ctx = _CONTEXTS[pid] = soma.SOMATileDBContext(tiledb_config={
+            "soma.init_buffer_bytes": 128 * 1024**2, "py.init_buffer_bytes": 128 * 1024**2})
+    return ctx
 
 
 def is_store(uri: str) -> bool:
