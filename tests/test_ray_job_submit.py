@@ -39,10 +39,15 @@ def test_ingest_under_ray_job_submit(tmp_path):
     write_h5ad(work / "b.h5ad", n_cells=80, seed=2, by="symbol")
     store = tmp_path / "store"
     gcs, dash = _free_port(), _free_port()
+    # Every listening port explicit: another Ray on this machine (the test session's) holds the defaults.
+    extra_ports = [arg for flag in ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port",
+                                    "--metrics-export-port", "--runtime-env-agent-port", "--node-manager-port",
+                                    "--object-manager-port", "--ray-client-server-port")
+                   for arg in (flag, str(_free_port()))]
     head = subprocess.Popen(
         [ray_bin, "start", "--head", "--block", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
          "--dashboard-port", str(dash), "--num-cpus", "2", "--disable-usage-stats", "--include-dashboard", "true",
-         "--temp-dir", tempfile.mkdtemp(prefix="rj", dir="/tmp")],  # short path: unix sockets
+         "--temp-dir", tempfile.mkdtemp(prefix="rj", dir="/tmp"), *extra_ports],  # short path: unix sockets
         env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     address = f"http://127.0.0.1:{dash}"
     try:
@@ -57,7 +62,7 @@ def test_ingest_under_ray_job_submit(tmp_path):
                 if time.time() > deadline or head.poll() is not None:
                     pytest.fail("ray head did not come up")
                 time.sleep(1)
-        for _ in range(30):  # the dashboard answers before its job agent is ready
+        for _ in range(20):  # the dashboard answers before its job agent is ready
             job = subprocess.run(
                 [ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--",
                  "atlasflow", "ingest", "--store", str(store), "a.h5ad", "b.h5ad", "--no-progress"],
