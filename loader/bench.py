@@ -254,9 +254,10 @@ def run_cli(args) -> int:
         print("atlasflow bench loader: --store is required", file=sys.stderr)
         return 2
     if args.build and not os.path.exists(args.store):
-        from .benchstore import build_bench_store
+        from atlasflow.ingest.synth import synthesize
 
-        build_bench_store(args.store, args.build)
+        # The benchmark corpus of the issue: 20k genes, 20 Zipf-sized datasets, ~1.5k nnz per cell.
+        synthesize(args.store, args.build, 20_000, 20, seed=0, layout="store")
     if "rank" in args.tokenizers:
         from atlasflow.store import open_store
 
