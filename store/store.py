@@ -109,6 +109,13 @@ class Store:
     def complete_ranges(self) -> list[tuple[int, int]]:
         return self.manifest.complete_ranges()
 
+    def require_counts(self, purpose: str = "pretraining") -> None:
+        """Refuse a store holding sources ingested with --normalized (not raw counts)."""
+        bad = [s.name for s in self.manifest.complete() if s.normalized]
+        if bad:
+            raise ValueError(f"{self.uri}: {purpose} needs raw counts, but {len(bad)} source(s) were ingested as "
+                             f"normalized data (--normalized): {', '.join(bad[:5])}")
+
     @contextmanager
     def experiment(self):
         with self.locator.open() as exp:

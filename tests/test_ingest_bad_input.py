@@ -94,3 +94,31 @@ def test_normalized_flag_accepts_and_marks(sources, tmp_path, ray_session):
     assert rep.ok
     (entry,) = open_store(uri).manifest.complete()
     assert entry.normalized is True
+
+
+def test_pretraining_refuses_a_store_with_normalized_sources(sources, tmp_path, ray_session):
+    from atlasflow.ingest import ingest_paths
+    from atlasflow.train import load_preset
+    from atlasflow.train.trainer import resolve
+
+    uri = str(tmp_path / "mixed")
+    assert ingest_paths(uri, [str(sources / "good_ids.h5ad")], progress=False).ok
+    resolve(load_preset("debug").with_overrides({"data.store": uri}))  # raw counts only: accepted
+    assert ingest_paths(uri, [str(sources / "normalized_counts.h5ad")], allow_normalized=True, progress=False).ok
+    with pytest.raises(ValueError, match="normalized_counts.h5ad"):
+        resolve(load_preset("debug").with_overrides({"data.store": uri}))
+
+
+def test_sources_resolve_from_dirs_globs_and_manifest_files(tmp_path):
+    from atlasflow.ingest.sources import resolve_sources
+
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for name in ("d/a.h5ad", "d/sub/b.h5ad", "c.h5ad"):
+        (tmp_path / name).write_bytes(b"x")
+    listing = tmp_path / "sources.txt"
+    listing.write_text("# my atlas\nc.h5ad\n\nd/sub/b.h5ad  # again\nmissing.h5ad\n")
+    paths, errors = resolve_sources([str(tmp_path / "d"), str(tmp_path / "*.h5ad"), str(listing),
+                                     str(tmp_path / "nope" / "*.h5ad")])
+    assert paths == [str(tmp_path / "d/a.h5ad"), str(tmp_path / "d/sub/b.h5ad"), str(tmp_path / "c.h5ad")]
+    assert [e for _, e in errors] == ["no such file", "glob matched no files"]
+    assert "missing.h5ad" in errors[0][0]

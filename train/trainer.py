@@ -28,6 +28,9 @@ def resolve(cfg: Config) -> Config:
         if not store.exists():
             raise FileNotFoundError(f"data.store: {store} does not exist")
         over["data.store"] = str(store)
+        from atlasflow.store import open_store
+
+        open_store(str(store)).require_counts("data.store: pretraining")
     if _is_local(cfg.run.storage_path):
         # Ray Train wants an absolute local storage path; workers may run in another cwd.
         over["run.storage_path"] = str(Path(cfg.run.storage_path.removeprefix("file://")).resolve())
