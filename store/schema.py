@@ -71,6 +71,14 @@ GENE_STATS_SCHEMA = pa.schema(
     ]
 )
 
+# X tiling: all genes of a row in one space tile, so a block of cells is a contiguous run of data
+# tiles. Measured on 40k cells x 20k genes (57M nnz): random reads of 4 x 512-cell chunks 18.9k
+# cells/s vs 10.7k with tiledbsoma's default 2048 x 2048 tiles; sequential 33k vs 25k cells/s.
+X_PLATFORM_CONFIG = {"tiledb": {"create": {
+    "dims": {"soma_dim_0": {"tile": 2048}, "soma_dim_1": {"tile": 65536}},
+    "capacity": 100_000,
+}}}
+
 # Value used for obs columns a source does not have.
 MISSING = "unknown"
 

@@ -57,7 +57,8 @@ def create_store(uri: str, organism: str = "homo_sapiens") -> None:
         rna = ms.add_new_collection(schema.MEASUREMENT, soma.Measurement)
         rna.add_new_dataframe("var", schema=schema.VAR_SCHEMA, index_column_names=["soma_joinid"], domain=[(0, 0)])
         x = rna.add_new_collection("X")
-        x.add_new_sparse_ndarray(schema.X_LAYER, type=pa.float32(), shape=(1, 1))
+        x.add_new_sparse_ndarray(schema.X_LAYER, type=pa.float32(), shape=(1, 1),
+                                 platform_config=schema.X_PLATFORM_CONFIG)
         exp.metadata[schema.FORMAT_KEY] = schema.STORE_FORMAT_VERSION
         exp.metadata[schema.ORGANISM_KEY] = organism
         exp.metadata[schema.MANIFEST_KEY] = Manifest(organism=organism).to_json()
