@@ -6,7 +6,6 @@ from __future__ import annotations
 import h5py
 import numpy as np
 import pytest
-import scipy.sparse as sp
 
 from atlasflow.infra.cli import main as cli_main
 from atlasflow.store import FAILED, open_store

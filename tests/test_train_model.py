@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from atlasflow.train.checkpoint import load_checkpoint, read_part, save_checkpoint
 from atlasflow.train.config import Config, MaskingConfig, ModelConfig
