@@ -136,7 +136,7 @@ def _write_census_block(store_uri, spec, runs, joinid_start, var_map, source_id,
 
 def ingest_census(store_uri: str, *, census_version: str | None = None, census_uri: str | None = None,
                   organism: str = "Homo sapiens", obs_value_filter: str | None = None, genes: list[str] = (),
-                  block_cells: int = 20_000, num_cpus: int | None = None, progress: bool = True) -> IngestReport:
+                  block_cells: int = 10_000, num_cpus: int | None = None, progress: bool = True) -> IngestReport:
     """Ingest the cells of a Census query (one manifest source per dataset). Idempotent."""
     import ray
 

@@ -29,7 +29,7 @@ def register_cli(sub) -> None:
     p.add_argument("--normalized", action="store_true",
                    help="accept non-integer (normalized) values; such a store is refused for pretraining")
     p.add_argument("--require-obs", default="", help="comma-separated obs columns every source must have")
-    p.add_argument("--block-cells", type=int, default=20_000, help="cells per write task (default 20000; memory per task grows with it)")
+    p.add_argument("--block-cells", type=int, default=10_000, help="cells per write task (default 10000; memory per task grows with it)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_ingest)

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from atlasflow.store import COMPLETE, SourceEntry, StoreWriter, write_cells
+from atlasflow.store import COMPLETE, SourceEntry, StoreWriter, write_cells_csr
 
-DEFAULT_BLOCK_CELLS = 20_000  # ~30M nonzeros at Census density: ~1 GB per write task
+DEFAULT_BLOCK_CELLS = 10_000  # ~15M nonzeros at Census density: well under 1 GB per write task
 
 
 @dataclass
@@ -61,8 +61,7 @@ def _write_h5ad_block(store_uri, path, counts_field, a, b, joinid_start, source_
     obs = read_obs(path).iloc[a:b]
     tbl = to_store_obs(obs, source_id=source_id, source_file=os.path.basename(path),
                        source_rows=np.arange(a, b), nnz=nnz, raw_sum=raw_sum, default_dataset_id=dataset_id)
-    coo = m.tocoo()
-    write_cells(store_uri, joinid_start, tbl, coo.row, gene_joinids[coo.col], coo.data)
+    write_cells_csr(store_uri, joinid_start, tbl, m, col_map=gene_joinids)
     return b - a, int(m.nnz), float(raw_sum.sum())
 
 

@@ -15,11 +15,9 @@ import os
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import tiledbsoma as soma
 
-from atlasflow.store.schema import CENSUS_STRING_COLUMNS, MEASUREMENT, OBS_SCHEMA, X_LAYER
-from atlasflow.store.store import soma_context
-from atlasflow.store.xwrite import write_x_global_order
+from atlasflow.store.schema import CENSUS_STRING_COLUMNS
+from atlasflow.store.store import write_cells_csr
 
 from . import synth_vocab as vocab
 from .synth import SYNTH_FORMAT_VERSION, Chunk, DatasetPlan, Model, SynthConfig
@@ -164,16 +162,8 @@ class StoreLayoutWriter(_Writer):
             "source_row": pa.array(np.arange(chunk.row_start, chunk.row_start + n, dtype=np.int64)),
         })
         X = chunk.X
-        start = entry.joinid_start + chunk.row_start
-        obs = obs.add_column(0, "soma_joinid", pa.array(np.arange(start, start + n, dtype=np.int64)))
-        obs = obs.select(["soma_joinid", *OBS_SCHEMA.names]).cast(
-            pa.schema([("soma_joinid", pa.int64()), *OBS_SCHEMA]))
-        # Same protocol as store.write_cells (X, then obs; one write per open), with a global-order
-        # X write; the entry only becomes visible to readers at w.complete().
-        with soma.Experiment.open(self.out, "w", context=soma_context()) as exp:
-            write_x_global_order(exp.ms[MEASUREMENT].X[X_LAYER], X, start, self.gene_joinids)
-        with soma.Experiment.open(self.out, "w", context=soma_context()) as exp:
-            exp.obs.write(obs)
+        # The entry only becomes visible to readers at w.complete().
+        write_cells_csr(self.out, entry.joinid_start + chunk.row_start, obs, X, col_map=self.gene_joinids)
         i = chunk.plan.index
         self.done[i] += n
         self.nnz[i] += X.nnz

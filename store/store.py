@@ -246,18 +246,29 @@ def write_cells(uri: str, joinid_start: int, obs: pa.Table, rows: np.ndarray, co
 
     ``obs`` has OBS_SCHEMA columns (without soma_joinid), one row per cell in block order;
     ``rows`` are block-local row indices, ``cols`` global gene joinids, ``vals`` counts.
-    One write per open (the pattern measured safe with tiledbsoma 2.3, see NOTES.md).
+    """
+    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    X = sp.csr_matrix((np.asarray(vals, dtype=np.float32), (rows, cols)),
+                      shape=(obs.num_rows, int(cols.max()) + 1 if len(cols) else 1))
+    write_cells_csr(uri, joinid_start, obs, X)
+
+
+def write_cells_csr(uri: str, joinid_start: int, obs: pa.Table, X: sp.csr_matrix,
+                    col_map: np.ndarray | None = None) -> None:
+    """Like ``write_cells`` for a CSR block; ``col_map`` maps its columns to gene joinids.
+
+    X first, then obs, one write per open (the pattern measured safe with tiledbsoma 2.3, see
+    NOTES.md); the source turns visible only when the driver marks it complete.
     """
     n = obs.num_rows
+    if X.shape[0] != n:
+        raise ValueError(f"write_cells_csr: {X.shape[0]} rows of counts for {n} obs rows")
     joinids = np.arange(joinid_start, joinid_start + n, dtype=np.int64)
     obs = obs.add_column(0, "soma_joinid", pa.array(joinids))
     obs = obs.select(["soma_joinid", *schema.OBS_SCHEMA.names]).cast(
         pa.schema([("soma_joinid", pa.int64()), *schema.OBS_SCHEMA]))
-    rows, cols = np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
-    X = sp.csr_matrix((np.asarray(vals, dtype=np.float32), (rows, cols)),
-                      shape=(n, int(cols.max()) + 1 if len(cols) else 1))
     ctx = soma_context()
     with soma.Experiment.open(uri, "w", context=ctx) as exp:
-        write_x_global_order(exp.ms[schema.MEASUREMENT].X[schema.X_LAYER], X, joinid_start)
+        write_x_global_order(exp.ms[schema.MEASUREMENT].X[schema.X_LAYER], X, joinid_start, col_map)
     with soma.Experiment.open(uri, "w", context=ctx) as exp:
         exp.obs.write(obs)
