@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                                     "--inputs", *inputs])
     out = {
         "benchmark": "ingest",
+        "bench_format_version": 1,
         "environment": environment(),
         "inputs": {"files": len(inputs), "cells": a.cells, "genes": a.genes,
                    "bytes": sum(os.path.getsize(f) for f in inputs)},
