@@ -1,0 +1,54 @@
+"""On-disk formats carry versions that readers check."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import tiledbsoma as soma
+
+from atlasflow.store import Manifest, SourceEntry, StoreWriter, open_store
+from atlasflow.store import schema
+from atlasflow.store.manifest import MANIFEST_FORMAT_VERSION
+
+
+def test_manifest_round_trip_and_version_check():
+    m = Manifest()
+    m.reserve(SourceEntry(source_id="a", kind="h5ad", name="a.h5ad", fingerprint="f", n_cells=5))
+    m.reserve(SourceEntry(source_id="b", kind="h5ad", name="b.h5ad", fingerprint="g", n_cells=3))
+    m.set_status("a", "complete")
+    back = Manifest.from_json(m.to_json())
+    assert back == m and back.complete_ranges() == [(0, 5)] and back.next_joinid == 8
+    d = json.loads(m.to_json())
+    d["format_version"] = MANIFEST_FORMAT_VERSION + 1
+    with pytest.raises(ValueError, match="manifest format_version"):
+        Manifest.from_json(json.dumps(d), where="somewhere")
+
+
+def test_pending_range_is_reused_not_reallocated():
+    m = Manifest()
+    first = m.reserve(SourceEntry(source_id="a", kind="h5ad", name="a.h5ad", fingerprint="f", n_cells=5))
+    again = m.reserve(SourceEntry(source_id="a2", kind="h5ad", name="a.h5ad", fingerprint="f", n_cells=5))
+    assert (again.joinid_start, again.joinid_stop) == (first.joinid_start, first.joinid_stop) == (0, 5)
+    assert list(m.sources) == ["a2"] and m.next_joinid == 5
+
+
+def test_reader_refuses_unknown_store_version_and_non_stores(tmp_path):
+    uri = str(tmp_path / "s")
+    StoreWriter(uri)
+    assert open_store(uri).n_cells == 0
+    with soma.Experiment.open(uri, "w") as exp:
+        exp.metadata[schema.FORMAT_KEY] = schema.STORE_FORMAT_VERSION + 1
+    with pytest.raises(ValueError, match="store format version"):
+        open_store(uri)
+    other = str(tmp_path / "plain")
+    soma.Experiment.create(other).close()
+    with pytest.raises(ValueError, match="not an atlasflow store"):
+        open_store(other)
+
+
+def test_stats_absent_is_a_clear_error(tmp_path):
+    uri = str(tmp_path / "s")
+    StoreWriter(uri)
+    with pytest.raises(LookupError, match="atlasflow store stats"):
+        open_store(uri).gene_stats()
