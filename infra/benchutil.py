@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import platform
 import threading
-import time
 
 
 def environment() -> dict:
@@ -31,40 +30,56 @@ def environment() -> dict:
 
 
 class PeakRSS:
-    """Sample the summed RSS of this process and all its descendants (e.g. Ray workers)."""
+    """Peak memory of this process (or ``pid``) and all its descendants (DataLoader / Ray workers).
 
-    def __init__(self, interval: float = 0.2, pid: int | None = None):
+    RSS counts shared pages once per process; PSS splits them between the processes sharing them
+    (sampled every 10th tick: it is costlier to read). Use as a context manager, or start()/stop().
+    """
+
+    def __init__(self, interval: float = 0.05, pid: int | None = None):
         import psutil
 
         self._proc = psutil.Process(pid or os.getpid())
-        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self.interval, self.peak, self.peak_pss, self._n = interval, 0, 0, 0
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
-        total = 0
+    def _sample(self) -> None:
         try:
             procs = [self._proc, *self._proc.children(recursive=True)]
         except Exception:  # the process just exited
-            return 0
+            return
+        rss = pss = 0
         for p in procs:
             try:
-                total += p.memory_info().rss
+                rss += p.memory_info().rss
+                if self._n % 10 == 0:
+                    pss += p.memory_full_info().pss
             except Exception:
                 pass
-        return total
+        self.peak = max(self.peak, rss)
+        self.peak_pss = max(self.peak_pss, pss)
+        self._n += 1
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, self._sample())
-            time.sleep(self.interval)
+            self._sample()
+            self._stop.wait(self.interval)
 
-    def __enter__(self) -> "PeakRSS":
+    def start(self) -> "PeakRSS":
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> None:
+    def stop(self) -> dict:
         self._stop.set()
         self._thread.join()
+        return {"peak_rss_gb": round(self.peak / 2**30, 3), "peak_pss_gb": round(self.peak_pss / 2**30, 3)}
+
+    def __enter__(self) -> "PeakRSS":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     @property
     def peak_gib(self) -> float:

@@ -19,49 +19,13 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 
 import numpy as np
 
+from atlasflow.infra.benchutil import PeakRSS
+
 BENCH_FORMAT_VERSION = 1
-
-
-class _PeakRSS:
-    def __init__(self):
-        import psutil
-
-        self.proc = psutil.Process(os.getpid())
-        self.peak = 0
-        self.peak_pss = 0
-        self._n = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                procs = [self.proc, *self.proc.children(recursive=True)]
-                total = pss = 0
-                for p in procs:
-                    try:
-                        total += p.memory_info().rss
-                        if self._n % 10 == 0:  # PSS (shared pages split between processes) is costlier to read
-                            pss += p.memory_full_info().pss
-                    except Exception:
-                        pass
-                self.peak = max(self.peak, total)
-                self.peak_pss = max(self.peak_pss, pss)
-                self._n += 1
-            except Exception:
-                pass
-            self._stop.wait(0.05)
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._t.join()
-        return {"peak_rss_gb": round(self.peak / 2**30, 3), "peak_pss_gb": round(self.peak_pss / 2**30, 3)}
 
 
 def _entropy(codes: np.ndarray) -> float:
@@ -79,7 +43,7 @@ def _random_baseline(counts: np.ndarray, batch_size: int, n_batches: int, seed: 
 def measure_atlasflow(store: str, tokenizer: str, workers: int, cells: int, batch_size: int, **cfg_kw) -> dict:
     from atlasflow.loader import LoaderConfig, make_loader
 
-    mem = _PeakRSS()
+    mem = PeakRSS().start()
     t0 = time.perf_counter()
     cfg = LoaderConfig(tokenizer=tokenizer, num_workers=workers, batch_size=batch_size,
                        obs_columns=("dataset_id",), **cfg_kw)
@@ -119,7 +83,7 @@ def measure_tiledbsoma_ml(store: str, cells: int, batch_size: int, io_batch_size
     import tiledbsoma as soma
     from tiledbsoma_ml import ExperimentDataset, experiment_dataloader
 
-    mem = _PeakRSS()
+    mem = PeakRSS().start()
     n, ents, t_first = 0, [], None
     t0 = time.perf_counter()
     with soma.Experiment.open(store) as exp:
@@ -143,7 +107,7 @@ def measure_tiledbsoma_ml(store: str, cells: int, batch_size: int, io_batch_size
 def measure_scan(store: str, cells: int, slice_rows: int = 8192) -> dict:
     from atlasflow.store import open_store
 
-    mem = _PeakRSS()
+    mem = PeakRSS().start()
     s = open_store(store)
     n = nnz = 0
     t0 = time.perf_counter()
