@@ -12,7 +12,7 @@ from atlasflow.train.config import Config, MaskingConfig, ModelConfig
 from atlasflow.train.masking import mask_batch, masking_generator
 from atlasflow.train.model import CellEncoder, _cu_seqlens
 from atlasflow.train.objective import MLMObjective
-from atlasflow.train.pack import first_fit_decreasing, model_inputs, pad_fraction
+from atlasflow.train.pack import first_fit_decreasing, model_inputs, pack_row_len, pad_fraction
 
 N_TOKENS = 40
 SMALL = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64)
@@ -225,3 +225,101 @@ def test_cu_seqlens_for_the_varlen_kernel():
     cu, max_len = _cu_seqlens(seg)
     # cells in row-major order of real tokens: 3, 2 | 4 | 1, 1, 4
     assert cu.tolist() == [0, 3, 5, 9, 10, 11, 15] and max_len == 4 and cu.dtype == torch.int32
+
+
+def _dense_varlen(q, k, v, cu_q, cu_k, max_q, max_k):
+    """Independent varlen kernel on CPU: dense softmax attention with an explicit block mask from cu."""
+    cell = torch.repeat_interleave(torch.arange(len(cu_q) - 1), cu_q.diff().long())
+    scores = torch.einsum("thd,shd->hts", q, k) / q.shape[-1] ** 0.5
+    scores = scores.masked_fill(cell[None, :, None] != cell[None, None, :], float("-inf"))
+    assert max_q == max_k == int(cu_q.diff().max()) and torch.equal(cu_q, cu_k)
+    return torch.einsum("hts,shd->thd", scores.softmax(-1), v)
+
+
+@pytest.mark.parametrize("path", ["auto", "varlen_reference", "varlen_kernel"])
+def test_packed_paths_equal_each_cell_alone(path, monkeypatch):
+    """Every attention path for packed rows gives each cell the output it gets alone."""
+    from atlasflow.train import model as model_mod
+
+    torch.manual_seed(0)
+    attention = "auto" if path == "auto" else "varlen"
+    if path == "varlen_kernel":  # the CUDA kernel's plumbing (flatten, cu_seqlens, scatter back), on CPU
+        monkeypatch.setattr(model_mod, "varlen_kernel", lambda x: _dense_varlen)
+    cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, attention=attention)
+    enc = CellEncoder(cfg, "rank", N_TOKENS, max_len=32).eval()
+    lengths = [12, 3, 7, 9, 5, 2, 11]
+    batch = contract_batch(lengths, seed=3)
+    p = model_inputs(batch, pack=True)  # default rows: just above the longest cell
+    assert p["segment_ids"].shape[0] < len(lengths) and p["segment_ids"].max() > 1  # really packed
+    with torch.no_grad():
+        hp = enc(p)
+        for i, m in enumerate(lengths):
+            alone = {k: (v[i:i + 1, :m] if v.dim() == 2 else v[i:i + 1]) for k, v in batch.items()}
+            r, o = p["cell_pos"][i].tolist()
+            torch.testing.assert_close(hp[r, o:o + m], enc(model_inputs(alone, pack=False))[0], atol=2e-5, rtol=1e-4)
+    assert (hp[p["segment_ids"] == 0] == 0).all() or path == "auto"  # varlen leaves pad slots at zero
+
+
+def test_block_diagonal_path_gradients_ignore_padding_and_other_cells():
+    torch.manual_seed(0)
+    enc = CellEncoder(SMALL, "value", N_TOKENS, max_len=32)
+    batch = mask_batch(contract_batch([6, 4, 5]), "value", MaskingConfig(mask_prob=0.5),
+                       masking_generator(0, 0, 0, 0), N_TOKENS)
+    p = model_inputs(batch, pack=True, row_len=16)  # first-fit: 6 @0, 5 @6, 4 @11, one pad slot
+    assert p["segment_ids"].shape[0] == 1 and int((p["segment_ids"] == 0).sum()) == 1
+    vals = p["values"].clone().requires_grad_(True)
+    loss, _ = MLMObjective(enc)({**p, "values": vals})
+    loss.backward()
+    assert vals.grad[p["segment_ids"] == 0].abs().sum() == 0  # the pad slot influences nothing
+    # only cell 1 (segment 2) carries masked targets -> its loss never depends on the other cells' inputs
+    q = {**p, "mlm_mask": p["mlm_mask"] & (p["segment_ids"] == 2)}
+    vals2 = p["values"].clone().requires_grad_(True)
+    loss2, _ = MLMObjective(enc)({**q, "values": vals2})
+    loss2.backward()
+    assert vals2.grad[(p["segment_ids"] != 2)].abs().sum() == 0 and vals2.grad.abs().sum() > 0
+
+
+def test_cu_seqlens_equals_an_independent_computation_from_the_packing():
+    g = torch.Generator().manual_seed(5)
+    for trial in range(20):
+        lengths = (torch.randint(2, 30, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g)).tolist()
+        p = model_inputs(contract_batch(lengths, n_tokens=64, seed=trial), pack=True)
+        cu, max_len = _cu_seqlens(p["segment_ids"])
+        # independent: cells ordered by (row, offset) of their first token, lengths accumulated
+        order = sorted(range(len(lengths)), key=lambda i: tuple(p["cell_pos"][i].tolist()))
+        want = [0]
+        for i in order:
+            want.append(want[-1] + lengths[i])
+        assert cu.tolist() == want and max_len == max(lengths)
+
+
+def test_pack_row_len_by_hand_and_bounds():
+    # longest 10: rows of 10 hold 10 | 6 | 5 (30 slots); rows of 11 hold 10 | 6+5 (22 slots)
+    assert pack_row_len([10, 6, 5]) == 11
+    assert pack_row_len([8, 8, 8]) == 8  # nothing to gain from longer rows: the shortest wins ties
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lengths = torch.randint(1, 500, (32,), generator=g).tolist()
+        n = pack_row_len(lengths)
+        assert max(lengths) <= n <= -(-max(lengths) * 40 // 32)
+        rows = max(r for r, _ in first_fit_decreasing(lengths, n)) + 1
+        base = max(r for r, _ in first_fit_decreasing(lengths, max(lengths))) + 1
+        assert rows * n <= base * max(lengths)
+
+
+def test_varlen_kernel_only_for_cuda_half_precision():
+    from atlasflow.train.model import varlen_kernel
+
+    x = torch.zeros(2, 3)
+    assert varlen_kernel(x) is None and varlen_kernel(x.bfloat16()) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert varlen_kernel(x) is None
+
+
+def test_fsdp_wraps_each_block():
+    from atlasflow.train.loop import parallel_kwargs
+    from atlasflow.train.model import Block
+
+    assert parallel_kwargs("ddp") is None
+    kw = parallel_kwargs("fsdp")
+    assert kw["use_orig_params"] is True and kw["auto_wrap_policy"]._module_classes == {Block}

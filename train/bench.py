@@ -4,8 +4,9 @@ Same model (same initial weights), same cells, same masks; only the batch layout
   * pad_to_max_len: every cell padded to data.max_len (the naive layout);
   * bucketed: the loader's layout: cells length-sorted across data.bucket_batches batches, each
     padded to its longest cell;
-  * packed: the same batches packed first-fit into rows of max_len, attention per cell (varlen:
-    one flash kernel on CUDA, one SDPA call per cell on CPU).
+  * packed: the same cells in unbucketed batches (packing needs no length sorting, so the batches
+    mix better), packed first-fit into rows just above each batch's longest cell; block-diagonal
+    attention in one SDPA call per layer on CPU (on CUDA the varlen flash kernel, no pad computed).
 Then a live run (loader iterated inside the step loop) measures the share of step time spent
 waiting for the loader, for each loader worker count asked for.
 
@@ -85,7 +86,7 @@ def _live(cfg, store: str, steps: int, num_workers: int) -> dict:
         t1 = time.perf_counter()
         m = mask_batch(batch, cfg.data.tokenizer, cfg.masking, masking_generator(0, 0, step, 0), n_tokens,
                        cfg.data.n_bins)
-        loss, _ = obj(model_inputs(m, pack=cfg.data.pack, row_len=cfg.data.max_len))
+        loss, _ = obj(model_inputs(m, pack=cfg.data.pack))
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -99,39 +100,48 @@ def _live(cfg, store: str, steps: int, num_workers: int) -> dict:
             "steps": steps, "step_s": busy / steps}
 
 
-def run(store: str, max_len: int = 2048, batch_size: int = 32, steps: int = 6, live_workers=(0, 1),
-        preset: str = "debug", repeats: int = 1, bucket_batches: int | None = None, pad_batches: int = 64) -> dict:
+def _sample(cfg, store: str, n: int) -> tuple[list[dict], int]:
+    """The first n batches of epoch 0 and the model's token count."""
     from atlasflow.loader import make_loader
 
     from .loop import loader_config
 
+    loader = make_loader(store, loader_config(cfg, 0, 1))
+    loader.dataset.set_epoch(0)
+    out = []
+    for batch in loader:
+        out.append(batch)
+        if len(out) == n:
+            break
+    return out, N_SPECIAL + len(loader.dataset.vocab.gene_joinids)
+
+
+def run(store: str, max_len: int = 2048, batch_size: int = 32, steps: int = 6, live_workers=(0, 1),
+        preset: str = "debug", repeats: int = 1, bucket_batches: int | None = None, pad_batches: int = 64) -> dict:
     over = {"data.max_len": max_len, "data.batch_size": batch_size, "data.store": store}
     if bucket_batches is not None:
         over["data.bucket_batches"] = bucket_batches
     cfg = load_preset(preset).with_overrides(over)
-    loader = make_loader(store, loader_config(cfg, 0, 1))
-    loader.dataset.set_epoch(0)
-    n_tokens = N_SPECIAL + len(loader.dataset.vocab.gene_joinids)
-    sample = []  # padding is measured on many batches (cheap); training is timed on a spread subset
-    for batch in loader:
-        sample.append(batch)
-        if len(sample) == max(pad_batches, steps + 1):
-            break
+    n_sample = max(pad_batches, steps + 1)
+    sample, n_tokens = _sample(cfg, store, n_sample)
+    flat, _ = _sample(cfg.with_overrides({"data.bucket_batches": 0}), store, n_sample)
     if len(sample) < 2:
         raise ValueError(f"store: {store} yields {len(sample)} batches of {batch_size}; need at least 2")
+    same_cells = sorted(torch.cat([b["soma_joinid"] for b in sample]).tolist()) == sorted(
+        torch.cat([b["soma_joinid"] for b in flat]).tolist())
+    kinds = {"pad_to_max_len": (sample, {"pack": False, "pad_to": max_len}), "bucketed": (sample, {"pack": False}),
+             "packed": (flat, {"pack": True})}
     pad = {}
-    for name, kw in (("pad_to_max_len", {"pack": False, "pad_to": max_len}), ("bucketed", {"pack": False}),
-                     ("packed", {"pack": True, "row_len": max_len})):
-        ins = [model_inputs(b, **kw) for b in sample]
+    for name, (src, kw) in kinds.items():
+        ins = [model_inputs(b, **kw) for b in src]
         pad[name] = 1 - sum(x["n_tokens"] for x in ins) / sum(x["segment_ids"].numel() for x in ins)
     stride = max(1, len(sample) // (steps + 1))
-    batches = [mask_batch(b, cfg.data.tokenizer, cfg.masking, masking_generator(0, 0, i, 0), n_tokens,
-                          cfg.data.n_bins) for i, b in enumerate(sample[::stride][:steps + 1])]
-    layouts = {
-        "pad_to_max_len": [model_inputs(b, pack=False, pad_to=max_len) for b in batches],
-        "bucketed": [model_inputs(b, pack=False) for b in batches],
-        "packed": [model_inputs(b, pack=True, row_len=max_len) for b in batches],
-    }
+
+    def timed(src, kw):
+        return [model_inputs(mask_batch(b, cfg.data.tokenizer, cfg.masking, masking_generator(0, 0, i, 0), n_tokens,
+                                        cfg.data.n_bins), **kw) for i, b in enumerate(src[::stride][:steps + 1])]
+
+    layouts = {name: timed(src, kw) for name, (src, kw) in kinds.items()}
     res = _train_interleaved(cfg, n_tokens, layouts, repeats)
     for name in res:
         res[name]["pad_fraction_timed_batches"] = res[name].pop("pad_fraction")
@@ -142,7 +152,7 @@ def run(store: str, max_len: int = 2048, batch_size: int = 32, steps: int = 6, l
         "model": {"d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "n_heads": cfg.model.n_heads},
         "max_len": max_len, "batch_size": batch_size, "tokenizer": cfg.data.tokenizer,
         "bucket_batches": cfg.data.bucket_batches, "pad_fraction_batches": len(sample),
-        "timed_batches": len(batches) - 1,
+        "packed_batches_same_cells": same_cells, "timed_batches": len(layouts["bucketed"]) - 1,
         "cell_tokens": {"mean": float(lengths.mean()), "min": int(lengths.min()), "max": int(lengths.max())},
         "layouts": res,
         "speedup_packed_vs_pad_to_max_len": res["packed"]["tokens_per_s"] / res["pad_to_max_len"]["tokens_per_s"],

@@ -5,8 +5,10 @@ only talks to a small ``WorkerContext`` (rank, world, device, restore directory,
 also runs in a plain process (world size 1) for tests and debugging.
 
 Order of business on every (re)start: restore first (model, optimizer, scheduler, train state, and
-this rank's loader position), then stream. Rank 0 writes the checkpoint (loader states of all ranks
-are gathered to it), every rank reports at the same steps (Ray Train's report is a barrier).
+this rank's loader position), then stream. Metrics are all-reduced every train.log_every steps;
+Ray Train gets a report (metrics + checkpoint) every train.ckpt_every steps and at the end: rank 0
+writes the checkpoint (loader states of all ranks are gathered to it), every rank reports at the
+same steps (Ray Train's report is a barrier).
 """
 
 from __future__ import annotations
@@ -57,6 +59,19 @@ def loader_config(cfg: Config, rank: int, world_size: int):
                         split=d.split or None, split_by=d.split_by, rank=rank, world_size=world_size,
                         n_bins=d.n_bins, gene_filter=d.gene_filter or None, bucket_batches=d.bucket_batches,
                         timestamp_ms=d.timestamp_ms or None)
+
+
+def parallel_kwargs(strategy: str) -> dict | None:
+    """Wrapper arguments for ray.train.torch.prepare_model (DDP: Ray's defaults)."""
+    if strategy != "fsdp":
+        return None
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from .model import Block
+
+    # One FSDP unit per transformer block: parameters are gathered a block at a time (a root-only
+    # wrap gathers the whole model for every forward); original parameters for compiled blocks.
+    return {"auto_wrap_policy": ModuleWrapPolicy({Block}), "use_orig_params": True}
 
 
 def lr_factor(cfg: Config, step: int) -> float:
@@ -170,7 +185,12 @@ def run_worker(cfg: Config, ctx: WorkerContext, loader=None) -> dict:
             st["history"].append(metrics)
         ckpt_due = final or st["step"] % cfg.train.ckpt_every == 0
         if not ckpt_due:
-            ctx.report(metrics, None)
+            # Not a Ray report: Ray Train V2 keeps one unconsumed report per worker and its controller
+            # takes it every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a report per step blocked each
+            # step for up to 2 s (40 of the debug preset's 70 s). Logged metrics go to the history
+            # (saved with the next checkpoint) and rank 0's stdout; Ray gets them at checkpoints.
+            if ctx.rank == 0:
+                print(f"atlasflow train: {json.dumps(metrics)}", flush=True)
             return
         msd, osd = _state_dicts(model, optimizer)
         loader_states = _gather_objects(loader.state_dict(), ctx.world_size)
@@ -203,15 +223,15 @@ def run_worker(cfg: Config, ctx: WorkerContext, loader=None) -> dict:
             masked = mask_batch(batch, cfg.data.tokenizer, cfg.masking,
                                 masking_generator(cfg.data.seed, st["epoch"], st["micro_in_epoch"], ctx.rank),
                                 n_tokens, cfg.data.n_bins)
-            inputs = model_inputs(masked, pack=cfg.data.pack, row_len=cfg.data.max_len)
+            inputs = model_inputs(masked, pack=cfg.data.pack)
             inputs = {k: v.to(ctx.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
             n_acc += 1
             boundary = n_acc == accum or st["micro_in_epoch"] == bpe
             sync = boundary or not hasattr(model, "no_sync")
-            with (torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp),
-                  model.no_sync() if not sync else contextlib.nullcontext()):
-                loss, stats = model(inputs)
-                (loss / accum).backward()
+            with model.no_sync() if not sync else contextlib.nullcontext():
+                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss, stats = model(inputs)
+                (loss / accum).backward()  # outside autocast: backward ops take the forward's dtypes
             window.add(loss.item(), stats, batch, inputs, t1 - t0)
             st["cells_seen"] += int(batch["soma_joinid"].shape[0])
             st["tokens_seen"] += inputs["n_tokens"]
@@ -317,7 +337,10 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
 
     def wrap(model, strategy):
-        return ray.train.torch.prepare_model(model, parallel_strategy=strategy) if rc.get_world_size() > 1 else model
+        if rc.get_world_size() == 1:
+            return model
+        return ray.train.torch.prepare_model(model, parallel_strategy=strategy,
+                                             parallel_strategy_kwargs=parallel_kwargs(strategy))
 
     ctx = WorkerContext(rank=rc.get_world_rank(), world_size=rc.get_world_size(),
                         device=ray.train.torch.get_device(), restore_dir=restore_dir, report=report, wrap=wrap)

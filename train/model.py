@@ -5,15 +5,16 @@ depending on the tokenizer. The ``<cls>`` output is the cell embedding.
 
 Attention sees only tokens of the same cell: every model input carries ``segment_ids`` (0 = pad,
 k >= 1 = k-th cell of the row), so one code path serves padded batches (one cell per row) and packed
-rows (several cells per row, block-diagonal attention). Two paths:
-  * ``sdpa``: the [R, L] layout, F.scaled_dot_product_attention with a boolean same-segment mask
-    (pays for every pad token and for the off-diagonal blocks of packed rows);
-  * ``varlen``: the real tokens flattened to [T, d] with cumulative cell offsets: no FLOP on padding,
-    attention costs sum(n_i^2) instead of R * L^2. On CUDA with bf16/fp16 it is one flash kernel
-    (torch.nn.attention.varlen); elsewhere one unmasked SDPA per cell: same math, used by tests, but
-    slower on CPU than the loader's length-bucketed padded batches (bench.py), hence the debug
-    preset trains unpacked.
-``auto`` takes varlen for packed inputs and sdpa for padded ones (the plain loader layout).
+rows (several cells per row). Two paths:
+  * ``sdpa``: the [R, L] layout, one F.scaled_dot_product_attention call per layer with a boolean
+    mask: key padding for padded batches, block-diagonal (same segment) for packed rows. It pays
+    for pad slots and for the off-diagonal blocks, which packing into rows just above the longest
+    cell (``pack.pack_row_len``) keeps small; the CPU path.
+  * ``varlen``: the real tokens flattened to [T, d] with cumulative cell offsets (cu_seqlens): no
+    FLOP on padding, attention costs sum(n_i^2). The kernel (``varlen_kernel``): torch's
+    ``torch.nn.attention.varlen.varlen_attn`` (flash, CUDA, bf16/fp16), else ``flash_attn``'s
+    ``flash_attn_varlen_func``; without one (CPU, fp32) one SDPA per cell, the exact reference.
+``auto``: varlen for packed rows when a kernel exists for the device and dtype, else sdpa.
 No real token ever attends to a pad or to another cell, and pads never reach the loss; pad queries
 get a harmless output (never an all-False mask row, so no NaN) that nothing reads.
 """
@@ -49,12 +50,10 @@ class Block(nn.Module):
     def _attend(self, h: torch.Tensor, attn) -> torch.Tensor:
         p = self.p_attn if self.training else 0.0
         if attn[0] == "varlen":  # h: [T, d] flattened real tokens
-            _, cu, max_len, cuda_kernel = attn
+            _, cu, max_len, kernel = attn
             q, k, v = self.qkv(h).unflatten(-1, (3, self.n_heads, -1)).unbind(-3)  # [T, H, Dh]
-            if cuda_kernel:
-                from torch.nn.attention.varlen import varlen_attn
-
-                return varlen_attn(q, k, v, cu, cu, max_len, max_len).flatten(-2)
+            if kernel is not None:  # torch's varlen_attn has no dropout: attention dropout is skipped
+                return kernel(q, k, v, cu, cu, max_len, max_len).flatten(-2)
             sizes = cu.diff().tolist()
             # split (not slicing): its backward is one cat, where slices would each allocate a [T, d] grad
             cells = [F.scaled_dot_product_attention(*(t.transpose(0, 1).unsqueeze(0) for t in qkv), dropout_p=p)
@@ -117,11 +116,13 @@ class CellEncoder(nn.Module):
             x = x + self.bin_emb(inputs["bins"])
         else:
             x = x + self.value_proj(inputs["values"].unsqueeze(-1).to(x.dtype)) * (ids != PAD).unsqueeze(-1)
-        if self.cfg.attention == "varlen" or (self.cfg.attention == "auto" and inputs.get("packed", False)):
+        kernel = varlen_kernel(x)
+        if self.cfg.attention == "varlen" or (self.cfg.attention == "auto" and inputs.get("packed", False)
+                                              and kernel is not None):
             real = seg > 0
             cu, max_len = _cu_seqlens(seg)
             h = x[real]
-            attn = ("varlen", cu, max_len, self._cuda_varlen(x))
+            attn = ("varlen", cu, max_len, kernel)
             for blk in self.blocks:
                 h = blk(h, attn)
             x = x.new_zeros(x.shape).masked_scatter(real.unsqueeze(-1), self.ln_f(h).to(x.dtype))
@@ -133,11 +134,6 @@ class CellEncoder(nn.Module):
         for blk in self.blocks:
             x = blk(x, ("sdpa", mask))
         return self.ln_f(x)
-
-    @staticmethod
-    def _cuda_varlen(x: torch.Tensor) -> bool:
-        # The flash varlen kernel exists only on CUDA and only for half precision.
-        return x.is_cuda and (x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda"))
 
     def predict(self, hidden: torch.Tensor) -> torch.Tensor:
         """MLM predictions for selected hidden states [N, d]: logits [N, C] or values [N]."""
@@ -164,6 +160,27 @@ class CellEncoder(nn.Module):
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def varlen_kernel(x: torch.Tensor):
+    """The varlen attention kernel for activations like ``x``, or None (then: block-diagonal SDPA).
+
+    Flash kernels exist only on CUDA and only for half precision (bf16 autocast counts).
+    Signature: (q, k, v, cu_q, cu_k, max_q, max_k) with q, k, v [T, H, Dh] -> [T, H, Dh].
+    """
+    if not x.is_cuda or not (x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda")):
+        return None
+    try:
+        from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10
+
+        return varlen_attn
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_varlen_func
+    except ImportError:
+        return None
+    return lambda q, k, v, cu_q, cu_k, max_q, max_k: flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
 
 
 def _cu_seqlens(seg: torch.Tensor) -> tuple[torch.Tensor, int]:

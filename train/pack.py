@@ -1,8 +1,8 @@
 """Turn a loader batch into model inputs: padded (one cell per row) or packed (several per row).
 
 A loader batch pads every cell to the longest in the batch. Packing places the cells into rows of
-``row_len`` tokens, first-fit by decreasing length, so a row holds e.g. one 1,900-token cell and
-two short ones; ``segment_ids`` (1..k per row, 0 = pad) keep attention block-diagonal and
+``row_len`` tokens (by default just above the batch's longest cell, ``pack_row_len``), first-fit by
+decreasing length, so a row holds e.g. one 1,900-token cell and two short ones; ``segment_ids`` (1..k per row, 0 = pad) keep attention block-diagonal and
 ``position_ids`` restart at 0 for every cell (the rank position of each gene is preserved).
 """
 
@@ -18,13 +18,14 @@ def model_inputs(batch: dict, pack: bool, row_len: int | None = None, pad_to: in
     """Model inputs from a loader batch: token fields + segment_ids, position_ids, cell_pos, n_tokens.
 
     ``cell_pos`` [B, 2] = (row, column) of each cell's first token (its <cls>), in batch order.
+    ``row_len`` (packed only): fixed row length; None = ``pack_row_len`` of the batch.
     ``pad_to`` (unpacked only) pads rows to a fixed length: the pad-to-max_len baseline.
     """
     mask = batch["attention_mask"].bool()
     lengths = mask.sum(1)
     if pack:
         if row_len is None:
-            raise ValueError("row_len: packing needs the row length (data.max_len)")
+            row_len = pack_row_len(lengths.tolist())
         return _pack(batch, mask, lengths, row_len)
     b, n = mask.shape
     out = {k: batch[k] for k in TOKEN_FIELDS if k in batch}
@@ -38,6 +39,26 @@ def model_inputs(batch: dict, pack: bool, row_len: int | None = None, pad_to: in
                                                                                     device=mask.device)], 1)
     out["n_tokens"] = int(lengths.sum())
     return out
+
+
+def pack_row_len(lengths: list[int], stretch_steps: int = 8) -> int:
+    """Row length for packing one batch: the longest cell, or up to 25% more when that needs fewer
+    slots (rows x length), smallest on ties.
+
+    Block-diagonal attention costs tokens x row length, so rows stay near the longest cell rather
+    than data.max_len (2048 rows cost 5x more attention for 400-token batches); the slack lets
+    first-fit fill rows (bench store, unbucketed batches of 32: pad 7.9% at the longest cell,
+    3.8% with the slack, for 9% more attention work).
+    """
+    if not lengths:
+        return 1
+    longest, best = max(lengths), None
+    for j in range(stretch_steps + 1):
+        n = -(-longest * (32 + j) // 32)  # ceil(longest * (1 + j/32))
+        slots = (max(r for r, _ in first_fit_decreasing(lengths, n)) + 1) * n
+        if best is None or slots < best[0]:
+            best = (slots, n)
+    return best[1]
 
 
 def first_fit_decreasing(lengths: list[int], row_len: int) -> list[tuple[int, int]]:
