@@ -25,9 +25,11 @@ def ray_session():
     """One local Ray for every test that needs it (start-up costs ~5-10 s)."""
     import ray
 
+    from atlasflow.infra.ray_env import init_ray
+
     started = False
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+        init_ray(num_cpus=2, log_to_driver=False)  # the production start-up (State API pinned to it)
         started = True
     yield ray
     if started:
