@@ -195,7 +195,9 @@ class CellStream(IterableDataset):
         pending: list[TokenBlock] = []
         skip = start % wb
         reads = Prefetcher(tasks(), read, cfg.prefetch_reads)
-        blocks = Prefetcher(reads, tokenize, 1)
+        # Tokenized blocks queue up to a whole window ahead: the next window is read and tokenized
+        # while the consumer trains on this one (bounded: two windows in memory at most).
+        blocks = Prefetcher(reads, tokenize, max(1, -(-sp.window_cells // cfg.read_cells)))
         try:
             for (w, last, _), block in blocks:
                 pending.append(block)

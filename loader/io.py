@@ -17,6 +17,8 @@ import pandas as pd
 
 from atlasflow.store.schema import MEASUREMENT, X_LAYER
 
+from .kernels import cols_sorted_within_rows, csr_from_coo_rows
+
 
 class BlockReader:
     """Reads cells (X rows as CSR + obs label codes) by joinid ranges. Opens lazily, once per process."""
@@ -58,11 +60,10 @@ class BlockReader:
         cols = tbl["soma_dim_1"].to_numpy().astype(np.int32)  # 20 -> 8 bytes per nonzero once the table goes
         vals = tbl["soma_data"].to_numpy()
         del tbl
-        row = (dim0 - ids[0]) if contiguous else np.searchsorted(ids, dim0)
-        if len(row) > 1 and not _rows_then_cols_sorted(row, cols):
+        indptr, row, grouped = csr_from_coo_rows(dim0, ids, contiguous)
+        if not (grouped and cols_sorted_within_rows(indptr, cols)):
             o = np.lexsort((cols, row))  # TileDB may return unordered cells; CSR needs (row, col)
-            row, cols, vals = row[o], cols[o], vals[o]
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(row, minlength=len(ids)))]).astype(np.int64)
+            cols, vals = cols[o], vals[o]
         labels = self._labels(exp, coords, ids) if self.obs_columns else {}
         return ids, indptr, cols, vals, labels
 
@@ -74,14 +75,6 @@ class BlockReader:
             cat = pd.Categorical(df[c].astype(str), categories=self.categories[c])
             out[c] = np.asarray(cat.codes, dtype=np.int64)  # -1 only if the obs row is missing
         return out
-
-
-def _rows_then_cols_sorted(row: np.ndarray, cols: np.ndarray) -> bool:
-    dr = np.diff(row)
-    if (dr < 0).any():
-        return False
-    same = dr == 0
-    return not (same & (cols[1:] < cols[:-1])).any()
 
 
 def release_memory() -> None:
