@@ -17,6 +17,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -190,7 +191,9 @@ def run_worker(cfg: Config, ctx: WorkerContext, loader=None) -> dict:
             # step for up to 2 s (40 of the debug preset's 70 s). Logged metrics go to the history
             # (saved with the next checkpoint) and rank 0's stdout; Ray gets them at checkpoints.
             if ctx.rank == 0:
-                print(f"atlasflow train: {json.dumps(metrics)}", flush=True)
+                # not print(): Ray Train patches it into a logger that also echoes it (twice per line)
+                sys.stdout.write(f"atlasflow train: {json.dumps(metrics)}\n")
+                sys.stdout.flush()
             return
         msd, osd = _state_dicts(model, optimizer)
         loader_states = _gather_objects(loader.state_dict(), ctx.world_size)
