@@ -50,6 +50,15 @@ class Vocab:
         lut[self.gene_joinids] = N_SPECIAL + np.arange(len(self.gene_joinids), dtype=np.int32)
         return lut
 
+    def lookup_table_for_var(self, var) -> np.ndarray:
+        """int32 array: gene joinid of ANOTHER store's ``var`` -> token id of this vocabulary, matched by
+        Ensembl ``feature_id`` (joinids differ between stores); -1 for genes this vocabulary lacks."""
+        token = {f: N_SPECIAL + i for i, f in enumerate(self.gene_feature_ids)}
+        j = var.index.to_numpy(np.int64)
+        lut = np.full(int(j.max(initial=-1)) + 1, -1, dtype=np.int32)
+        lut[j] = [token.get(str(f), -1) for f in var["feature_id"]]
+        return lut
+
     def to_dict(self) -> dict:
         return {"format": "atlasflow.vocab", "version": VOCAB_FORMAT_VERSION, "specials": list(SPECIALS),
                 "gene_filter": self.gene_filter, "gene_joinids": self.gene_joinids.tolist(),

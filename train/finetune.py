@@ -1,9 +1,10 @@
 """``atlasflow finetune``: a cell-type classification head on a pretrained encoder, under Ray Train.
 
-The labelled cells are tokenized once on the driver with the checkpoint's vocabulary (genes not
-in it are reported and dropped, see ``embed.PretrainedModel``) and handed to the workers through
-the Ray object store; rank r trains on cells r, r + world, ... (a fine-tuning set is thousands to
-a few hundred thousand cells: tokens fit in memory, unlike a pretraining corpus).
+Cells are tokenized with the checkpoint's vocabulary (genes not in it are reported and dropped).
+A store (or a store query by obs filter) is streamed: each worker reads its own partition with
+``atlasflow.loader`` (see ``finetune_data``). An .h5ad file, a Census query or a subsampled query is
+tokenized once on the driver and handed to the workers through the Ray object store; rank r trains
+on cells r, r + world, ... (such sets must fit in memory).
 
 ``mode="frozen"`` trains the head only (encoder in eval mode, no gradients); ``"full"`` also
 updates the encoder with its own, smaller learning rate. The result is a regular training
@@ -148,11 +149,14 @@ def labelled_tokens(model, source, label: str, block_cells: int = 4096, label_ma
 
 
 # -- the per-worker loop -------------------------------------------------------------------
-def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data: dict, classes: list[str], ctx) -> dict:
-    """Train the head (and encoder in full mode) on this rank's share of the cells."""
-    from atlasflow.loader.batching import collate
+def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data, classes: list[str], ctx) -> dict:
+    """Train the head (and encoder in full mode) on this rank's share of the cells.
 
+    ``data``: a tokenized set (dict of arrays, see ``run_finetune_tokens``) or a ``StreamSpec``
+    (this rank streams its partition of a store).
+    """
     from .checkpoint import load_checkpoint, read_part, save_checkpoint
+    from .finetune_data import StreamSpec, memory_batches, stream_batches
 
     torch.manual_seed(cfg.seed)
     encoder, tcfg, vocab = load_checkpoint(base_checkpoint)
@@ -165,35 +169,39 @@ def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data: dict, class
         groups.append({"params": [p for p in _core(model).encoder.parameters() if p.requires_grad],
                        "lr": cfg.encoder_lr})
     opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-    block = arrays_to_block(data)
-    y_all = torch.tensor(np.asarray(data["y"]), dtype=torch.long)  # ray.get arrays are read-only
-    mine = np.arange(ctx.rank, len(block), ctx.world_size)
-    if len(mine) == 0:
-        raise ValueError(f"finetune: {len(block)} cells cannot feed {ctx.world_size} workers")
+    if isinstance(data, StreamSpec):
+        if list(data.classes) != list(classes):
+            raise ValueError(f"finetune: stream classes {list(data.classes)} differ from {classes}")
+        counts = np.asarray(data.counts, dtype=np.float64)
+        batches = stream_batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
+    else:
+        counts = np.bincount(data["y"], minlength=len(classes)).astype(np.float64)
+        batches = memory_batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
     # Class-balanced loss: fine-tuning sets are often dominated by one or two cell types.
-    counts = np.bincount(data["y"], minlength=len(classes)).astype(np.float64)
     weight = torch.as_tensor(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(classes), 0.0),
                              dtype=torch.float32, device=ctx.device)
     loss_fn = nn.CrossEntropyLoss(weight=weight)
-    rng = np.random.default_rng([cfg.seed, ctx.rank])
-    order, pos, history = rng.permutation(mine), 0, []
+    history, n_seen = [], 0
     for step in range(1, cfg.steps + 1):
-        if pos + cfg.batch_size > len(order):
-            order, pos = rng.permutation(mine), 0
-        idx = order[pos:pos + cfg.batch_size]
-        pos += cfg.batch_size
-        batch = {k: v.to(ctx.device) for k, v in collate(block, idx).items()}
+        batch, y = next(batches)
+        labelled = y >= 0
+        batch = {k: v.to(ctx.device) for k, v in batch.items()}
         logits = model(batch)
-        loss = loss_fn(logits, y_all[idx].to(ctx.device))
+        if labelled.any():
+            loss = loss_fn(logits[labelled.to(ctx.device)], y[labelled].to(ctx.device))
+        else:  # every rank must still take part in the step's gradient all-reduce
+            loss = logits.sum() * 0.0
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        acc = float((logits.argmax(1).cpu() == y_all[idx]).float().mean())
+        n_seen += int(labelled.sum())
+        acc = float((logits.argmax(1).cpu()[labelled] == y[labelled]).float().mean()) if labelled.any() else 0.0
         if step % 20 == 0 or step == cfg.steps:
-            m = {"step": step, "loss": float(loss.item()), "batch_accuracy": acc}
+            m = {"step": step, "loss": float(loss.item()), "batch_accuracy": acc, "cells_seen": n_seen}
             history.append(m)
             if step < cfg.steps:
                 ctx.report(m, None)
+    n_cells = int(sum(counts))
     core = _core(model)
     if ctx.rank == 0:
         with tempfile.TemporaryDirectory(prefix="atlasflow-ft-") as tmp:
@@ -205,7 +213,7 @@ def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data: dict, class
             (Path(tmp) / "classes.json").write_text(json.dumps(classes))
             (Path(tmp) / "finetune.json").write_text(json.dumps(
                 {"format": FINETUNE_FORMAT, "format_version": FINETUNE_FORMAT_VERSION, "config": asdict(cfg),
-                 "base_checkpoint": str(base_checkpoint), "n_cells": int(len(block))}, indent=1))
+                 "base_checkpoint": str(base_checkpoint), "n_cells": n_cells}, indent=1))
             ctx.report(history[-1], tmp)
     else:
         ctx.report(history[-1], None)
@@ -239,17 +247,21 @@ def _ray_loop(config: dict) -> None:
 
 def run_finetune_tokens(base_checkpoint: str, block, labels: np.ndarray, cfg: FinetuneConfig) -> dict:
     """Fine-tune on already tokenized cells under Ray Train; returns {checkpoint, classes, history}."""
+    classes = sorted(set(labels.tolist()))
+    code = {c: i for i, c in enumerate(classes)}
+    data = {**block_to_arrays(block), "y": np.array([code[v] for v in labels], dtype=np.int64)}
+    return _fit(base_checkpoint, data, classes, cfg, int(len(block)))
+
+
+def _fit(base_checkpoint: str, data, classes: list[str], cfg: FinetuneConfig, n_cells: int) -> dict:
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from atlasflow.infra.ray_env import init_ray
 
-    classes = sorted(set(labels.tolist()))
     if len(classes) < 2:
         raise ValueError(f"FinetuneConfig.label: a classifier needs >= 2 classes, found {classes}")
-    code = {c: i for i, c in enumerate(classes)}
-    data = {**block_to_arrays(block), "y": np.array([code[v] for v in labels], dtype=np.int64)}
     init_ray(None)
     storage = str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path else cfg.storage_path
     trainer = TorchTrainer(
@@ -262,17 +274,26 @@ def run_finetune_tokens(base_checkpoint: str, block, labels: np.ndarray, cfg: Fi
     if result.checkpoint is None:
         raise RuntimeError(f"finetune {cfg.name}: finished without a checkpoint (error: {result.error})")
     return {"checkpoint": result.checkpoint.path, "classes": classes, "metrics": dict(result.metrics or {}),
-            "n_cells": int(len(block))}
+            "n_cells": n_cells}
 
 
 def run_finetune(base_checkpoint: str, source, cfg: FinetuneConfig, label_map: dict | None = None,
                  medians_store: str | None = None) -> dict:
-    """Tokenize the labelled ``source`` with the checkpoint's vocabulary and fine-tune."""
+    """Fine-tune on the labelled cells of ``source`` (tokenized with the checkpoint's vocabulary).
+
+    A store, or a store query selecting by obs filter, is streamed by every worker
+    (``finetune_data``); .h5ad files, Census queries and subsampled queries are tokenized on the
+    driver first (sets that fit in memory).
+    """
     from .embed import PretrainedModel
+    from .finetune_data import plan_stream, streamable
 
     model = PretrainedModel(base_checkpoint, medians_store)
+    if streamable(source):
+        spec = plan_stream(model, source, cfg.label, label_map)
+        return {**_fit(base_checkpoint, spec, list(spec.classes), cfg, int(sum(spec.counts))), "streamed": True}
     block, labels = labelled_tokens(model, source, cfg.label, label_map=label_map)
-    return run_finetune_tokens(base_checkpoint, block, labels, cfg)
+    return {**run_finetune_tokens(base_checkpoint, block, labels, cfg), "streamed": False}
 
 
 def load_classifier(path: str, map_location="cpu") -> tuple[CellClassifier, list[str], dict]:

@@ -1,0 +1,133 @@
+"""Fine-tuning streams a store: each worker's loader, tokenized with the checkpoint's vocabulary.
+
+The fine-tuning store is a query copy of the pretraining store restricted to a gene subset, so its
+gene joinids differ from the checkpoint's; the checkpoint's vocabulary also lacks a third of the
+store's genes. Labels are checked against the store's obs read with pandas, tokens against the
+driver-side tokenization (embed's path: CSR blocks + a feature-id lookup), both by soma_joinid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from test_embed_eval import MAX_LEN, make_checkpoint, make_store
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory):
+    from atlasflow.loader import Vocab
+    from atlasflow.store import open_store
+    from atlasflow.train import save_checkpoint
+    from atlasflow.train.checkpoint import load_checkpoint, read_part
+    from atlasflow.train.query import QueryConfig, to_store
+
+    root = tmp_path_factory.mktemp("ft_stream")
+    base = make_store(root / "base", seed=11, n_cells=200, n_genes=120, n_datasets=3)
+    full = make_checkpoint(root / "full_ckpt", base)
+    # The checkpoint knows two thirds of the base store's genes.
+    enc, cfg, vocab = load_checkpoint(full)
+    keep = np.arange(len(vocab.gene_joinids)) % 3 != 0
+    sub = Vocab(vocab.gene_joinids[keep], tuple(np.array(vocab.gene_feature_ids)[keep]))
+    meta = {**read_part(full, "model.json"), "n_tokens": len(sub)}
+    torch.manual_seed(1)
+    from atlasflow.train import CellEncoder
+
+    enc = CellEncoder(cfg.model, "rank", len(sub), MAX_LEN)
+    ckpt = str(root / "ckpt")
+    save_checkpoint(ckpt, model_state=enc.state_dict(), config=cfg, vocab=sub.to_dict(), model_meta=meta,
+                    train_state={"step": 0, "history": []})
+    # The fine-tuning store: the base store's cells on every other gene (new joinids 0..59).
+    var = open_store(base).var()
+    genes = tuple(var["feature_id"].astype(str).to_numpy()[1::2])
+    ft = str(root / "ft_store")
+    to_store(QueryConfig(source="store", uri=base, genes=genes), ft)
+    return ft, ckpt, sub
+
+
+def _store_labels(store: str) -> dict[int, str]:
+    from atlasflow.store import open_store
+
+    with open_store(store).experiment() as exp:
+        obs = exp.obs.read(column_names=["soma_joinid", "cell_type"]).concat().to_pandas()
+    return dict(zip(obs["soma_joinid"].astype(int), obs["cell_type"].astype(str)))
+
+
+def test_stream_labels_and_tokens_match_the_store(stores, capsys):
+    from atlasflow.store import open_store
+    from atlasflow.train.embed import PretrainedModel, iter_input, tokenize
+    from atlasflow.train.finetune_data import plan_stream, stream_batches, streamable
+
+    ft, ckpt, vocab = stores
+    model = PretrainedModel(ckpt)
+    assert streamable(ft) and not streamable("x.h5ad")
+    label_map = {"T cell": "lymphocyte", "B cell": "lymphocyte"}
+    truth = _store_labels(ft)
+    present = sorted(set(truth.values()))
+    label_map.update({v: v for v in present if v not in label_map and v != present[-1]})  # the last: unlabelled
+    spec = plan_stream(model, ft, "cell_type", label_map)
+    out = capsys.readouterr().out
+    var = open_store(ft).var()
+    n_unknown = int((~var["feature_id"].isin(vocab.gene_feature_ids)).sum())
+    assert n_unknown > 0 and f"{n_unknown} of {len(var)} input genes are not in the checkpoint" in out
+    expected = {j: label_map.get(v) for j, v in truth.items()}
+    assert list(spec.classes) == sorted({v for v in expected.values() if v is not None})
+    assert dict(zip(spec.classes, spec.counts)) == {c: sum(v == c for v in expected.values()) for c in spec.classes}
+
+    # Driver-side tokens of the same cells (feature-id lookup over CSR blocks): the reference.
+    ref = {}
+    for ids, _, X, fids in iter_input(ft, 64):
+        tok, dropped = model.tokenizer_for(fids)
+        assert dropped == n_unknown
+        blk = tokenize(tok, X, ids)
+        for i, j in enumerate(blk.joinids):
+            ref[int(j)] = blk.ids[blk.offsets[i]:blk.offsets[i + 1]]
+
+    seen = set()
+    per_epoch = None
+    for rank in range(2):
+        it = stream_batches(spec, 16, 0, rank, 2)
+        n_batches = None
+        for k, (batch, y) in enumerate(it):
+            from atlasflow.train.finetune_data import stream_loader
+
+            if n_batches is None:
+                n_batches = len(stream_loader(spec, 16, 0, rank, 2))
+            if k == n_batches:
+                break
+            for row, j in enumerate(batch["soma_joinid"].tolist()):
+                want = expected[j]
+                assert y[row].item() == (-1 if want is None else spec.classes.index(want)), j
+                n = int(batch["lengths"][row])
+                assert np.array_equal(batch["input_ids"][row, :n].numpy(), ref[j]), j
+                seen.add(j)
+        per_epoch = n_batches
+    assert per_epoch and seen == set(truth)  # both ranks together: every cell of the store
+
+
+def test_finetune_worker_trains_from_the_stream(stores, tmp_path):
+    from atlasflow.train.embed import PretrainedModel
+    from atlasflow.train.finetune import FinetuneConfig, finetune_worker, load_classifier
+    from atlasflow.train.finetune_data import StreamSpec, plan_stream
+    from atlasflow.train.loop import WorkerContext
+
+    ft, ckpt, _ = stores
+    spec = plan_stream(PretrainedModel(ckpt), ft, "cell_type")
+    assert isinstance(spec, StreamSpec) and spec.gene_medians is not None
+    dest = tmp_path / "clf"
+
+    def report(metrics, d):
+        if d:
+            shutil.copytree(d, dest)
+
+    ctx = WorkerContext(0, 1, torch.device("cpu"), lambda: contextlib.nullcontext(None), report)
+    res = finetune_worker(FinetuneConfig(steps=5, batch_size=16), ckpt, spec, list(spec.classes), ctx)
+    assert res["history"][-1]["step"] == 5 and res["history"][-1]["cells_seen"] == 5 * 16
+    clf, classes, meta = load_classifier(str(dest))
+    assert classes == list(spec.classes) and meta["n_cells"] == len(_store_labels(ft))
+    with pytest.raises(ValueError, match="FinetuneConfig.label"):
+        plan_stream(PretrainedModel(ckpt), ft, "no_such_column")
