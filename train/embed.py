@@ -4,8 +4,9 @@ New data is tokenized with the checkpoint's own vocabulary (genes matched by Ens
 outside it are counted, reported and dropped) and, for the ``rank`` tokenizer, with the gene
 medians of the store the model was pretrained on (read from ``data.store`` of the checkpoint's
 config at its pinned snapshot): a gene's rank must mean the same thing it meant in pretraining.
-Inputs stream in blocks of cells; embeddings go to ``obsm["X_atlasflow"]`` of an .h5ad and/or a
-parquet file keyed by ``soma_joinid`` (the row number for .h5ad inputs).
+Inputs stream in blocks of cells; each block's embeddings are appended (``embed_write``) to
+``obsm["X_atlasflow"]`` of an .h5ad and/or a parquet file keyed by ``soma_joinid`` (the row number for
+.h5ad inputs) before the next block is read.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 import torch
 
-EMBED_FORMAT_VERSION = 1
-OBSM_KEY = "X_atlasflow"
+from .embed_write import EMBED_FORMAT_VERSION, OBSM_KEY  # noqa: F401  (re-exported)
 
 
 @dataclass(frozen=True)
@@ -142,51 +141,40 @@ def iter_input(source, block_cells: int, obs_columns: tuple[str, ...] = ()):
 
 def embed(checkpoint: str, source, out_h5ad: str | None = None, out_parquet: str | None = None,
           cfg: EmbedConfig | None = None, medians_store: str | None = None, obs_columns=()) -> dict:
-    """Embed every cell of ``source``; returns {n_cells, dim, genes_dropped, outputs, ...}."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    """Embed every cell of ``source``; returns {n_cells, dim, genes_dropped, outputs, ...}.
+
+    Each block's embeddings (and obs) are appended to the outputs before the next block is read.
+    """
+    from .embed_write import H5adEmbeddingWriter, ParquetEmbeddingWriter
 
     cfg = cfg or EmbedConfig()
     if not (out_h5ad or out_parquet):
         raise ValueError("embed: give out_h5ad and/or out_parquet")
     model = PretrainedModel(checkpoint, medians_store, cfg.torch_device())
-    writer = None
-    embs, obs_parts, ids_all = [], [], []
-    dropped = n_genes = 0
+    meta = {"format_version": EMBED_FORMAT_VERSION, "checkpoint": str(checkpoint), "pooling": cfg.pooling}
+    pq_w = ParquetEmbeddingWriter(out_parquet, {k: v for k, v in meta.items() if k != "format_version"}) \
+        if out_parquet else None
+    h5_w = H5adEmbeddingWriter(out_h5ad, model.encoder.cfg.d_model, {"atlasflow_embed": meta}) if out_h5ad else None
+    n = dropped = n_genes = 0
     tok = fids_seen = None
-    for ids, obs, X, fids in iter_input(source, cfg.block_cells, obs_columns):
-        if fids is not fids_seen:
-            tok, dropped = model.tokenizer_for(fids)
-            fids_seen, n_genes = fids, len(fids)
-        e = model.embed_block(tokenize(tok, X, ids), cfg)
-        if out_parquet:
-            col = pa.FixedSizeListArray.from_arrays(pa.array(e.astype(np.float32).ravel()), e.shape[1])
-            tbl = pa.table({"soma_joinid": pa.array(ids, pa.int64()), "embedding": col})
-            if writer is None:
-                meta = {"atlasflow.embed_format_version": str(EMBED_FORMAT_VERSION), "checkpoint": str(checkpoint),
-                        "pooling": cfg.pooling}
-                writer = pq.ParquetWriter(out_parquet, tbl.schema.with_metadata(meta))
-            writer.write_table(tbl)
-        if out_h5ad:
-            embs.append(e)
-            obs_parts.append(obs)
-        ids_all.append(ids)
-    if writer is not None:
-        writer.close()
-    n = int(sum(len(i) for i in ids_all))
+    try:
+        for ids, obs, X, fids in iter_input(source, cfg.block_cells, obs_columns):
+            if fids is not fids_seen:
+                tok, dropped = model.tokenizer_for(fids)
+                fids_seen, n_genes = fids, len(fids)
+            e = model.embed_block(tokenize(tok, X, ids), cfg)
+            if pq_w:
+                pq_w.write(ids, e)
+            if h5_w:
+                h5_w.write(obs, e)
+            n += len(ids)
+    finally:
+        for w in (pq_w, h5_w):
+            if w:
+                w.close()
     if n == 0:
         raise ValueError(f"embed: input {source!r} has no cells")
     print(f"[atlasflow embed] {dropped} of {n_genes} input genes are not in the checkpoint vocabulary "
           f"({len(model.vocab.gene_feature_ids)} genes) and were dropped")
-    if out_h5ad:
-        import anndata as ad
-
-        obs = pd.concat(obs_parts)
-        obs.index = obs.index.astype(str)
-        obs = obs.astype({c: str for c in obs.columns if obs[c].dtype == object})
-        a = ad.AnnData(obs=obs, obsm={OBSM_KEY: np.concatenate(embs)})
-        a.uns["atlasflow_embed"] = {"format_version": EMBED_FORMAT_VERSION, "checkpoint": str(checkpoint),
-                                    "pooling": cfg.pooling}
-        a.write_h5ad(out_h5ad)
     return {"n_cells": n, "dim": int(model.encoder.cfg.d_model), "genes_in_input": n_genes,
             "genes_dropped": dropped, "pooling": cfg.pooling, "h5ad": out_h5ad, "parquet": out_parquet}
