@@ -7,7 +7,8 @@ Memory knobs (per DataLoader worker process, defaults measured on the 200k x 20k
   chunk order, 64 chunks per window give a batch dataset entropy of 0.99 of a true permutation's on
   a Zipf-skewed 20-dataset corpus (32 chunks: 0.97).
 - ``read_cells`` (2048): cells per TileDB read (several chunks in one read).
-- ``window_cells`` (16384): cells shuffled together; one window is tokenized and held in memory
+- ``window_cells`` (16384): cells shuffled together per rank (shared out among the DataLoader
+  workers: each worker shuffles ``window_cells / num_workers``); one window is tokenized and held in memory
   (about 7 to 14 KB per cell at ~1.7k nonzero genes, i.e. ~110-220 MB) while the next one is read
   and tokenized ahead of it (so two windows at most).
 - ``prefetch_reads`` (1): raw reads queued ahead by the background read thread.

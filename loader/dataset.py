@@ -23,9 +23,6 @@ from .tokenize import TokenBlock, Tokenizer
 from .vocab import Vocab
 
 
-TOKENIZE_CELLS = 1024  # cells per tokenizer call: bounds its ~60 B/nonzero of temporaries
-
-
 def resolve_rank_world(cfg: LoaderConfig) -> tuple[int, int]:
     """Explicit override, else Ray Train's context, else torch.distributed, else (0, 1)."""
     if cfg.world_size is not None:
@@ -109,6 +106,12 @@ class CellStream(IterableDataset):
         """Batches each rank yields per epoch (the same on every rank)."""
         return self._worker_batches * max(1, self.cfg.num_workers)
 
+    @property
+    def worker_window_cells(self) -> int:
+        """A rank's shuffle window is shared out among its DataLoader workers, so memory per rank
+        stays about the same whatever the worker count."""
+        return max(self.cfg.batch_size, self.cfg.window_cells // max(1, self.cfg.num_workers))
+
     def __len__(self) -> int:
         return self.batches_per_epoch
 
@@ -124,7 +127,7 @@ class CellStream(IterableDataset):
         shard = self.rank * max(1, cfg.num_workers) + worker
         shards, n_batches, window = P.plan_epoch(
             self.runs.n_cells, batch_size=cfg.batch_size, chunk_cells=cfg.chunk_cells,
-            window_cells=cfg.window_cells, seed=cfg.seed, epoch=epoch, shuffle=cfg.shuffle,
+            window_cells=self.worker_window_cells, seed=cfg.seed, epoch=epoch, shuffle=cfg.shuffle,
             n_shards=self._shards, remainder=cfg.remainder, strata=self.strata, groups=self.groups,
             alpha=cfg.balance_alpha)
         s, e = shards[shard]
@@ -179,13 +182,9 @@ class CellStream(IterableDataset):
 
         def tokenize(item):
             task, (ids, indptr, cols, vals, labels) = item
-            parts = []
-            for a in range(0, len(ids), TOKENIZE_CELLS):  # sub-blocks bound the tokenizer's temporaries
-                b = min(len(ids), a + TOKENIZE_CELLS)
-                lo, hi = int(indptr[a]), int(indptr[b])
-                parts.append(tok(indptr[a:b + 1] - lo, cols[lo:hi], vals[lo:hi], ids[a:b], sp.epoch))
+            # One kernel call per read: the kernels' scratch is O(longest cell), not O(block).
+            block = tok(indptr, cols, vals, ids, sp.epoch)
             del cols, vals
-            block = TokenBlock.concat(parts)
             block.labels = labels
             want = np.concatenate([np.arange(a, b) for a, b in task[2]])
             if len(want) != len(ids):  # duplicates (remainder="pad"): restore the multiplicity
