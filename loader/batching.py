@@ -30,31 +30,59 @@ def batch_indices(order: np.ndarray, lengths: np.ndarray, batch_size: int, bucke
     return out
 
 
-def collate(block: TokenBlock, idx: np.ndarray, label_columns=()) -> dict[str, torch.Tensor]:
-    lens = block.lengths[idx]
+class TokenWindow:
+    """A shuffle window as the tokenized blocks it was read in, never concatenated: gluing a
+    window's token arrays together would hold it twice at the peak. Per-cell fields (lengths,
+    joinids, labels) are concatenated; tokens are gathered from their blocks batch by batch."""
+
+    def __init__(self, blocks: list[TokenBlock]):
+        self.blocks = blocks
+        self.cum = np.concatenate([[0], np.cumsum([len(b) for b in blocks])]).astype(np.int64)
+        self.lengths = np.concatenate([b.lengths for b in blocks])
+        self.joinids = np.concatenate([b.joinids for b in blocks])
+        self.labels = {k: np.concatenate([b.labels[k] for b in blocks]) for k in blocks[0].labels}
+        self.has_values = blocks[0].values is not None
+        self.has_bins = blocks[0].bins is not None
+
+    def __len__(self) -> int:
+        return int(self.cum[-1])
+
+
+def collate(window: TokenWindow | TokenBlock, idx: np.ndarray, label_columns=()) -> dict[str, torch.Tensor]:
+    """Padded batch tensors for cells ``idx`` of a window (or of one block)."""
+    if isinstance(window, TokenBlock):
+        window = TokenWindow([window])
+    idx = np.asarray(idx, dtype=np.int64)
+    lens = window.lengths[idx]
     B, L = len(idx), int(lens.max()) if len(idx) else 0
-    out_offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-    src = np.repeat(block.offsets[idx] - out_offsets[:-1], lens) + np.arange(int(out_offsets[-1]), dtype=np.int64)
-    dst = np.repeat(np.arange(B, dtype=np.int64) * L - out_offsets[:-1], lens) + np.arange(int(out_offsets[-1]),
-                                                                                            dtype=np.int64)
     ids = np.zeros(B * L, dtype=np.int64)
-    ids[dst] = block.ids[src]
+    vals = np.zeros(B * L, dtype=np.float32) if window.has_values else None
+    bins = np.zeros(B * L, dtype=np.int64) if window.has_bins else None
+    blk = np.searchsorted(window.cum, idx, side="right") - 1
+    for b in np.unique(blk):  # at most one pass per block of the window
+        rows = np.flatnonzero(blk == b)
+        block, n = window.blocks[b], lens[rows]
+        out_off = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
+        run = np.arange(int(n.sum()), dtype=np.int64)
+        src = np.repeat(block.offsets[idx[rows] - window.cum[b]] - out_off, n) + run
+        dst = np.repeat(rows * L - out_off, n) + run
+        ids[dst] = block.ids[src]
+        if vals is not None:
+            vals[dst] = block.values[src]
+        if bins is not None:
+            bins[dst] = block.bins[src]
     batch = {
-        "soma_joinid": torch.from_numpy(block.joinids[idx].copy()),
+        "soma_joinid": torch.from_numpy(window.joinids[idx].copy()),
         "input_ids": torch.from_numpy(ids.reshape(B, L)),
         "attention_mask": torch.from_numpy(np.arange(L)[None, :] < lens[:, None]),
         "lengths": torch.from_numpy(lens.astype(np.int64)),
     }
-    if block.values is not None:
-        v = np.zeros(B * L, dtype=np.float32)
-        v[dst] = block.values[src]
-        batch["values"] = torch.from_numpy(v.reshape(B, L))
-    if block.bins is not None:
-        b = np.zeros(B * L, dtype=np.int64)
-        b[dst] = block.bins[src]
-        batch["bins"] = torch.from_numpy(b.reshape(B, L))
+    if vals is not None:
+        batch["values"] = torch.from_numpy(vals.reshape(B, L))
+    if bins is not None:
+        batch["bins"] = torch.from_numpy(bins.reshape(B, L))
     for c in label_columns:
-        batch[f"obs.{c}"] = torch.from_numpy(block.labels[c][idx].astype(np.int64))
+        batch[f"obs.{c}"] = torch.from_numpy(window.labels[c][idx].astype(np.int64))
     return batch
 
 

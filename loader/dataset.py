@@ -13,7 +13,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from atlasflow.store import Store, open_store
 
 from . import plan as P
-from .batching import batch_indices, collate
+from .batching import TokenWindow, batch_indices, collate
 from .config import LoaderConfig
 from .io import BlockReader, Prefetcher, release_memory
 from .query import check_columns, column_labels, query_runs, restrict_to_split
@@ -194,15 +194,18 @@ class CellStream(IterableDataset):
         pending: list[TokenBlock] = []
         skip = start % wb
         reads = Prefetcher(tasks(), read, cfg.prefetch_reads)
-        # Tokenized blocks queue up to a whole window ahead: the next window is read and tokenized
-        # while the consumer trains on this one (bounded: two windows in memory at most).
-        blocks = Prefetcher(reads, tokenize, max(1, -(-sp.window_cells // cfg.read_cells)))
+        # In-process (no workers), tokenized blocks queue up to a whole window ahead: the next window
+        # is read and tokenized while the consumer trains on this one (two windows in memory at
+        # most). DataLoader workers overlap with each other and with training already, so each
+        # keeps one block ahead and about one window of memory.
+        ahead = -(-sp.window_cells // cfg.read_cells) if cfg.num_workers == 0 else 1
+        blocks = Prefetcher(reads, tokenize, max(1, ahead))
         try:
             for (w, last, _), block in blocks:
                 pending.append(block)
                 if not last:
                     continue
-                window, pending = TokenBlock.concat(pending), []
+                window, pending = TokenWindow(pending), []
                 release_memory()
                 order = sp.window_order(w, len(window))
                 rng = P.rng_for(sp.seed, sp.epoch, sp.shard, w, 0xB0) if cfg.shuffle else None
