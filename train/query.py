@@ -11,7 +11,8 @@ bytes per cell), their labels and one block of X:
 
 Outputs: an .h5ad (X appended block by block through anndata's backed sparse dataset), a new
 atlasflow store (one manifest source of kind ``query``, gene stats computed), or a loader over the
-store query directly (no copy; store only, no subsampling since the loader selects by obs filter).
+query directly (no copy; a store, or a local Census mirror with the bin/value tokenizers; no
+subsampling since the loader selects by obs filter).
 """
 
 from __future__ import annotations
@@ -304,18 +305,36 @@ def to_store(cfg: QueryConfig, out: str, sel: Selection | None = None) -> Select
 
 
 def to_loader(cfg: QueryConfig, loader_cfg=None):
-    """A loader over the store query itself (no copy). Store queries only, without subsampling."""
+    """A loader over the query itself (no copy), selecting cells by obs filter (no subsampling).
+
+    Store queries read the store; Census queries read a local mirror (``uri``) in place through
+    ``CensusView``, with the ``bin`` or ``value`` tokenizer (``rank`` needs gene medians, which only
+    a store has: write the query with ``to_store`` first).
+    """
     from atlasflow.loader import LoaderConfig, make_loader
 
-    if cfg.source != "store":
-        raise ValueError("QueryConfig.source: a loader needs an atlasflow store (the loader's token "
-                         "medians live in it); write Census queries with to_store first")
+    loader_cfg = loader_cfg or LoaderConfig()
     if cfg.per_label_cap or cfg.fraction < 1.0:
         raise ValueError("QueryConfig.per_label_cap: the loader selects cells by obs filter only; write the "
                          "subsample with to_store or to_h5ad")
+    if cfg.genes:
+        raise ValueError("QueryConfig.genes: the loader reads every gene; write a gene subset with to_store")
+    if cfg.source == "census":
+        if not cfg.uri:
+            raise ValueError("QueryConfig.uri: a loader over Census reads a local mirror (uri=ROOT, as "
+                             "cellxgene_census.open_soma(uri=...)); write remote Census queries with to_store")
+        if loader_cfg.tokenizer == "rank":
+            raise ValueError("LoaderConfig.tokenizer: 'rank' needs per-gene medians, which a Census experiment "
+                             "does not have; use 'bin' or 'value', or write the query with to_store (gene "
+                             "stats are computed there)")
     select(cfg)  # refuse an empty query with the query's own message
-    loader_cfg = loader_cfg or LoaderConfig()
     obs_filter = cfg.obs_value_filter or None
     if loader_cfg.obs_filter and obs_filter:
         obs_filter = f"({loader_cfg.obs_filter}) and ({obs_filter})"
-    return make_loader(cfg.uri, loader_cfg, obs_filter=obs_filter or loader_cfg.obs_filter)
+    obs_filter = obs_filter or loader_cfg.obs_filter
+    if cfg.source == "census":
+        from atlasflow.store.census_view import CensusView
+
+        return make_loader(CensusView(cfg.uri, cfg.organism, loader_cfg.timestamp_ms), loader_cfg,
+                           obs_filter=obs_filter)
+    return make_loader(cfg.uri, loader_cfg, obs_filter=obs_filter)

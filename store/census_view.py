@@ -1,0 +1,84 @@
+"""A Census experiment (a local mirror opened as ``cellxgene_census.open_soma(uri=ROOT)`` would) seen as
+a read-only ``Store``, so the streaming loader reads it in place, without copying it into a store.
+
+Census experiments share the store's layout (``obs``, ``ms["RNA"].var`` keyed by ``feature_id``,
+``ms["RNA"].X["raw"]`` counts), but have no manifest and no gene statistics:
+
+- the readable cells are the joinids present in obs (one streaming pass over the joinid column,
+  kept as runs: Census joinids are dense, so this is one range);
+- ``gene_stats`` raises: the ``rank`` tokenizer needs gene medians, which only ``atlasflow store
+  stats`` computes (on a store written with ``atlasflow query --out-store``).
+"""
+
+from __future__ import annotations
+
+import time
+
+from .store import Store, StoreLocator
+
+CENSUS_VIEW_VERSION = 1
+
+
+def census_experiment_uri(root: str, organism: str) -> str:
+    """The URI of ``census_data/<organism>`` under a Census root, checked the way cellxgene_census opens it."""
+    import cellxgene_census
+
+    from . import organism_key
+
+    key = organism_key(organism)
+    with cellxgene_census.open_soma(uri=root) as census:
+        try:
+            return census["census_data"][key].uri
+        except KeyError:
+            raise ValueError(f"{root}: no organism {key!r} in census_data "
+                             f"(has {sorted(census['census_data'].keys())})") from None
+
+
+class CensusView(Store):
+    """``Store`` interface over a Census experiment, pinned to one TileDB timestamp."""
+
+    def __init__(self, root: str, organism: str = "homo_sapiens", timestamp_ms: int | None = None):
+        self.root = str(root)
+        ts = int(timestamp_ms if timestamp_ms is not None else time.time() * 1000)
+        self.locator = StoreLocator(census_experiment_uri(self.root, organism), ts)
+        self.manifest = None
+        with self.locator.open() as exp:
+            self.n_genes = int(exp.ms["RNA"].var.count)
+            self._ranges = _joinid_runs(exp)
+
+    @property
+    def n_cells(self) -> int:
+        return sum(b - a for a, b in self._ranges)
+
+    def complete_ranges(self) -> list[tuple[int, int]]:
+        return list(self._ranges)
+
+    def require_counts(self, purpose: str = "pretraining") -> None:
+        return None  # Census X["raw"] holds raw counts by definition
+
+    def gene_stats(self):
+        raise ValueError(f"LoaderConfig.tokenizer: 'rank' needs per-gene medians, which the Census experiment "
+                         f"{self.root} does not have; use tokenizer 'bin' or 'value', or write the query to a "
+                         f"store (atlasflow query --out-store) and run `atlasflow store stats` on it")
+
+
+def _joinid_runs(exp) -> list[tuple[int, int]]:
+    """Half-open runs of the joinids present in obs, from Arrow batches of the joinid column only."""
+    import numpy as np
+
+    runs: list[tuple[int, int]] = []
+    for tbl in exp.obs.read(column_names=["soma_joinid"]):
+        ids = np.sort(tbl["soma_joinid"].to_numpy())
+        if len(ids) == 0:
+            continue
+        breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+        for a, b in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(ids)]])):
+            runs.append((int(ids[a]), int(ids[b - 1]) + 1))
+    runs.sort()
+    merged: list[tuple[int, int]] = []
+    for a, b in runs:
+        if merged and merged[-1][1] >= a:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
