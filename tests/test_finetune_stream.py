@@ -131,3 +131,36 @@ def test_finetune_worker_trains_from_the_stream(stores, tmp_path):
     assert classes == list(spec.classes) and meta["n_cells"] == len(_store_labels(ft))
     with pytest.raises(ValueError, match="FinetuneConfig.label"):
         plan_stream(PretrainedModel(ckpt), ft, "no_such_column")
+
+
+def test_stream_from_a_census_mirror_in_place(tmp_path):
+    import cellxgene_census
+
+    from atlasflow.ingest.synth import synthesize
+    from atlasflow.train.embed import PretrainedModel
+    from atlasflow.train.finetune_data import plan_stream, stream_batches, streamable
+    from atlasflow.train.query import QueryConfig, to_store
+
+    root = str(tmp_path / "census")
+    synthesize(root, 150, 90, 2, 9, layout="census")
+    q = QueryConfig(source="census", uri=root, organism="Homo sapiens", obs_value_filter="cell_type != 'hepatocyte'")
+    # the checkpoint is pretrained on a store copy of the mirror: same genes, its own joinids and medians
+    to_store(QueryConfig(source="census", uri=root), str(tmp_path / "s"))
+    ckpt = make_checkpoint(tmp_path / "ckpt", str(tmp_path / "s"))
+    assert streamable(q) and not streamable(QueryConfig(source="census", census_version="stable"))
+    spec = plan_stream(PretrainedModel(ckpt), q, "cell_type")
+    assert spec.census_organism == "Homo sapiens" and spec.store == root
+    with cellxgene_census.open_soma(uri=root) as c:
+        obs = cellxgene_census.get_obs(c, "Homo sapiens", value_filter=q.obs_value_filter,
+                                       column_names=["soma_joinid", "cell_type"])
+    truth = dict(zip(obs["soma_joinid"].astype(int), obs["cell_type"].astype(str)))
+    assert 0 < len(truth) < 150 and list(spec.classes) == sorted(set(truth.values()))
+    from atlasflow.train.finetune_data import stream_loader
+
+    seen = set()
+    n_batches = len(stream_loader(spec, 8, 0, 0, 1))  # one epoch
+    for _, (batch, y) in zip(range(n_batches), stream_batches(spec, 8, 0, 0, 1)):
+        for r, j in enumerate(batch["soma_joinid"].tolist()):
+            assert spec.classes[int(y[r])] == truth[j]
+            seen.add(j)
+    assert seen == set(truth)

@@ -1,10 +1,10 @@
 """``atlasflow finetune``: a cell-type classification head on a pretrained encoder, under Ray Train.
 
 Cells are tokenized with the checkpoint's vocabulary (genes not in it are reported and dropped).
-A store (or a store query by obs filter) is streamed: each worker reads its own partition with
-``atlasflow.loader`` (see ``finetune_data``). An .h5ad file, a Census query or a subsampled query is
-tokenized once on the driver and handed to the workers through the Ray object store; rank r trains
-on cells r, r + world, ... (such sets must fit in memory).
+A store or a local Census mirror (or a query of one by obs filter) is streamed: each worker reads
+its own partition with ``atlasflow.loader`` (see ``finetune_data``). An .h5ad file, a remote Census
+query or a subsampled query is tokenized once on the driver and handed to the workers through the
+Ray object store; rank r trains on cells r, r + world, ... (such sets must fit in memory).
 
 ``mode="frozen"`` trains the head only (encoder in eval mode, no gradients); ``"full"`` also
 updates the encoder with its own, smaller learning rate. The result is a regular training
@@ -281,9 +281,9 @@ def run_finetune(base_checkpoint: str, source, cfg: FinetuneConfig, label_map: d
                  medians_store: str | None = None) -> dict:
     """Fine-tune on the labelled cells of ``source`` (tokenized with the checkpoint's vocabulary).
 
-    A store, or a store query selecting by obs filter, is streamed by every worker
-    (``finetune_data``); .h5ad files, Census queries and subsampled queries are tokenized on the
-    driver first (sets that fit in memory).
+    A store or a local Census mirror, or a query of one selecting by obs filter, is streamed by
+    every worker (``finetune_data``); .h5ad files, remote Census queries and subsampled queries are
+    tokenized on the driver first (sets that fit in memory).
     """
     from .embed import PretrainedModel
     from .finetune_data import plan_stream, streamable

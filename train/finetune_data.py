@@ -1,5 +1,6 @@
-"""Where fine-tuning batches come from: streamed from a store by each Ray Train worker, or (for
-.h5ad files, Census and subsampled queries) tokenized once on the driver and shared in memory.
+"""Where fine-tuning batches come from: streamed from a store (or a local Census mirror) by each Ray
+Train worker, or (for .h5ad files, remote Census and subsampled queries) tokenized once on the
+driver and shared in memory.
 
 Streaming: the driver only scans obs for the label counts (class list and class weights) and checks
 the vocabulary; every worker then opens the store at the same pinned snapshot and streams its own
@@ -23,7 +24,7 @@ STREAM_SPEC_VERSION = 1
 class StreamSpec:
     """Everything a worker needs to stream labelled batches (pickled into train_loop_config)."""
 
-    store: str
+    store: str  # store path, or the Census mirror root when census_organism is set
     timestamp_ms: int
     obs_filter: str | None
     label: str
@@ -35,26 +36,27 @@ class StreamSpec:
     tokenizer: str
     max_len: int
     n_bins: int
+    census_organism: str | None = None  # a Census mirror, read in place (store.census_view)
     version: int = STREAM_SPEC_VERSION
 
 
 def streamable(source) -> bool:
-    """A store path, or a store query that selects by obs filter only (no subsample, no gene subset)."""
+    """A store path, or a query of a store or a local Census mirror that selects by obs filter only
+    (no subsample, no gene subset)."""
     from .query import QueryConfig
 
     if isinstance(source, QueryConfig):
-        return source.source == "store" and not (source.per_label_cap or source.fraction < 1.0 or source.genes)
+        where = source.source == "store" or bool(source.uri)  # remote Census: tokenized on the driver
+        return where and not (source.per_label_cap or source.fraction < 1.0 or source.genes)
     return isinstance(source, (str, os.PathLike)) and not str(source).endswith(".h5ad")
 
 
 def plan_stream(model, source, label: str, label_map: dict | None = None) -> StreamSpec:
     """Driver side: label counts from one obs scan, the vocabulary check, the worker's recipe."""
-    from atlasflow.store import open_store
-
     from .query import QueryConfig, select
 
     q = source if isinstance(source, QueryConfig) else QueryConfig(source="store", uri=os.fspath(source))
-    store = open_store(q.uri)
+    store = _open(q.uri, q.organism if q.source == "census" else None, None)
     try:
         sel = select(QueryConfig(**{**q.__dict__, "label": label, "obs_columns": ()}))
     except ValueError as exc:
@@ -78,11 +80,11 @@ def plan_stream(model, source, label: str, label_map: dict | None = None) -> Str
     med = None
     if model.meta["tokenizer"] == "rank":
         med = np.array([model.medians[f] for f in model.vocab.gene_feature_ids], dtype=np.float64)
-    return StreamSpec(store=store.uri, timestamp_ms=int(store.timestamp_ms), obs_filter=q.obs_value_filter or None,
+    return StreamSpec(store=q.uri if q.source == "census" else store.uri, timestamp_ms=int(store.timestamp_ms), obs_filter=q.obs_value_filter or None,
                       label=label, classes=tuple(classes), counts=tuple(counts[c] for c in classes),
                       label_map=label_map, vocab=model.vocab.to_dict(), gene_medians=med,
                       tokenizer=model.meta["tokenizer"], max_len=int(model.meta["max_len"]),
-                      n_bins=int(model.meta["n_bins"]))
+                      n_bins=int(model.meta["n_bins"]), census_organism=q.organism if q.source == "census" else None)
 
 
 def stream_loader(spec: StreamSpec, batch_size: int, seed: int, rank: int, world_size: int):
@@ -95,7 +97,18 @@ def stream_loader(spec: StreamSpec, batch_size: int, seed: int, rank: int, world
                        shuffle=True, seed=seed, obs_filter=spec.obs_filter, obs_columns=(spec.label,),
                        rank=rank, world_size=world_size, remainder="pad", timestamp_ms=spec.timestamp_ms,
                        num_workers=0)
-    return make_loader(spec.store, cfg, vocab=Vocab.from_dict(spec.vocab), gene_medians=spec.gene_medians)
+    store = _open(spec.store, spec.census_organism, spec.timestamp_ms)
+    return make_loader(store, cfg, vocab=Vocab.from_dict(spec.vocab), gene_medians=spec.gene_medians)
+
+
+def _open(uri: str, census_organism: str | None, timestamp_ms: int | None):
+    if census_organism:
+        from atlasflow.store.census_view import CensusView
+
+        return CensusView(uri, census_organism, timestamp_ms)
+    from atlasflow.store import open_store
+
+    return open_store(uri, timestamp_ms)
 
 
 def stream_batches(spec: StreamSpec, batch_size: int, seed: int, rank: int, world_size: int):
