@@ -11,7 +11,9 @@ Memory knobs (per DataLoader worker process, defaults measured on the 200k x 20k
   workers: each worker shuffles ``window_cells / num_workers``); one window is tokenized and held in memory
   (about 7 to 14 KB per cell at ~1.7k nonzero genes, i.e. ~110-220 MB) while the next one is read
   and tokenized ahead of it (so two windows at most).
-- ``prefetch_reads`` (1): raw reads queued ahead by the background read thread.
+- ``prefetch_reads`` (1): raw reads queued ahead of tokenization.
+- ``read_threads`` (2): concurrent TileDB reads in a process without DataLoader workers (workers
+  read on one thread each: they already run in parallel). Each thread holds one read in flight.
 - ``bucket_batches`` (0 = off): length-sort cells across this many batches of the shuffled window
   and cut batches from that (padding drops from ~28% to ~5% at 8), at a cost in mixing, since cell
   length correlates with the dataset: keep it off where batch composition matters; the trainer's
@@ -53,6 +55,7 @@ class LoaderConfig:
     read_cells: int = 2048
     window_cells: int = 16384
     prefetch_reads: int = 1
+    read_threads: int = 2
     bucket_batches: int = 0
     remainder: str = "drop"
     timestamp_ms: int | None = None
@@ -66,6 +69,7 @@ class LoaderConfig:
             _one_of(self, "split", SPLITS)
         for name, lo in (("max_len", 3), ("batch_size", 1), ("num_workers", 0), ("n_bins", 3),
                          ("chunk_cells", 1), ("read_cells", 1), ("window_cells", 1), ("prefetch_reads", 1),
+                         ("read_threads", 1),
                          ("bucket_batches", 0), ("seed", 0), ("epoch", 0)):
             _int_at_least(self, name, lo)
         if self.n_bins > 32767:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
+import threading
 
 import numpy as np
 import torch
@@ -166,7 +167,7 @@ class CellStream(IterableDataset):
     def _stream(self, sp: P.ShardPlan, start: int):
         cfg = self.cfg
         wb = sp.window_cells // sp.batch_size
-        reader = BlockReader(self.locator, cfg.obs_columns, self.obs_categories)
+        local, readers = threading.local(), []
         tok = Tokenizer(cfg.tokenizer, cfg.max_len, cfg.n_bins, self._lut, self._medians, cfg.seed)
         cum = self.runs.cum()
 
@@ -177,7 +178,11 @@ class CellStream(IterableDataset):
                     ranges = [r for a, b in zip(s.tolist(), e.tolist()) for r in self.runs.to_joinids(a, b, cum)]
                     yield w, k == len(reads) - 1, ranges
 
-        def read(task):
+        def read(task):  # one open handle per read thread
+            reader = getattr(local, "reader", None)
+            if reader is None:
+                reader = local.reader = BlockReader(self.locator, cfg.obs_columns, self.obs_categories)
+                readers.append(reader)
             return task, reader.read(task[2])
 
         def tokenize(item):
@@ -193,7 +198,8 @@ class CellStream(IterableDataset):
 
         pending: list[TokenBlock] = []
         skip = start % wb
-        reads = Prefetcher(tasks(), read, cfg.prefetch_reads)
+        threads = cfg.read_threads if cfg.num_workers == 0 else 1  # workers already read in parallel
+        reads = Prefetcher(tasks(), read, max(cfg.prefetch_reads, threads), threads)
         # In-process (no workers), tokenized blocks queue up to a whole window ahead: the next window
         # is read and tokenized while the consumer trains on this one (two windows in memory at
         # most). DataLoader workers overlap with each other and with training already, so each
@@ -218,4 +224,5 @@ class CellStream(IterableDataset):
         finally:
             reads.close()
             blocks.close()
-            reader.close()
+            for reader in readers:
+                reader.close()

@@ -11,6 +11,7 @@ import atexit
 import queue
 import threading
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -92,7 +93,7 @@ def release_memory() -> None:
 
 
 _TRIM = None
-_OK, _DONE, _ERR = 0, 1, 2
+_OK, _DONE, _ERR, _FUT = 0, 1, 2, 3
 _LIVE: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
 
 
@@ -103,13 +104,15 @@ def _close_all():  # a thread still inside TileDB at interpreter exit aborts the
 
 
 class Prefetcher:
-    """Yields ``fn(task)`` for each task, computed on a background thread at most ``depth`` ahead.
-    Prefetchers chain (one thread per stage: read, then tokenize), so I/O, tokenization and
-    collation overlap; TileDB and large numpy operations release the GIL."""
+    """Yields ``fn(task)`` for each task, in task order, computed in the background at most
+    ``depth`` ahead, on ``threads`` threads. Prefetchers chain (read, then tokenize), so I/O,
+    tokenization and collation overlap; TileDB and the numba kernels release the GIL, so two read
+    threads keep both cores of a small machine busy."""
 
-    def __init__(self, tasks, fn, depth: int):
+    def __init__(self, tasks, fn, depth: int, threads: int = 1):
         self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="atlasflow-io") if threads > 1 else None
         self._thread = threading.Thread(target=self._run, args=(iter(tasks), fn), daemon=True,
                                         name="atlasflow-prefetch")
         self._thread.start()
@@ -127,7 +130,8 @@ class Prefetcher:
     def _run(self, tasks, fn):
         try:
             for task in tasks:
-                if self._stop.is_set() or not self._put((_OK, fn(task))):
+                item = (_FUT, self._pool.submit(fn, task)) if self._pool else (_OK, fn(task))
+                if self._stop.is_set() or not self._put(item):
                     return
             self._put((_DONE, None))
         except BaseException as exc:  # handed to the consumer, raised there
@@ -147,6 +151,12 @@ class Prefetcher:
                 continue
         if kind == _OK:
             return item
+        if kind == _FUT:
+            try:
+                return item.result()
+            except BaseException:
+                self.close()
+                raise
         if kind == _ERR:
             self.close()
             raise item
@@ -156,7 +166,11 @@ class Prefetcher:
         self._stop.set()
         while True:
             try:
-                self._q.get_nowait()
+                kind, item = self._q.get_nowait()
+                if kind == _FUT:
+                    item.cancel()
             except queue.Empty:
                 break
         self._thread.join(timeout=5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)  # no thread may be left inside TileDB
