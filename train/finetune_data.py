@@ -80,11 +80,13 @@ def plan_stream(model, source, label: str, label_map: dict | None = None) -> Str
     med = None
     if model.meta["tokenizer"] == "rank":
         med = np.array([model.medians[f] for f in model.vocab.gene_feature_ids], dtype=np.float64)
-    return StreamSpec(store=q.uri if q.source == "census" else store.uri, timestamp_ms=int(store.timestamp_ms), obs_filter=q.obs_value_filter or None,
+    census = q.organism if q.source == "census" else None
+    return StreamSpec(store=q.uri if census else store.uri, timestamp_ms=int(store.timestamp_ms),
+                      obs_filter=q.obs_value_filter or None,
                       label=label, classes=tuple(classes), counts=tuple(counts[c] for c in classes),
                       label_map=label_map, vocab=model.vocab.to_dict(), gene_medians=med,
                       tokenizer=model.meta["tokenizer"], max_len=int(model.meta["max_len"]),
-                      n_bins=int(model.meta["n_bins"]), census_organism=q.organism if q.source == "census" else None)
+                      n_bins=int(model.meta["n_bins"]), census_organism=census)
 
 
 def stream_loader(spec: StreamSpec, batch_size: int, seed: int, rank: int, world_size: int):
