@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
 import multiprocessing
-import os
 
 import numpy as np
 from torchdata.stateful_dataloader import StatefulDataLoader
@@ -12,7 +10,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from .config import LoaderConfig
 from .dataset import CellStream
 from .state import LOADER_FORMAT, STATE_FORMAT_VERSION, check_state
-from .vocab import N_SPECIAL, Vocab
+from .vocab import Vocab
 
 
 class AtlasLoader(StatefulDataLoader):
@@ -56,45 +54,8 @@ def make_loader(store, cfg: LoaderConfig | None = None, *, vocab: Vocab | None =
     cfg = cfg or LoaderConfig()
     if overrides:
         cfg = LoaderConfig(**{**cfg.to_dict(), **overrides})
-    if vocab is None:
-        if gene_medians is not None:
-            raise ValueError("make_loader: gene_medians belong to a vocabulary; pass vocab as well")
-        ds = CellStream(store, cfg)
-    else:
-        ds = _stream_with_vocab(store, cfg, vocab, gene_medians)
+    ds = CellStream(store, cfg, vocab=vocab, gene_medians=gene_medians)
     kw = {}
     if cfg.num_workers > 0:
         kw = {"prefetch_factor": 2, "persistent_workers": False, "multiprocessing_context": _worker_context()}
     return AtlasLoader(ds, batch_size=None, num_workers=cfg.num_workers, **kw)
-
-
-def _stream_with_vocab(store, cfg: LoaderConfig, vocab: Vocab, gene_medians) -> CellStream:
-    """A CellStream whose token lookup (and rank medians) come from ``vocab``, not the store's var.
-
-    CellStream has no constructor argument for this yet (loader/dataset.py derives vocabulary and
-    medians from the store), so the stream is built with a median-free tokenizer, which keeps it
-    from requiring the store's gene stats, and its lookup table, medians and tokenizer are then
-    replaced before anything is read.
-    """
-    from atlasflow.store import Store, open_store
-
-    if cfg.tokenizer == "rank":
-        if gene_medians is None:
-            raise ValueError("make_loader: gene_medians: the rank tokenizer over a foreign vocabulary needs the "
-                             "medians the vocabulary was trained with")
-        gene_medians = np.asarray(gene_medians, dtype=np.float64)
-        if len(gene_medians) != len(vocab.gene_feature_ids):
-            raise ValueError(f"make_loader: gene_medians: {len(gene_medians)} values for "
-                             f"{len(vocab.gene_feature_ids)} vocabulary genes")
-    store = store if isinstance(store, Store) else open_store(os.fspath(store), cfg.timestamp_ms)
-    ds = CellStream(store, dataclasses.replace(cfg, tokenizer="value"))
-    lut = vocab.lookup_table_for_var(store.var())
-    ds.vocab, ds._lut, ds.cfg = vocab, lut, cfg
-    if cfg.tokenizer == "rank":
-        med = np.full(len(lut), np.nan)
-        known = lut >= 0
-        med[known] = gene_medians[lut[known] - N_SPECIAL]
-        ds._medians = med
-    else:
-        ds._medians = None
-    return ds

@@ -21,7 +21,7 @@ from .query import check_columns, column_labels, query_runs, restrict_to_split
 from .runs import Runs
 from .state import STATE_FORMAT_VERSION, STREAM_FORMAT, check_state
 from .tokenize import TokenBlock, Tokenizer
-from .vocab import Vocab
+from .vocab import N_SPECIAL, Vocab
 
 
 def resolve_rank_world(cfg: LoaderConfig) -> tuple[int, int]:
@@ -53,17 +53,45 @@ def _load_medians(store: Store) -> np.ndarray:
     return med
 
 
+def _medians_for_vocab(vocab: Vocab, lut: np.ndarray, gene_medians) -> np.ndarray:
+    """Store-gene-indexed medians from medians aligned with ``vocab.gene_feature_ids``."""
+    if gene_medians is None:
+        raise ValueError("make_loader: gene_medians: the rank tokenizer over a foreign vocabulary needs the "
+                         "medians the vocabulary was trained with")
+    gene_medians = np.asarray(gene_medians, dtype=np.float64)
+    if len(gene_medians) != len(vocab.gene_feature_ids):
+        raise ValueError(f"make_loader: gene_medians: {len(gene_medians)} values for "
+                         f"{len(vocab.gene_feature_ids)} vocabulary genes")
+    med = np.full(len(lut), np.nan)
+    known = lut >= 0
+    med[known] = gene_medians[lut[known] - N_SPECIAL]
+    return med
+
+
 class CellStream(IterableDataset):
-    def __init__(self, store, cfg: LoaderConfig | None = None):
+    """``vocab``: tokenize with this vocabulary instead of the store's own (a checkpoint's), genes
+    matched by Ensembl id; ``gene_medians`` (rank): the medians that vocabulary was trained with,
+    aligned with ``vocab.gene_feature_ids`` (the store's own gene stats are then not needed)."""
+
+    def __init__(self, store, cfg: LoaderConfig | None = None, *, vocab: Vocab | None = None,
+                 gene_medians: np.ndarray | None = None):
         cfg = cfg or LoaderConfig()
         if not isinstance(cfg, LoaderConfig):
             raise TypeError(f"CellStream: cfg must be a LoaderConfig, got {type(cfg).__name__}")
+        if vocab is None and gene_medians is not None:
+            raise ValueError("make_loader: gene_medians belong to a vocabulary; pass vocab as well")
         store = store if isinstance(store, Store) else open_store(os.fspath(store), cfg.timestamp_ms)
         self.cfg = cfg
         self.locator = store.locator
-        self.vocab = Vocab.from_var(store.var(), cfg.gene_filter)
-        self._lut = self.vocab.lookup_table(store.n_genes)
-        self._medians = _load_medians(store) if cfg.tokenizer == "rank" else None
+        rank = cfg.tokenizer == "rank"
+        if vocab is None:
+            self.vocab = Vocab.from_var(store.var(), cfg.gene_filter)
+            self._lut = self.vocab.lookup_table(store.n_genes)
+            self._medians = _load_medians(store) if rank else None
+        else:
+            self.vocab = vocab
+            self._lut = vocab.lookup_table_for_var(store.var())
+            self._medians = _medians_for_vocab(vocab, self._lut, gene_medians) if rank else None
         with store.experiment() as exp:
             check_columns(exp, [cfg.balance_by, cfg.split_by if cfg.split else None, *cfg.obs_columns],
                           "balance_by / split_by / obs_columns")
