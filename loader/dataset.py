@@ -194,13 +194,13 @@ class CellStream(IterableDataset):
 
     def _stream(self, sp: P.ShardPlan, start: int):
         cfg = self.cfg
-        wb = sp.window_cells // sp.batch_size
+        first_window, skip = sp.locate(start)
         local, readers = threading.local(), []
         tok = Tokenizer(cfg.tokenizer, cfg.max_len, cfg.n_bins, self._lut, self._medians, cfg.seed)
         cum = self.runs.cum()
 
         def tasks():
-            for w in range(start // wb, sp.n_windows):
+            for w in range(first_window, sp.n_windows):
                 reads = P.read_groups(*sp.window(w), cfg.read_cells)
                 for k, (s, e) in enumerate(reads):
                     ranges = [r for a, b in zip(s.tolist(), e.tolist()) for r in self.runs.to_joinids(a, b, cum)]
@@ -225,7 +225,6 @@ class CellStream(IterableDataset):
             return task, block
 
         pending: list[TokenBlock] = []
-        skip = start % wb
         threads = cfg.read_threads if cfg.num_workers == 0 else 1  # workers already read in parallel
         reads = Prefetcher(tasks(), read, max(cfg.prefetch_reads, threads), threads)
         # In-process (no workers), tokenized blocks queue up to a whole window ahead: the next window

@@ -137,12 +137,32 @@ class ShardPlan:
         return self.n_batches * self.batch_size
 
     @property
+    def first_window_cells(self) -> int:
+        """The first window is half size: the first batch comes after half the fill time."""
+        return max(self.batch_size, (self.window_cells // 2) // self.batch_size * self.batch_size)
+
+    @property
     def n_windows(self) -> int:
-        return -(-self.n_cells // self.window_cells)
+        f = self.first_window_cells
+        return 1 if self.n_cells <= f else 1 + -(-(self.n_cells - f) // self.window_cells)
+
+    def window_range(self, w: int) -> tuple[int, int]:
+        """Cell positions [lo, hi) of window ``w`` within the shard."""
+        f = self.first_window_cells
+        lo = 0 if w == 0 else f + (w - 1) * self.window_cells
+        hi = f if w == 0 else lo + self.window_cells
+        return lo, min(self.n_cells, hi)
 
     def window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
-        lo = w * self.window_cells
-        return clip_pieces(self.starts, self.stops, lo, min(self.n_cells, lo + self.window_cells))
+        return clip_pieces(self.starts, self.stops, *self.window_range(w))
+
+    def locate(self, batch: int) -> tuple[int, int]:
+        """(window, batches to skip in it) of the shard's ``batch``-th batch (resume position)."""
+        cell, f = batch * self.batch_size, self.first_window_cells
+        if cell < f:
+            return 0, batch
+        w = 1 + (cell - f) // self.window_cells
+        return w, (cell - self.window_range(w)[0]) // self.batch_size
 
     def window_order(self, w: int, n: int) -> np.ndarray:
         if not self.shuffle:
