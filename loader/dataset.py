@@ -225,7 +225,7 @@ class CellStream(IterableDataset):
             return task, block
 
         pending: list[TokenBlock] = []
-        threads = cfg.read_threads if cfg.num_workers == 0 else 1  # workers already read in parallel
+        threads = cfg.read_threads
         reads = Prefetcher(tasks(), read, max(cfg.prefetch_reads, threads), threads)
         # In-process (no workers), tokenized blocks queue up to a whole window ahead: the next window
         # is read and tokenized while the consumer trains on this one (two windows in memory at
