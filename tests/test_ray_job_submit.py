@@ -1,7 +1,9 @@
-"""`atlasflow ingest` as a Ray job: `ray start --head` + `ray job submit --working-dir .` on loopback."""
+"""`atlasflow ingest`, `store stats` and `train` as Ray jobs: `ray start --head` + `ray job submit
+--working-dir .` on loopback, the way a cluster user runs them."""
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import signal
@@ -72,6 +74,16 @@ def test_ingest_under_ray_job_submit(tmp_path):
             time.sleep(3)
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
         assert "2 added" in job.stdout + job.stderr
+        runs = tmp_path / "runs"
+        for cmd in (["atlasflow", "store", "stats", str(store)],
+                    ["atlasflow", "train", "--preset", "debug", "--store", str(store), "--storage-path", str(runs),
+                     "--name", "rj", "--set", "train.max_steps=4", "--set", "train.ckpt_every=2", "--no-plot"]):
+            job = subprocess.run([ray_bin, "job", "submit", "--address", address, "--working-dir", ".", "--", *cmd],
+                                 cwd=work, env=env, capture_output=True, text=True, timeout=300)
+            assert job.returncode == 0, " ".join(cmd) + job.stdout[-3000:] + job.stderr[-3000:]
+        summary = json.loads(job.stdout[job.stdout.index("{\n"):job.stdout.rindex("}") + 1])
+        assert summary["step"] == 4 and Path(summary["checkpoint"]).is_dir()
+        assert str(runs) in summary["checkpoint"]
     finally:
         if head.poll() is None:
             os.killpg(head.pid, signal.SIGTERM)
