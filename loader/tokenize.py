@@ -103,6 +103,8 @@ class Tokenizer:
         self.lut = np.ascontiguousarray(lut, dtype=np.int32)
         self.medians = None if medians is None else \
             np.where(np.isfinite(medians) & (medians > 0), medians, 1.0).astype(np.float64)
+        if self.medians is not None and len(self.medians) < len(self.lut):  # kernels skip bounds checks
+            raise ValueError(f"rank tokenizer: {len(self.medians)} gene medians for {len(self.lut)} store genes")
         self._qs = np.linspace(0, 1, n_bins - 1)  # numpy's own quantile points, passed to the kernel
 
     def __call__(self, indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, joinids: np.ndarray,
