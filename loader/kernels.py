@@ -30,6 +30,8 @@ def csr_from_coo_rows(dim0, ids, contiguous):
             r = d - base
         else:
             r = np.searchsorted(ids, d)
+        if r < 0 or r >= n or (not contiguous and ids[r] != d):
+            raise ValueError("X read returned a row that was not requested")
         rows[k] = r
         if r < prev:
             ok = False
