@@ -11,9 +11,10 @@ Memory knobs (per DataLoader worker process, defaults measured on the 200k x 20k
   workers: each worker shuffles ``window_cells / num_workers``); one window is tokenized and held in memory
   (about 7 to 14 KB per cell at ~1.7k nonzero genes, i.e. ~110-220 MB) while the next one is read
   and tokenized ahead of it (so two windows at most).
-- ``prefetch_reads`` (1): raw reads queued ahead of tokenization.
-- ``read_threads`` (2): concurrent TileDB reads per process (main process or each DataLoader
-  worker); each thread holds one read in flight.
+- ``prefetch_reads`` (1): tokenized blocks a DataLoader worker keeps ahead (without workers a
+  whole window is kept ahead).
+- ``read_threads`` (2): threads per process (main process or each DataLoader worker) that each
+  read a group of chunks and tokenize it; each holds one read in flight.
 - ``bucket_batches`` (0 = off): length-sort cells across this many batches of the shuffled window
   and cut batches from that (padding drops from ~28% to ~5% at 8), at a cost in mixing, since cell
   length correlates with the dataset: keep it off where batch composition matters; the trainer's

@@ -225,14 +225,14 @@ class CellStream(IterableDataset):
             return task, block
 
         pending: list[TokenBlock] = []
-        threads = cfg.read_threads
-        reads = Prefetcher(tasks(), read, max(cfg.prefetch_reads, threads), threads)
-        # In-process (no workers), tokenized blocks queue up to a whole window ahead: the next window
-        # is read and tokenized while the consumer trains on this one (two windows in memory at
-        # most). DataLoader workers overlap with each other and with training already, so each
-        # keeps one block ahead and about one window of memory.
-        ahead = -(-sp.window_cells // cfg.read_cells) if cfg.num_workers == 0 else 1
-        blocks = Prefetcher(reads, tokenize, max(1, ahead))
+        # Each I/O thread reads a group and tokenizes it (the kernels release the GIL), so both stages
+        # run on every thread; blocks come back in plan order. In-process (no workers), tokenized
+        # blocks queue up to a whole window ahead: the next window is read and tokenized while the
+        # consumer trains on this one (two windows in memory at most). DataLoader workers overlap
+        # with each other and with training already, so each keeps about one window of memory.
+        ahead = -(-sp.window_cells // cfg.read_cells) if cfg.num_workers == 0 else cfg.prefetch_reads
+        blocks = Prefetcher(tasks(), lambda task: tokenize(read(task)), max(1, ahead),
+                                    cfg.read_threads)
         try:
             for (w, last, _), block in blocks:
                 pending.append(block)
@@ -249,7 +249,6 @@ class CellStream(IterableDataset):
                 skip = 0
                 window = batches = None  # free before the next window is assembled
         finally:
-            reads.close()
             blocks.close()
             for reader in readers:
                 reader.close()

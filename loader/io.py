@@ -93,7 +93,7 @@ def release_memory() -> None:
 
 
 _TRIM = None
-_OK, _DONE, _ERR, _FUT = 0, 1, 2, 3
+_DONE, _ERR, _FUT = 1, 2, 3
 _LIVE: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
 
 
@@ -105,14 +105,15 @@ def _close_all():  # a thread still inside TileDB at interpreter exit aborts the
 
 class Prefetcher:
     """Yields ``fn(task)`` for each task, in task order, computed in the background at most
-    ``depth`` ahead, on ``threads`` threads. Prefetchers chain (read, then tokenize), so I/O,
-    tokenization and collation overlap; TileDB and the numba kernels release the GIL, so two read
-    threads keep both cores of a small machine busy."""
+    ``depth`` ahead, on a pool of ``threads`` threads (a feeder thread submits the tasks). TileDB
+    and the numba kernels release the GIL, so two threads keep both cores of a small machine busy.
+    ``close()`` waits for every running task: no thread may be left inside TileDB when the caller
+    closes its handles (that aborts the process)."""
 
     def __init__(self, tasks, fn, depth: int, threads: int = 1):
         self._q: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
-        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="atlasflow-io") if threads > 1 else None
+        self._pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="atlasflow-io")
         self._thread = threading.Thread(target=self._run, args=(iter(tasks), fn), daemon=True,
                                         name="atlasflow-prefetch")
         self._thread.start()
@@ -130,8 +131,7 @@ class Prefetcher:
     def _run(self, tasks, fn):
         try:
             for task in tasks:
-                item = (_FUT, self._pool.submit(fn, task)) if self._pool else (_OK, fn(task))
-                if self._stop.is_set() or not self._put(item):
+                if self._stop.is_set() or not self._put((_FUT, self._pool.submit(fn, task))):
                     return
             self._put((_DONE, None))
         except BaseException as exc:  # handed to the consumer, raised there
@@ -149,8 +149,6 @@ class Prefetcher:
                 break
             except queue.Empty:
                 continue
-        if kind == _OK:
-            return item
         if kind == _FUT:
             try:
                 return item.result()
@@ -171,6 +169,5 @@ class Prefetcher:
                     item.cancel()
             except queue.Empty:
                 break
-        self._thread.join(timeout=5)
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)  # no thread may be left inside TileDB
+        self._thread.join(timeout=5)  # the feeder only submits: it stops within one queue timeout
+        self._pool.shutdown(wait=True, cancel_futures=True)
