@@ -80,6 +80,7 @@ def map_genes(ids, organism: str = "homo_sapiens", symbols=None) -> GeneMapping:
             # Retired/renamed IDs: fall back to the symbol, but never onto an ID the source
             # already has (or that an earlier fallback claimed): that would merge two genes.
             sym_map = _symbol_table(organism)
+            symbols = np.asarray(symbols, dtype=object)  # positional, whatever the caller passed (a Series too)
             claimed = set(stripped[known])
             for i in np.flatnonzero(~known):
                 cand = sym_map.get(str(symbols[i]))
