@@ -274,3 +274,24 @@ def seq_tokens(indptr, cols, vals, lut, joinids, hash_state, max_len, cls_id, qs
                 norm[o + 1 + j] = np.float64(x) / raw_sum[i] * 1e4
             j += 1
     return offsets, ids, bins, norm, cnt
+
+
+def _readonly(a: np.ndarray) -> np.ndarray:
+    a = a.copy()
+    a.setflags(write=False)
+    return a
+
+
+def warm() -> None:
+    """Compile (or load from the cache) every kernel for the arrays the loader passes (read-only ones
+    come straight from Arrow, a separate numba signature): run once at image build time so that no
+    worker compiles on its first batch."""
+    ip, cols, lut = np.array([0, 2], dtype=np.int64), np.array([0, 1], dtype=np.int32), np.array([4, 5], dtype=np.int32)
+    for vals in (np.array([1, 2], dtype=np.float32), _readonly(np.array([1, 2], dtype=np.float32))):
+        rank_tokens(ip, cols, vals, lut, np.ones(2), 10, 2, 3)
+        for want_bins in (True, False):
+            seq_tokens(ip, cols, vals, lut, np.zeros(1, dtype=np.int64), np.uint64(1), 10, 2, np.linspace(0, 1, 50),
+                       want_bins)
+    for dim0 in (np.zeros(2, dtype=np.int64), _readonly(np.zeros(2, dtype=np.int64))):
+        csr_from_coo_rows(dim0, np.zeros(1, dtype=np.int64), True)
+    cols_sorted_within_rows(ip, cols)
