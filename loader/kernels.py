@@ -129,19 +129,26 @@ def _exact_ties(ks, y):
 
 
 @njit(**_OPTS)
+def _layout(cnt, limit, specials):
+    """Token offsets (at most ``limit`` genes + ``specials`` per cell) and the longest cell (>= 1)."""
+    n = len(cnt)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    width = 1
+    for i in range(n):
+        offsets[i + 1] = offsets[i] + min(cnt[i], limit) + specials
+        width = max(width, cnt[i])
+    return offsets, width
+
+
+@njit(**_OPTS)
 def rank_tokens(indptr, cols, vals, lut, medians, max_len, cls_id, eos_id):
     """Geneformer rank: y = x / raw_sum * 1e4 / median, descending, ties by ascending gene id."""
     n = len(indptr) - 1
     raw_sum, cnt = _keep_counts(indptr, cols, vals, lut)
     limit = max_len - 2
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    for i in range(n):
-        offsets[i + 1] = offsets[i] + min(cnt[i], limit) + 2
+    offsets, width = _layout(cnt, limit, 2)
     ids = np.empty(offsets[n], dtype=np.int32)
     nl = len(lut)
-    width = 0
-    for i in range(n):
-        width = max(width, cnt[i])
     y = np.empty(width, dtype=np.float64)
     y32 = np.empty(width, dtype=np.float32)
     u32 = y32.view(np.uint32)
@@ -183,17 +190,12 @@ def seq_tokens(indptr, cols, vals, lut, joinids, hash_state, max_len, cls_id, qs
     n = len(indptr) - 1
     raw_sum, cnt = _keep_counts(indptr, cols, vals, lut)
     limit = max_len - 1
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    for i in range(n):
-        offsets[i + 1] = offsets[i] + min(cnt[i], limit) + 1
+    offsets, width = _layout(cnt, limit, 1)
     total = offsets[n]
     ids = np.empty(total, dtype=np.int32)
     bins = np.zeros(total if want_bins else 0, dtype=np.int16)
     norm = np.zeros(0 if want_bins else total, dtype=np.float64)
     nl = len(lut)
-    width = 1
-    for i in range(n):
-        width = max(width, cnt[i])
     v32 = np.empty(width, dtype=np.float32)
     vbits = v32.view(np.uint32)  # counts >= 0: float32 bits sort like the values
     keys = np.empty(width, dtype=np.uint64)
