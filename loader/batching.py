@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import kernels as K
 from .tokenize import TokenBlock
 
 
@@ -100,18 +101,15 @@ def collate(window: TokenWindow | TokenBlock, idx: np.ndarray, label_columns=())
     vals = arena.array("values").reshape(-1) if window.has_values else None
     bins = arena.array("bins").reshape(-1) if window.has_bins else None
     blk = np.searchsorted(window.cum, idx, side="right") - 1
-    for b in np.unique(blk):  # at most one pass per block of the window
-        rows = np.flatnonzero(blk == b)
-        block, n = window.blocks[b], lens[rows]
-        out_off = np.concatenate([[0], np.cumsum(n)[:-1]]).astype(np.int64)
-        run = np.arange(int(n.sum()), dtype=np.int64)
-        src = np.repeat(block.offsets[idx[rows] - window.cum[b]] - out_off, n) + run
-        dst = np.repeat(rows * L - out_off, n) + run
-        ids[dst] = block.ids[src]
+    local, rows = idx - window.cum[blk], np.arange(B, dtype=np.int64)
+    for b in np.unique(blk):  # one kernel call per block of the window and field
+        sel = blk == b
+        block, cells, at = window.blocks[b], local[sel], rows[sel]
+        K.scatter_rows(block.offsets, block.ids, cells, at, L, ids)
         if vals is not None:
-            vals[dst] = block.values[src]
+            K.scatter_rows(block.offsets, block.values, cells, at, L, vals)
         if bins is not None:
-            bins[dst] = block.bins[src]
+            K.scatter_rows(block.offsets, block.bins, cells, at, L, bins)
     for c in label_columns:
         arena.array(f"obs.{c}")[:] = window.labels[c][idx]
     return {name: arena.tensor(name) for name, _, _ in specs}

@@ -61,9 +61,9 @@ class BlockReader:
         cols = tbl["soma_dim_1"].to_numpy().astype(np.int32)  # 20 -> 8 bytes per nonzero once the table goes
         vals = tbl["soma_data"].to_numpy()
         del tbl
-        indptr, row, grouped = csr_from_coo_rows(dim0, ids, contiguous)
+        indptr, grouped = csr_from_coo_rows(dim0, ids, contiguous)
         if not (grouped and cols_sorted_within_rows(indptr, cols)):
-            o = np.lexsort((cols, row))  # TileDB may return unordered cells; CSR needs (row, col)
+            o = np.lexsort((cols, np.searchsorted(ids, dim0)))  # TileDB may return unordered cells; CSR needs (row, col)
             cols, vals = cols[o], vals[o]
         labels = self._labels(exp, coords, ids) if self.obs_columns else {}
         return ids, indptr, cols, vals, labels

@@ -17,29 +17,46 @@ _OPTS = dict(cache=True, nogil=True, boundscheck=False)
 @njit(**_OPTS)
 def csr_from_coo_rows(dim0, ids, contiguous):
     """indptr over ``ids`` (sorted unique joinids) for COO rows ``dim0``; ok=False when the
-    entries are not grouped by row in ascending order (the caller then sorts)."""
+    entries are not grouped by row in ascending order (the caller then sorts). A row id is looked
+    up once per run of equal ids (TileDB returns a cell's entries together), not once per entry."""
     n = len(ids)
     counts = np.zeros(n + 1, dtype=np.int64)
-    rows = np.empty(len(dim0), dtype=np.int64)
     ok = True
-    prev = -1
     base = ids[0] if n else 0
+    last = np.int64(-1)
+    r = -1
+    prev = -1
     for k in range(len(dim0)):
         d = dim0[k]
-        if contiguous:
-            r = d - base
-        else:
-            r = np.searchsorted(ids, d)
-        if r < 0 or r >= n or (not contiguous and ids[r] != d):
-            raise ValueError("X read returned a row that was not requested")
-        rows[k] = r
-        if r < prev:
-            ok = False
-        prev = r
+        if d != last or r < 0:
+            if contiguous:
+                r = d - base
+            elif r + 1 < n and ids[r + 1] == d:
+                r = r + 1
+            else:
+                r = np.searchsorted(ids, d)
+            if r < 0 or r >= n or (not contiguous and ids[r] != d):
+                raise ValueError("X read returned a row that was not requested")
+            if r < prev:
+                ok = False
+            prev = r
+            last = d
         counts[r + 1] += 1
     for i in range(n):
         counts[i + 1] += counts[i]
-    return counts, rows, ok
+    return counts, ok
+
+
+@njit(**_OPTS)
+def scatter_rows(offsets, src, cells, rows, width, out):
+    """Row ``rows[j]`` of the flat (B, width) ``out`` starts with cell ``cells[j]``'s entries
+    ``src[offsets[c]:offsets[c + 1]]`` (the rest of the row is left as it is: padding)."""
+    for j in range(len(cells)):
+        a = offsets[cells[j]]
+        n = offsets[cells[j] + 1] - a
+        o = rows[j] * width
+        for k in range(n):
+            out[o + k] = src[a + k]
 
 
 @njit(**_OPTS)
@@ -297,3 +314,7 @@ def warm() -> None:
     for dim0 in (np.zeros(2, dtype=np.int64), _readonly(np.zeros(2, dtype=np.int64))):
         csr_from_coo_rows(dim0, np.zeros(1, dtype=np.int64), True)
     cols_sorted_within_rows(ip, cols)
+    cells, rows = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    for src, out in ((cols, np.zeros(2, dtype=np.int64)), (np.zeros(2, dtype=np.float32), np.zeros(2, dtype=np.float32)),
+                     (np.zeros(2, dtype=np.int16), np.zeros(2, dtype=np.int64))):
+        scatter_rows(ip, src, cells, rows, 2, out)

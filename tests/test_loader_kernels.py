@@ -3,12 +3,15 @@ tokenizer compiles nothing new (so an image that ran warm() never compiles on a 
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
+
 from atlasflow.loader import LoaderConfig, make_loader
 from atlasflow.loader import kernels as K
 
 from test_loader_fixtures import real_store
 
-KERNELS = (K.rank_tokens, K.seq_tokens, K.csr_from_coo_rows, K.cols_sorted_within_rows)
+KERNELS = (K.rank_tokens, K.seq_tokens, K.csr_from_coo_rows, K.cols_sorted_within_rows, K.scatter_rows)
 
 
 def test_warm_covers_every_signature_the_loader_uses(tmp_path_factory):
@@ -22,3 +25,38 @@ def test_warm_covers_every_signature_the_loader_uses(tmp_path_factory):
     after = {k.py_func.__name__: set(k.signatures) for k in KERNELS}
     assert after == before
     assert all(before.values())
+
+
+def _reference_indptr(dim0, ids):
+    """Straightforward CSR row pointers over ``ids``: count the entries of each requested row."""
+    pos = {int(j): r for r, j in enumerate(ids)}
+    rows = np.array([pos[int(d)] for d in dim0], dtype=np.int64)
+    indptr = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.add.at(indptr, rows + 1, 1)
+    return np.cumsum(indptr)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_csr_from_coo_rows_matches_a_direct_count(contiguous, shuffled):
+    rng = np.random.default_rng(7)
+    ids = np.arange(100, 140) if contiguous else np.sort(rng.choice(10_000, 40, replace=False))
+    per_row = rng.integers(0, 6, len(ids))  # some rows are empty
+    dim0 = np.repeat(ids, per_row).astype(np.int64)
+    cols = np.concatenate([np.sort(rng.choice(50, k, replace=False)) for k in per_row]).astype(np.int32)
+    if shuffled:
+        o = rng.permutation(len(dim0))
+        dim0, cols = dim0[o], cols[o]
+    indptr, grouped = K.csr_from_coo_rows(dim0, ids.astype(np.int64), contiguous)
+    want_indptr = _reference_indptr(dim0, ids)
+    np.testing.assert_array_equal(indptr, want_indptr)
+    assert grouped == (not shuffled)
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_csr_from_coo_rows_refuses_a_row_that_was_not_requested(contiguous):
+    ids = np.array([10, 11, 12], dtype=np.int64) if contiguous else np.array([10, 12, 14], dtype=np.int64)
+    for bad in (9, 13 if not contiguous else 15, 99):
+        dim0 = np.array([10, 10, bad], dtype=np.int64)
+        with pytest.raises(ValueError, match="not requested"):
+            K.csr_from_coo_rows(dim0, ids, contiguous)
