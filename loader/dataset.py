@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import sys
 import threading
@@ -195,7 +196,7 @@ class CellStream(IterableDataset):
     def _stream(self, sp: P.ShardPlan, start: int):
         cfg = self.cfg
         first_window, skip = sp.locate(start)
-        local, readers = threading.local(), []
+        local, readers, slots = threading.local(), [], itertools.count()
         tok = Tokenizer(cfg.tokenizer, cfg.max_len, cfg.n_bins, self._lut, self._medians, cfg.seed)
         cum = self.runs.cum()
 
@@ -209,7 +210,8 @@ class CellStream(IterableDataset):
         def read(task):  # one open handle per read thread
             reader = getattr(local, "reader", None)
             if reader is None:
-                reader = local.reader = BlockReader(self.locator, cfg.obs_columns, self.obs_categories)
+                reader = local.reader = BlockReader(self.locator, cfg.obs_columns, self.obs_categories,
+                                                    slot=next(slots))
                 readers.append(reader)
             return task, reader.read(task[2])
 

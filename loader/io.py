@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from atlasflow.store.schema import MEASUREMENT, X_LAYER
+from atlasflow.store.store import read_context
 
 from .kernels import cols_sorted_within_rows, csr_from_coo_rows
 
@@ -24,15 +25,16 @@ from .kernels import cols_sorted_within_rows, csr_from_coo_rows
 class BlockReader:
     """Reads cells (X rows as CSR + obs label codes) by joinid ranges. Opens lazily, once per process."""
 
-    def __init__(self, locator, obs_columns: tuple[str, ...] = (), categories: dict | None = None):
-        self.locator = locator
+    def __init__(self, locator, obs_columns: tuple[str, ...] = (), categories: dict | None = None,
+                 slot: int | None = None):
+        self.locator, self.slot = locator, slot  # slot: this read thread's own TileDB context
         self.obs_columns = tuple(obs_columns)
         self.categories = categories or {}
         self._exp = None
 
     def _open(self):
         if self._exp is None:
-            self._exp = self.locator.open()
+            self._exp = self.locator.open(context=None if self.slot is None else read_context(self.slot))
             self._X = self._exp.ms[MEASUREMENT].X[X_LAYER]
         return self._exp
 

@@ -60,3 +60,41 @@ def test_csr_from_coo_rows_refuses_a_row_that_was_not_requested(contiguous):
         dim0 = np.array([10, 10, bad], dtype=np.int64)
         with pytest.raises(ValueError, match="not requested"):
             K.csr_from_coo_rows(dim0, ids, contiguous)
+
+
+def _block(rows):
+    indptr = np.concatenate([[0], np.cumsum([len(r) for r in rows])]).astype(np.int64)
+    vals = np.concatenate(rows).astype(np.float32)
+    cols = np.concatenate([np.arange(len(r)) for r in rows]).astype(np.int32)
+    return indptr, cols, vals
+
+
+@pytest.mark.parametrize("kind", ["counts", "all_equal", "one_gene", "huge_counts", "fractional"])
+def test_bin_kernel_equals_numpy_quantile_and_digitize(kind):
+    """Both ways the kernel bins a cell (histogram of integral counts, sort of anything else) give
+    np.digitize(v, np.quantile(v, linspace(0, 1, n_bins - 1)))."""
+    rng = np.random.default_rng(3)
+    n_bins, rows = 51, []
+    for _ in range(40):
+        m = int(rng.integers(1, 300))
+        if kind == "counts":
+            r = rng.geometric(0.3, m) + rng.integers(0, 2, m) * rng.integers(0, 200, m)
+        elif kind == "all_equal":
+            r = np.full(m, 7)
+        elif kind == "one_gene":
+            r = rng.integers(1, 50, 1)
+        elif kind == "huge_counts":
+            r = rng.integers(1, 10**6, m)
+        else:
+            r = rng.gamma(1.0, 3.0, m) + 0.01
+        rows.append(r)
+    indptr, cols, vals = _block(rows)
+    lut = np.arange(400, dtype=np.int32) + 4
+    _, ids, bins, _, _ = K.seq_tokens(indptr, cols, vals, lut, np.arange(len(rows), dtype=np.int64), np.uint64(1),
+                                      10_000, 2, np.linspace(0, 1, n_bins - 1), True)
+    off = 0
+    for r in rows:
+        v = np.asarray(r, dtype=np.float32).astype(np.float64)
+        want = np.digitize(v, np.quantile(v, np.linspace(0, 1, n_bins - 1)))
+        np.testing.assert_array_equal(bins[off + 1: off + 1 + len(r)], want)
+        off += len(r) + 1
