@@ -49,14 +49,17 @@ def csr_from_coo_rows(dim0, ids, contiguous):
 
 @njit(**_OPTS)
 def scatter_rows(offsets, src, cells, rows, width, out):
-    """Row ``rows[j]`` of the flat (B, width) ``out`` starts with cell ``cells[j]``'s entries
-    ``src[offsets[c]:offsets[c + 1]]`` (the rest of the row is left as it is: padding)."""
+    """Row ``rows[j]`` of the flat (B, width) ``out`` := cell ``cells[j]``'s entries
+    ``src[offsets[c]:offsets[c + 1]]`` then zeros (padding) to ``width``: every byte of the row is
+    written once, so ``out`` need not be zeroed first."""
     for j in range(len(cells)):
         a = offsets[cells[j]]
         n = offsets[cells[j] + 1] - a
         o = rows[j] * width
         for k in range(n):
             out[o + k] = src[a + k]
+        for k in range(n, width):
+            out[o + k] = 0
 
 
 @njit(**_OPTS)
@@ -116,6 +119,40 @@ def _radix_sort(keys, tmp, m, cnt, lowest_bit):
             cnt[d] += 1
         src, dst = dst, src
     return src[:m]
+
+
+@njit(**_OPTS)
+def _kth_smallest_hash(h, m, k, cnt, tmp):
+    """(t, c): t = the k-th smallest of h[:m], c = how many of the k smallest equal t. One pass
+    buckets the (uniform) hashes by their top 11 bits; only the bucket holding the k-th is sorted
+    (a few entries): O(m) instead of a full 64-bit sort."""
+    sh = np.uint64(53)
+    cnt[:] = 0
+    for j in range(m):
+        cnt[h[j] >> sh] += 1
+    below, b = 0, 0
+    while below + cnt[b] < k:
+        below += cnt[b]
+        b += 1
+    t = 0
+    for j in range(m):
+        if (h[j] >> sh) == b:
+            tmp[t] = h[j]
+            t += 1
+    for p in range(1, t):  # insertion sort of one bucket
+        cur = tmp[p]
+        q = p - 1
+        while q >= 0 and tmp[q] > cur:
+            tmp[q + 1] = tmp[q]
+            q -= 1
+        tmp[q + 1] = cur
+    need = k - below
+    thr = tmp[need - 1]
+    c = 0
+    for q in range(need):
+        if tmp[q] == thr:
+            c += 1
+    return thr, c
 
 
 @njit(**_OPTS)
@@ -316,14 +353,8 @@ def seq_tokens(indptr, cols, vals, lut, joinids, hash_state, max_len, cls_id, qs
                 g = cols[k]
                 if vals[k] > 0 and g < nl and lut[g] >= 0:
                     h[m] = _splitmix64(c ^ np.uint64(g))
-                    keys[m] = h[m]
                     m += 1
-            hs = _radix_sort(keys, tmp, m, cnt11, 0)
-            thr = hs[limit - 1]
-            at_thr = 0
-            for q in range(limit):
-                if hs[q] == thr:
-                    at_thr += 1
+            thr, at_thr = _kth_smallest_hash(h, m, limit, cnt11, tmp)
             m = 0
         j = 0
         for k in range(indptr[i], indptr[i + 1]):

@@ -98,3 +98,20 @@ def test_bin_kernel_equals_numpy_quantile_and_digitize(kind):
         want = np.digitize(v, np.quantile(v, np.linspace(0, 1, n_bins - 1)))
         np.testing.assert_array_equal(bins[off + 1: off + 1 + len(r)], want)
         off += len(r) + 1
+
+
+@pytest.mark.parametrize("spread", ["uniform", "one_bucket", "duplicates"])
+def test_kth_smallest_hash_equals_a_sort(spread):
+    rng = np.random.default_rng(11)
+    for _ in range(30):
+        m = int(rng.integers(1, 400))
+        h = rng.integers(0, 2**63, m, dtype=np.uint64) * np.uint64(2) + rng.integers(0, 2, m, dtype=np.uint64)
+        if spread == "one_bucket":  # same top 11 bits: the whole input lands in one bucket
+            h = (h >> np.uint64(11)) | np.uint64(0xABC << 52)
+        elif spread == "duplicates":
+            h = rng.choice(h[: max(1, m // 4)], m)
+        k = int(rng.integers(1, m + 1))
+        thr, at = K._kth_smallest_hash(h.copy(), m, k, np.empty(2049, dtype=np.int64), np.empty(m, dtype=np.uint64))
+        s = np.sort(h)
+        assert thr == s[k - 1]
+        assert at == int((s[:k] == s[k - 1]).sum())
