@@ -233,7 +233,7 @@ class CellStream(IterableDataset):
         # consumer trains on this one (two windows in memory at most). DataLoader workers overlap
         # with each other and with training already, so each keeps about one window of memory.
         ahead = -(-sp.window_cells // cfg.read_cells) if cfg.num_workers == 0 else cfg.prefetch_reads
-        blocks = Prefetcher(tasks(), lambda task: tokenize(read(task)), max(1, ahead), cfg.read_threads)
+        blocks = Prefetcher(tasks(), lambda task: tokenize(read(task)), max(1, ahead), cfg.threads_per_process)
         try:
             for (w, last, _), block in blocks:
                 pending.append(block)

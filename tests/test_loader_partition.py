@@ -99,6 +99,14 @@ def test_bad_config_names_the_field():
         LoaderConfig(batch_size=3.5)
     with pytest.raises(ValueError, match="split_fractions"):
         LoaderConfig(split_fractions=(0.5, 0.5, 0.5))
+    with pytest.raises(ValueError, match="read_threads"):
+        LoaderConfig(read_threads=0)
+
+
+def test_read_threads_default_to_two_in_process_and_one_per_worker():
+    assert LoaderConfig().threads_per_process == 2
+    assert LoaderConfig(num_workers=3).threads_per_process == 1
+    assert LoaderConfig(num_workers=3, read_threads=4).threads_per_process == 4
 
 
 def test_bad_query_is_refused(uri):
