@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-_OPTS = dict(cache=True, nogil=True, boundscheck=False)
+_OPTS = dict(cache=True, nogil=True, boundscheck=False, error_model="numpy")
 
 
 @njit(**_OPTS)
@@ -101,24 +101,45 @@ def _splitmix64(x):
 
 
 @njit(**_OPTS)
-def _radix_sort(keys, tmp, m, cnt, lowest_bit):
-    """Stable LSD radix sort of keys[:m] by their bits from ``lowest_bit`` up (11-bit digits), in
-    O(m) per digit. numba's own sort ran 5-6x slower than this inside these kernels (measured).
-    Keys with equal sorted bits keep their input order. Returns the sorted view."""
+def _radix_sort(keys, tmp, m, cnt, lowest_bit, max_bits=64):
+    """Stable LSD radix sort of keys[:m] by their bits from ``lowest_bit`` up, in O(m) per digit.
+    Only the bits that differ between the keys are sorted, in as few digits of at most 11 bits as
+    cover them; with ``max_bits`` only the highest that many of those (the caller then orders runs
+    of equal sorted bits itself). numba's own sort ran 5-6x slower than this inside these kernels
+    (measured). Keys with equal sorted bits keep their input order.
+    Returns (the sorted view, the lowest bit sorted)."""
+    lo = np.uint64(lowest_bit)
+    diff = np.uint64(0)
+    first = keys[0] >> lo if m > 0 else np.uint64(0)
+    for j in range(m):
+        diff |= (keys[j] >> lo) ^ first
+    nbits = 0
+    while diff != np.uint64(0):
+        diff >>= np.uint64(1)
+        nbits += 1
+    if nbits == 0:
+        return keys[:m], lowest_bit
+    if nbits > max_bits:
+        lowest_bit += nbits - max_bits
+        nbits = max_bits
+    passes = (nbits + 10) // 11
+    width = (nbits + passes - 1) // passes
+    nb = 1 << width
+    mask = np.uint64(nb - 1)
     src, dst = keys, tmp
-    for shift in range(lowest_bit, 64, 11):
-        sh = np.uint64(shift)
-        cnt[:] = 0
+    for p in range(passes):
+        sh = np.uint64(lowest_bit + p * width)
+        cnt[: nb + 1] = 0
         for j in range(m):
-            cnt[((src[j] >> sh) & np.uint64(2047)) + 1] += 1
-        for b in range(2048):
+            cnt[((src[j] >> sh) & mask) + 1] += 1
+        for b in range(nb):
             cnt[b + 1] += cnt[b]
         for j in range(m):
-            d = (src[j] >> sh) & np.uint64(2047)
+            d = (src[j] >> sh) & mask
             dst[cnt[d]] = src[j]
             cnt[d] += 1
         src, dst = dst, src
-    return src[:m]
+    return src[:m], lowest_bit
 
 
 @njit(**_OPTS)
@@ -156,15 +177,16 @@ def _kth_smallest_hash(h, m, k, cnt, tmp):
 
 
 @njit(**_OPTS)
-def _exact_ties(ks, y):
-    """Runs of equal float32 keys: order by float64 y descending, then position (insertion sort;
-    such runs are short)."""
+def _exact_ties(ks, y, low):
+    """Runs of keys equal from bit ``low`` up: order by float64 y descending, then position
+    (insertion sort; such runs are short, and already in position order where y is equal)."""
     m = len(ks)
+    sh = np.uint64(low)
     a = 0
     while a < m:
         b = a + 1
-        hi = ks[a] >> np.uint64(32)
-        while b < m and (ks[b] >> np.uint64(32)) == hi:
+        hi = ks[a] >> sh
+        while b < m and (ks[b] >> sh) == hi:
             b += 1
         if b - a > 1:
             for p in range(a + 1, b):
@@ -223,8 +245,10 @@ def rank_tokens(indptr, cols, vals, lut, medians, max_len, cls_id, eos_id):
                 m += 1
         for j in range(m):  # descending float32 bits, then position (= ascending gene id)
             keys[j] = ((np.uint64(0xFFFFFFFF) - np.uint64(u32[j])) << np.uint64(32)) | np.uint64(j)
-        ks = _radix_sort(keys, tmp, m, cnt11, 32)
-        _exact_ties(ks, y)
+        # The top 22 bits that differ (two passes) put the genes in order up to runs of nearly
+        # equal y; _exact_ties orders those runs by the float64 y, then gene id (exact).
+        ks, low = _radix_sort(keys, tmp, m, cnt11, 32, 22)
+        _exact_ties(ks, y, low)
         o = offsets[i]
         ids[o] = cls_id
         take = min(m, limit)
@@ -328,7 +352,7 @@ def seq_tokens(indptr, cols, vals, lut, joinids, hash_state, max_len, cls_id, qs
             elif m > 0:
                 for j in range(m):
                     keys[j] = np.uint64(vbits[j]) << np.uint64(32)
-                ks = _radix_sort(keys, tmp, m, cnt11, 32)
+                ks, _ = _radix_sort(keys, tmp, m, cnt11, 32)
                 for j in range(m):
                     vbits[j] = np.uint32(ks[j] >> np.uint64(32))
                 s = v32[:m]

@@ -115,3 +115,25 @@ def test_kth_smallest_hash_equals_a_sort(spread):
         s = np.sort(h)
         assert thr == s[k - 1]
         assert at == int((s[:k] == s[k - 1]).sum())
+
+
+@pytest.mark.parametrize("spread", [1e-9, 1e-6, 1e-3, 1.0])
+def test_rank_kernel_orders_nearly_equal_values_exactly(spread):
+    """Genes whose y differ only far below float32 precision, or not at all: the order is still y
+    descending (float64), then ascending gene id, as a plain sort computes it."""
+    rng = np.random.default_rng(5)
+    n_genes, rows = 600, []
+    med = 1.0 + rng.integers(0, 4, n_genes) * spread * rng.random(n_genes)
+    for _ in range(20):
+        g = np.sort(rng.choice(n_genes, int(rng.integers(1, n_genes)), replace=False))
+        rows.append((g, rng.integers(1, 4, len(g)).astype(np.float32)))
+    indptr = np.concatenate([[0], np.cumsum([len(g) for g, _ in rows])]).astype(np.int64)
+    cols = np.concatenate([g for g, _ in rows]).astype(np.int32)
+    vals = np.concatenate([v for _, v in rows])
+    lut = np.arange(n_genes, dtype=np.int32) + 4
+    offsets, ids = K.rank_tokens(indptr, cols, vals, lut, med, 10_000, 2, 3)
+    for i, (g, v) in enumerate(rows):
+        x = v.astype(np.float64)
+        y = x / x.sum() * 1e4 / med[g]
+        want = [4 + int(g[k]) for k in sorted(range(len(g)), key=lambda k: (-y[k], g[k]))]
+        np.testing.assert_array_equal(ids[offsets[i] + 1: offsets[i + 1] - 1], want)
