@@ -14,7 +14,8 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from atlasflow.store.schema import MEASUREMENT, X_LAYER
 from atlasflow.store.store import read_context
@@ -30,6 +31,7 @@ class BlockReader:
         self.locator, self.slot = locator, slot  # slot: this read thread's own TileDB context
         self.obs_columns = tuple(obs_columns)
         self.categories = categories or {}
+        self._value_sets: dict[str, pa.Array] = {}
         self._exp = None
 
     def _open(self):
@@ -45,7 +47,7 @@ class BlockReader:
 
     def __getstate__(self):  # handles never cross processes
         d = dict(self.__dict__)
-        d["_exp"] = None
+        d["_exp"], d["_value_sets"] = None, {}
         d.pop("_X", None)
         return d
 
@@ -71,12 +73,20 @@ class BlockReader:
         return ids, indptr, cols, vals, labels
 
     def _labels(self, exp, coords, ids) -> dict[str, np.ndarray]:
+        """Codes into ``categories`` (built by ``query.column_labels`` from Arrow's string cast of
+        the column, so non-string columns are cast the same way here); -1 only if a row is missing."""
         tbl = exp.obs.read(coords=coords, column_names=["soma_joinid", *self.obs_columns]).concat()
-        df = tbl.to_pandas().set_index("soma_joinid").reindex(ids)
+        at = np.searchsorted(ids, tbl["soma_joinid"].to_numpy())
         out = {}
         for c in self.obs_columns:
-            cat = pd.Categorical(df[c].astype(str), categories=self.categories[c])
-            out[c] = np.asarray(cat.codes, dtype=np.int64)  # -1 only if the obs row is missing
+            if c not in self._value_sets:
+                self._value_sets[c] = pa.array(self.categories[c], type=pa.large_string())
+            col = tbl[c]
+            if col.type != pa.large_string():
+                col = pc.cast(col, pa.large_string())
+            codes = np.full(len(ids), -1, dtype=np.int64)
+            codes[at] = pc.index_in(col, value_set=self._value_sets[c]).fill_null(-1).to_numpy()
+            out[c] = codes
         return out
 
 

@@ -154,3 +154,24 @@ def test_rank_without_stats_tells_what_to_run(tmp_path_factory):
     uri = synth_store(tmp_path_factory)
     with pytest.raises(ValueError, match="atlasflow store stats"):
         make_loader(uri, LoaderConfig(tokenizer="rank"))
+
+
+def test_obs_label_codes_decode_to_the_stored_values_for_every_column_type(tmp_path_factory):
+    """String, bool, int and float obs columns: categories[code] is the cell's stored value."""
+    uri = synth_store(tmp_path_factory)
+    cols = ("cell_type", "is_primary_data", "nnz", "raw_sum")
+    obs = open_store(uri).obs(list(cols))
+    loader = make_loader(uri, LoaderConfig(tokenizer="value", obs_columns=cols, batch_size=16, window_cells=64,
+                                           read_cells=32, chunk_cells=16))
+    cats = loader.dataset.obs_categories
+    parse = {"cell_type": str, "is_primary_data": lambda s: {"true": True, "false": False}[s], "nnz": int,
+             "raw_sum": float}
+    seen = 0
+    for b in loader:
+        for i, jid in enumerate(b["soma_joinid"].tolist()):
+            for c in cols:
+                code = int(b[f"obs.{c}"][i])
+                assert code >= 0, (c, jid)
+                assert parse[c](cats[c][code]) == obs.loc[jid, c], (c, jid)
+            seen += 1
+    assert seen >= len(obs) - 16
