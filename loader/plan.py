@@ -138,8 +138,9 @@ class ShardPlan:
 
     @property
     def first_window_cells(self) -> int:
-        """The first window is half size: the first batch comes after half the fill time."""
-        return max(self.batch_size, (self.window_cells // 2) // self.batch_size * self.batch_size)
+        """The first window is a quarter size: the first batch comes after a quarter of the fill
+        time (on 2 cores: 0.5 -> 0.3 s), at a small cost in mixing for its batches only."""
+        return max(self.batch_size, (self.window_cells // 4) // self.batch_size * self.batch_size)
 
     @property
     def n_windows(self) -> int:

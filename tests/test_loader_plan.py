@@ -64,12 +64,12 @@ def test_runs_intersect_and_positions():
     assert Runs.from_sorted_ids(np.array([1, 2, 3, 7, 8, 10])).n_runs == 3
 
 
-def test_first_window_is_half_and_locate_finds_every_batch():
+def test_first_window_is_a_quarter_and_locate_finds_every_batch():
     plans, nb, window = plan_epoch(3000, batch_size=16, chunk_cells=50, window_cells=200, seed=2, epoch=3,
                                    shuffle=True, n_shards=2, remainder="drop")
     sp = ShardPlan(*plans[0], nb, 16, window, 2, 3, 0, True)
     sizes = [hi - lo for lo, hi in map(sp.window_range, range(sp.n_windows))]
-    assert sizes[0] == 96 and set(sizes[1:-1]) == {192} and 0 < sizes[-1] <= 192
+    assert sizes[0] == 48 and set(sizes[1:-1]) == {192} and 0 < sizes[-1] <= 192
     assert sum(sizes) == nb * 16  # windows tile the shard
     walked = [(w, k) for w, n in enumerate(sizes) for k in range(n // 16)]  # batch -> (window, index)
     assert len(walked) == nb
