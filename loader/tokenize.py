@@ -124,7 +124,7 @@ class Tokenizer:
         if self.kind == "bin":
             out.bins = bins
         else:
-            out.values = np.log1p(norm).astype(np.float32)  # log1p(0) = 0 at <cls>
+            out.values = np.log1p(norm, out=norm).astype(np.float32)  # log1p(0) = 0 at <cls>
         return out
 
 

@@ -37,6 +37,7 @@ def soma_context() -> soma.SOMATileDBContext:
     return ctx
 
 
+READ_BUFFER_BYTES = 16 * 1024**2
 _READ_CONTEXTS: dict[tuple[int, int], soma.SOMATileDBContext] = {}
 
 
@@ -49,7 +50,7 @@ def read_context(slot: int) -> soma.SOMATileDBContext:
     ctx = _READ_CONTEXTS.get(key)
     if ctx is None:
         ctx = _READ_CONTEXTS[key] = soma.SOMATileDBContext(tiledb_config={
-            "soma.init_buffer_bytes": 128 * 1024**2, "py.init_buffer_bytes": 128 * 1024**2,
+            "soma.init_buffer_bytes": READ_BUFFER_BYTES, "py.init_buffer_bytes": READ_BUFFER_BYTES,
             "sm.compute_concurrency_level": 1, "sm.io_concurrency_level": 1})
     return ctx
 
