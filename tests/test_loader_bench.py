@@ -14,8 +14,9 @@ def test_bench_json_on_a_tiny_store(tmp_path_factory):
     out = json.loads(json.dumps(run(uri, cells=320, batch_size=16, tokenizers=("value",), workers=(0,),
                                     with_ml=False)))
     assert out["bench_format_version"] == BENCH_FORMAT_VERSION
-    scan, ours = out["runs"]
-    assert scan["loader"] == "raw_sequential_scan" and scan["cells_per_s"] > 0
+    scan, scan_tuned, ours = out["runs"]
+    for r, settings in ((scan, "store default"), (scan_tuned, "loader read threads'")):
+        assert r["loader"] == "raw_sequential_scan" and r["cells_per_s"] > 0 and r["tiledb_settings"] == settings
     assert ours["loader"] == "atlasflow" and ours["tokenizer"] == "value" and ours["workers"] == 0
     assert ours["cells"] == 320  # stops at the first whole batch past the requested count
     assert 0 < ours["entropy_ratio"] <= 1.2 and 0 <= ours["pad_fraction"] < 1
@@ -23,4 +24,6 @@ def test_bench_json_on_a_tiny_store(tmp_path_factory):
     env = out["environment"]
     assert env["cpus"] >= 1 and env["tiledbsoma"] and env["torch"] and env["numba"]
     assert out["summary"]["best"]["cells_per_s"] == ours["cells_per_s"]
-    assert 0 < out["summary"]["fraction_of_sequential_scan"]
+    ceiling = max(scan["cells_per_s"], scan_tuned["cells_per_s"])
+    assert out["summary"]["sequential_scan_cells_per_s"] == ceiling
+    assert out["summary"]["fraction_of_sequential_scan"] == round(ours["cells_per_s"] / ceiling, 3)
