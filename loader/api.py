@@ -35,7 +35,7 @@ def _worker_context():
     with 'std::system_error: No such process'). Like spawn, scripts need an
     ``if __name__ == "__main__":`` guard."""
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["atlasflow.loader"])
+    ctx.set_forkserver_preload(["atlasflow.loader._worker_preload"])
     return ctx
 
 

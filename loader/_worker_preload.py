@@ -1,0 +1,12 @@
+"""Imported by the DataLoader workers' forkserver: the loader's imports, then ``gc.freeze()``.
+
+Workers fork from the forkserver. Freezing moves every object imported so far (torch, tiledbsoma,
+numba, ...) out of the cyclic collector's reach, so a worker's collections neither walk them nor
+write to their headers, which would copy the shared pages into each worker (copy-on-write).
+"""
+
+import gc
+
+import atlasflow.loader  # noqa: F401
+
+gc.freeze()
