@@ -74,12 +74,14 @@ GENE_STATS_SCHEMA = pa.schema(
 # X tiling: all genes of a row in one space tile, so a block of cells is a contiguous run of data
 # tiles. Measured on 40k cells x 20k genes (57M nnz): random reads of 4 x 512-cell chunks 18.9k
 # cells/s vs 10.7k with tiledbsoma's default 2048 x 2048 tiles; sequential 33k vs 25k cells/s.
-# Filters as in the Census: double-delta row ids (constant along a cell), byte-shuffled gene ids
-# and counts before zstd. Measured on 40k cells of the bench store: 22% smaller, and reads take
-# 14% less CPU (random 8 x 256-cell chunks 80 vs 93 us/cell; sequential 57 vs 66 us/cell).
+# Filters: byte-shuffled gene ids and counts before zstd (as in the Census: 22% smaller than the
+# defaults, 14% less read CPU), row ids zstd alone: they are constant along a cell, so zstd packs
+# them as small as the Census' double-delta does (114.5 vs 114.9 MB for 40k cells of the bench
+# store), and double-delta decoding was a third of a random read's CPU (4 x 256-cell chunks with
+# the loader's read settings: 18.4 vs 29 us/cell).
 _ZSTD = {"_type": "ZstdFilter", "level": 3}
 X_PLATFORM_CONFIG = {"tiledb": {"create": {
-    "dims": {"soma_dim_0": {"tile": 2048, "filters": ["DoubleDeltaFilter", _ZSTD]},
+    "dims": {"soma_dim_0": {"tile": 2048, "filters": [_ZSTD]},
              "soma_dim_1": {"tile": 65536, "filters": ["ByteShuffleFilter", _ZSTD]}},
     "attrs": {"soma_data": {"filters": ["ByteShuffleFilter", _ZSTD]}},
     "capacity": 100_000,
