@@ -66,8 +66,8 @@ class BlockReader:
         vals = tbl["soma_data"].to_numpy()
         del tbl
         indptr, grouped = csr_from_coo_rows(dim0, ids, contiguous)
-        if not (grouped and cols_sorted_within_rows(indptr, cols)):
-            o = np.lexsort((cols, np.searchsorted(ids, dim0)))  # TileDB may return unordered cells; CSR needs (row, col)
+        if not (grouped and cols_sorted_within_rows(indptr, cols)):  # TileDB may return unordered cells
+            o = np.lexsort((cols, np.searchsorted(ids, dim0)))  # CSR needs (row, col) order
             cols, vals = cols[o], vals[o]
         labels = self._labels(exp, coords, ids) if self.obs_columns else {}
         return ids, indptr, cols, vals, labels
