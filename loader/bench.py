@@ -124,13 +124,11 @@ def measure_scan(store: str, cells: int, slice_rows: int = 8192, tuned: bool = F
     import tiledbsoma as soma
 
     from atlasflow.store import open_store
-    from atlasflow.store.store import READ_BUFFER_BYTES, soma_context
+    from atlasflow.store.store import READ_TILEDB_CONFIG, soma_context
 
     mem = PeakRSS().start()
     s = open_store(store)
-    ctx = soma.SOMATileDBContext(tiledb_config={
-        "soma.init_buffer_bytes": READ_BUFFER_BYTES, "py.init_buffer_bytes": READ_BUFFER_BYTES,
-        "sm.mem.malloc_trim": "false"}) if tuned else soma_context()
+    ctx = soma.SOMATileDBContext(tiledb_config=READ_TILEDB_CONFIG) if tuned else soma_context()
     n = nnz = 0
     t0 = time.perf_counter()
     with s.locator.open(context=ctx) as exp:

@@ -10,7 +10,7 @@ Memory knobs (per DataLoader worker process, defaults measured on the 200k x 20k
   per cell a read's results fit the read threads' 16 MB TileDB buffers in one pass (larger reads
   take two passes and a copy; larger buffers are mmap'd afresh and page-faulted on every read:
   measured on 2 cores, 2048-cell reads with 128 MB buffers spent 48 us/cell in the kernel, vs
-  ~35 with these defaults).
+  ~35 with these defaults, and ~15 once TileDB's per-query malloc_trim was off).
 - ``window_cells`` (16384): cells shuffled together per rank (shared out among the DataLoader
   workers: each worker shuffles ``window_cells / num_workers``); one window is tokenized and held in memory
   (about 7 to 14 KB per cell at ~1.7k nonzero genes, i.e. ~110-220 MB) while the next one is read
@@ -18,7 +18,7 @@ Memory knobs (per DataLoader worker process, defaults measured on the 200k x 20k
 - ``prefetch_reads`` (1): tokenized blocks a DataLoader worker keeps ahead (without workers a
   whole window is kept ahead).
 - ``read_threads`` (None = 2 without DataLoader workers, 1 per worker with them): threads per
-  process that each read a group of chunks and tokenize it; each holds one read in flight (~70 MB
+  process that each read a group of chunks and tokenize it; each holds one read in flight (~35 MB
   of TileDB/Arrow buffers at the defaults) and its own TileDB context. Workers already run in
   parallel; a second thread per worker measured no faster on 2 cores and cost ~0.25 GB PSS.
 - ``bucket_batches`` (0 = off): length-sort cells across this many batches of the shuffled window

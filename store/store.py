@@ -38,6 +38,9 @@ def soma_context() -> soma.SOMATileDBContext:
 
 
 READ_BUFFER_BYTES = 16 * 1024**2
+# What the loader's read threads (and the benchmark's tuned scan) set; see read_context.
+READ_TILEDB_CONFIG = {"soma.init_buffer_bytes": READ_BUFFER_BYTES, "py.init_buffer_bytes": READ_BUFFER_BYTES,
+                      "sm.mem.malloc_trim": "false"}
 _READ_CONTEXTS: dict[tuple[int, int], soma.SOMATileDBContext] = {}
 
 
@@ -53,9 +56,7 @@ def read_context(slot: int) -> soma.SOMATileDBContext:
     ctx = _READ_CONTEXTS.get(key)
     if ctx is None:
         ctx = _READ_CONTEXTS[key] = soma.SOMATileDBContext(tiledb_config={
-            "soma.init_buffer_bytes": READ_BUFFER_BYTES, "py.init_buffer_bytes": READ_BUFFER_BYTES,
-            "sm.compute_concurrency_level": 1, "sm.io_concurrency_level": 1,
-            "sm.mem.malloc_trim": "false"})
+            **READ_TILEDB_CONFIG, "sm.compute_concurrency_level": 1, "sm.io_concurrency_level": 1})
     return ctx
 
 
