@@ -14,11 +14,12 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from atlasflow.store import Store, open_store
 
+from . import kernels as K
 from . import plan as P
 from .batching import TokenWindow, batch_indices, collate
 from .config import LoaderConfig
 from .io import BlockReader, Prefetcher, release_memory
-from .query import check_columns, column_labels, query_runs, restrict_to_split
+from .query import check_columns, column_labels, obs_labels, query_runs, restrict_to_split
 from .runs import Runs
 from .state import STATE_FORMAT_VERSION, STREAM_FORMAT, check_state
 from .tokenize import TokenBlock, Tokenizer
@@ -81,6 +82,19 @@ class CellStream(IterableDataset):
             raise TypeError(f"CellStream: cfg must be a LoaderConfig, got {type(cfg).__name__}")
         if vocab is None and gene_medians is not None:
             raise ValueError("make_loader: gene_medians belong to a vocabulary; pass vocab as well")
+        # Load this tokenizer's compiled kernels while obs is read (TileDB releases the GIL), so the
+        # first reads do not wait for them; the thread ends before the constructor returns.
+        # (DataLoader workers fork from a forkserver that loaded every kernel once.)
+        kernels = threading.Thread(target=K.warm, args=(cfg.tokenizer,), name="atlasflow-warm", daemon=True)
+        if cfg.num_workers == 0:
+            kernels.start()
+        try:
+            self._build(store, cfg, vocab, gene_medians)
+        finally:
+            if kernels.is_alive():
+                kernels.join()
+
+    def _build(self, store, cfg: LoaderConfig, vocab, gene_medians):
         store = store if isinstance(store, Store) else open_store(os.fspath(store), cfg.timestamp_ms)
         self.cfg = cfg
         self.locator = store.locator
@@ -103,12 +117,17 @@ class CellStream(IterableDataset):
             if runs.n_cells == 0:
                 raise ValueError(f"CellStream: the query selects no committed cells (obs_filter={cfg.obs_filter!r}, "
                                  f"split={cfg.split!r}) in store {store.uri}")
-            self.groups = column_labels(exp, runs, cfg.balance_by, cfg.obs_filter) if cfg.balance_by else None
-            strat = cfg.stratify_by if (cfg.shuffle and self.groups is None and cfg.stratify_by) else None
+            strat = cfg.stratify_by if (cfg.shuffle and not cfg.balance_by and cfg.stratify_by) else None
             if strat is not None and strat not in exp.obs.schema.names:
                 strat = None  # stratification is an optimization; a store without the column just shuffles
-            self.strata = column_labels(exp, runs, strat, cfg.obs_filter) if strat else None
-            self.obs_categories = {c: column_labels(exp, runs, c, cfg.obs_filter, rle=False) for c in cfg.obs_columns}
+            # One pass over obs for every column asked for (run-length where the plan needs segments).
+            wanted = {c: False for c in cfg.obs_columns}
+            wanted.update({c: True for c in (cfg.balance_by, strat) if c})
+            labels = obs_labels(exp, runs, wanted, cfg.obs_filter) if wanted else {}
+            self.groups = labels[cfg.balance_by] if cfg.balance_by else None
+            self.strata = labels[strat] if strat else None
+            self.obs_categories = {c: labels[c] if isinstance(labels[c], list) else labels[c].categories
+                                   for c in cfg.obs_columns}
         self.runs = runs
         self._fingerprint = hashlib.blake2b(runs.starts.tobytes() + runs.stops.tobytes(), digest_size=8).hexdigest()
         self.rank, self.world_size = resolve_rank_world(cfg)

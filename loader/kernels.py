@@ -414,20 +414,26 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def warm() -> None:
-    """Compile (or load from the cache) every kernel for the arrays the loader passes (read-only ones
-    come straight from Arrow, a separate numba signature): run once at image build time so that no
-    worker compiles on its first batch."""
+def warm(tokenizer: str | None = None) -> None:
+    """Compile (or load from the cache) the kernels for the arrays the loader passes (read-only ones
+    come straight from Arrow, a separate numba signature): every kernel (``tokenizer`` None: at image
+    build time and in the DataLoader workers' forkserver) or those one tokenizer uses."""
     ip, cols, lut = np.array([0, 2], dtype=np.int64), np.array([0, 1], dtype=np.int32), np.array([4, 5], dtype=np.int32)
     for vals in (np.array([1, 2], dtype=np.float32), _readonly(np.array([1, 2], dtype=np.float32))):
-        rank_tokens(ip, cols, vals, lut, np.ones(2), 10, 2, 3)
+        if tokenizer in (None, "rank"):
+            rank_tokens(ip, cols, vals, lut, np.ones(2), 10, 2, 3)
         for want_bins in (True, False):
-            seq_tokens(ip, cols, vals, lut, np.zeros(1, dtype=np.int64), np.uint64(1), 10, 2, np.linspace(0, 1, 50),
-                       want_bins)
+            if tokenizer is None or tokenizer == ("bin" if want_bins else "value"):
+                seq_tokens(ip, cols, vals, lut, np.zeros(1, dtype=np.int64), np.uint64(1), 10, 2,
+                           np.linspace(0, 1, 50), want_bins)
     for dim0 in (np.zeros(2, dtype=np.int64), _readonly(np.zeros(2, dtype=np.int64))):
         csr_from_coo_rows(dim0, np.zeros(1, dtype=np.int64), True)
     cols_sorted_within_rows(ip, cols)
     cells, rows = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
-    for src, out in ((cols, np.zeros(2, dtype=np.int64)), (np.zeros(2, dtype=np.float32), np.zeros(2, dtype=np.float32)),
-                     (np.zeros(2, dtype=np.int16), np.zeros(2, dtype=np.int64))):
+    fields = [(cols, np.zeros(2, dtype=np.int64))]
+    if tokenizer in (None, "value"):
+        fields.append((np.zeros(2, dtype=np.float32), np.zeros(2, dtype=np.float32)))
+    if tokenizer in (None, "bin"):
+        fields.append((np.zeros(2, dtype=np.int16), np.zeros(2, dtype=np.int64)))
+    for src, out in fields:
         scatter_rows(ip, src, cells, rows, 2, out)

@@ -65,37 +65,53 @@ def query_runs(exp, complete: Runs, value_filter: str | None) -> Runs:
 
 def column_labels(exp, runs: Runs, column: str, value_filter: str | None, rle: bool = True):
     """Run-length labels of one obs column over the query's positions (or just its categories)."""
-    seen: dict[str, int] = {}
-    bounds, codes = [], []
+    return obs_labels(exp, runs, {column: rle}, value_filter)[column]
+
+
+def obs_labels(exp, runs: Runs, columns: dict[str, bool], value_filter: str | None) -> dict:
+    """Several obs columns in ONE pass over obs: for each ``column: rle``, run-length ``Labels``
+    over the query's positions (``rle``) or just its sorted categories (a per-cell label column
+    such as cell_type would make O(cells) runs)."""
+    seen = {c: {} for c in columns}
+    bounds = {c: [] for c in columns if columns[c]}
+    codes = {c: [] for c in columns if columns[c]}
+    last = {c: -1 for c in columns}
     pos = 0
-    last = -1
-    for tbl in _obs_batches(exp, [column], value_filter, runs):
-        ids = tbl["soma_joinid"].to_numpy()
-        keep = _in_runs(ids, runs)
+    for tbl in _obs_batches(exp, list(columns), value_filter, runs):
+        keep = _in_runs(tbl["soma_joinid"].to_numpy(), runs)
         if not keep.any():
             continue
-        col = tbl[column].filter(pa.array(keep))
-        if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
-            col = pc.cast(col, pa.large_string())
-        enc = pc.dictionary_encode(col.combine_chunks())
-        local = np.array([seen.setdefault(str(v), len(seen)) for v in enc.dictionary.to_pylist()], dtype=np.int32)
-        c = local[enc.indices.to_numpy(zero_copy_only=False)]
-        if rle:
-            change = np.flatnonzero(np.concatenate([[c[0] != last], c[1:] != c[:-1]]))
-            bounds.extend((pos + change).tolist())
-            codes.extend(c[change].tolist())
-            last = int(c[-1])
-        pos += len(c)
-    categories = sorted(seen)
-    if not rle:
-        return categories
-    if pos != runs.n_cells:
-        raise ValueError(f"obs column {column!r}: {pos} rows for {runs.n_cells} query cells (store incomplete?)")
-    remap = np.zeros(max(len(seen), 1), dtype=np.int32)
-    for v, k in seen.items():
-        remap[k] = categories.index(v)
-    b = np.asarray(bounds + [pos], dtype=np.int64)
-    return Labels(b, remap[np.asarray(codes, dtype=np.int32)], categories)
+        mask = pa.array(keep)
+        for column, rle in columns.items():
+            col = tbl[column].filter(mask)
+            if not pa.types.is_string(col.type) and not pa.types.is_large_string(col.type):
+                col = pc.cast(col, pa.large_string())
+            enc = pc.dictionary_encode(col.combine_chunks())
+            cseen = seen[column]
+            local = np.array([cseen.setdefault(str(v), len(cseen)) for v in enc.dictionary.to_pylist()],
+                             dtype=np.int32)
+            if rle:
+                c = local[enc.indices.to_numpy(zero_copy_only=False)]
+                change = np.flatnonzero(np.concatenate([[c[0] != last[column]], c[1:] != c[:-1]]))
+                bounds[column].extend((pos + change).tolist())
+                codes[column].extend(c[change].tolist())
+                last[column] = int(c[-1])
+        pos += int(keep.sum())
+    out = {}
+    for column, rle in columns.items():
+        categories = sorted(seen[column])
+        if not rle:
+            out[column] = categories
+            continue
+        if pos != runs.n_cells:
+            raise ValueError(f"obs column {column!r}: {pos} rows for {runs.n_cells} query cells (store incomplete?)")
+        at = {v: i for i, v in enumerate(categories)}
+        remap = np.zeros(max(len(categories), 1), dtype=np.int32)
+        for v, k in seen[column].items():
+            remap[k] = at[v]
+        b = np.asarray(bounds[column] + [pos], dtype=np.int64)
+        out[column] = Labels(b, remap[np.asarray(codes[column], dtype=np.int32)], categories)
+    return out
 
 
 def _in_runs(ids: np.ndarray, runs: Runs) -> np.ndarray:

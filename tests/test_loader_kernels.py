@@ -27,6 +27,34 @@ def test_warm_covers_every_signature_the_loader_uses(tmp_path_factory):
     assert all(before.values())
 
 
+_ONE_TOKENIZER = """
+import sys
+from atlasflow.loader import LoaderConfig, make_loader
+from atlasflow.loader import kernels as K
+kernels = (K.rank_tokens, K.seq_tokens, K.csr_from_coo_rows, K.cols_sorted_within_rows, K.scatter_rows)
+for tok in ("rank", "bin", "value"):
+    K.warm(tok)
+    before = {k.py_func.__name__: set(k.signatures) for k in kernels}
+    for batch in make_loader(sys.argv[1], LoaderConfig(tokenizer=tok, batch_size=20, window_cells=80,
+                                                       read_cells=40, chunk_cells=16)):
+        pass
+    after = {k.py_func.__name__: set(k.signatures) for k in kernels}
+    assert after == before, (tok, {k: after[k] - before[k] for k in after})
+print("ok")
+"""
+
+
+def test_warm_one_tokenizer_covers_what_its_loader_uses(tmp_path_factory):
+    """The in-process loader loads only its tokenizer's kernels (while obs is read): in a fresh process,
+    warm(tok) then streaming tok compiles nothing new, for each tokenizer in turn."""
+    import subprocess
+    import sys
+
+    uri, _, _ = real_store(tmp_path_factory)
+    p = subprocess.run([sys.executable, "-c", _ONE_TOKENIZER, uri], capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stderr[-3000:]
+
+
 def _reference_indptr(dim0, ids):
     """Straightforward CSR row pointers over ``ids``: count the entries of each requested row."""
     pos = {int(j): r for r, j in enumerate(ids)}

@@ -175,3 +175,27 @@ def test_obs_label_codes_decode_to_the_stored_values_for_every_column_type(tmp_p
                 assert parse[c](cats[c][code]) == obs.loc[jid, c], (c, jid)
             seen += 1
     assert seen >= len(obs) - 16
+
+
+def test_one_obs_pass_gives_each_column_as_pandas_sees_it_under_a_filter(tmp_path_factory):
+    """The loader reads every obs column it needs in one pass: run-length labels expand to exactly the
+    query cells' values in joinid order; category-only columns list the query's distinct values."""
+    from atlasflow.loader.query import obs_labels, query_runs
+    from atlasflow.loader.runs import Runs
+
+    uri = synth_store(tmp_path_factory)
+    s = open_store(uri)
+    obs = s.obs(["dataset_id", "cell_type", "nnz"])
+    cut = int(obs["nnz"].median())
+    flt = f"nnz > {cut}"
+    want = obs[obs["nnz"] > cut].sort_index()
+    assert 0 < len(want) < len(obs)
+    with s.experiment() as exp:
+        runs = query_runs(exp, Runs.from_ranges(s.complete_ranges()), flt)
+        got = obs_labels(exp, runs, {"dataset_id": True, "cell_type": True, "nnz": False}, flt)
+    for c in ("dataset_id", "cell_type"):
+        lab = got[c]
+        per_cell = np.repeat(np.array(lab.categories, dtype=object)[lab.codes], np.diff(lab.bounds))
+        assert list(per_cell) == list(want[c].astype(str)), c
+        assert lab.categories == sorted(set(want[c].astype(str))), c
+    assert got["nnz"] == sorted(set(want["nnz"].astype(str)))
