@@ -14,6 +14,7 @@ config.py (memory knobs) and state.py (resume).
 from .api import AtlasLoader, make_loader
 from .config import LoaderConfig
 from .dataset import CellStream, resolve_rank_world
+from .memory import tune_allocator
 from .split import assign_splits, split_of
 from .tokenize import TokenBlock, Tokenizer, gene_hash
 from .vocab import CLS, EOS, MASK, PAD, SPECIALS, Vocab
@@ -21,4 +22,5 @@ from .vocab import CLS, EOS, MASK, PAD, SPECIALS, Vocab
 __all__ = [
     "AtlasLoader", "CLS", "CellStream", "EOS", "LoaderConfig", "MASK", "PAD", "SPECIALS", "TokenBlock", "Tokenizer",
     "Vocab", "assign_splits", "gene_hash", "make_loader", "resolve_rank_world", "split_of",
+    "tune_allocator",
 ]

@@ -8,7 +8,9 @@ DataLoader workers, sampled every 50 ms):
 (c) a raw sequential scan of X in 8192-row slices, with the store's default TileDB settings and with
     the loader's read settings (the faster one is the read ceiling);
 (d) mean per-batch entropy of dataset_id relative to batches of a true random permutation;
-(e) peak RSS, and with ``--memory-stores`` the same loader on stores of growing size.
+(e) peak RSS, and with ``--memory-stores`` the same loader on stores of growing size;
+then the in-process loader, and tiledbsoma-ml, again under ``tune_allocator()`` (a process-wide
+malloc setting the user opts into; DataLoader workers always run under it).
 
     atlasflow bench loader --store /tmp/s200k --json [--cells 60000] [--build 200000]
 """
@@ -28,7 +30,8 @@ from atlasflow.infra.benchutil import PeakRSS, environment
 
 BENCH_FORMAT_VERSION = 3  # 2: two scans (store default, loader read settings); the ceiling is the faster
 # 3: atlasflow's whole-run rate and first batch count from before the loader is built, as tiledbsoma-ml's
-#    always did (its timer starts before its dataset is built)
+#    always did (its timer starts before its dataset is built); in-process and tiledbsoma-ml runs again
+#    under tune_allocator() ("allocator" in each run)
 
 
 def _entropy(codes: np.ndarray) -> float:
@@ -152,8 +155,13 @@ def measure_scan(store: str, cells: int, slice_rows: int = 8192, tuned: bool = F
 
 def _child(spec: dict) -> dict:
     kind = spec.pop("kind")
+    applied = {}
+    if spec.pop("tuned_allocator", False):  # before the loader allocates anything, as a user would
+        from atlasflow.loader.memory import tune_allocator
+
+        applied = tune_allocator()
     fn = {"atlasflow": measure_atlasflow, "tiledbsoma-ml": measure_tiledbsoma_ml, "scan": measure_scan}[kind]
-    return fn(**spec)
+    return {**fn(**spec), "allocator": applied or "glibc default"}
 
 
 def _run_child(spec: dict, timeout: int = 900) -> dict:
@@ -194,6 +202,12 @@ def run(store: str, cells: int = 60_000, batch_size: int = 32, tokenizers=("rank
                  "batch_size": batch_size}) for t in tokenizers for w in workers]
     mem = [add({"kind": "atlasflow", "store": m, "tokenizer": "value", "workers": 2, "cells": cells,
                 "batch_size": batch_size}) for m in memory_stores]
+    # In-process runs under tune_allocator() (DataLoader workers always run under it), and
+    # tiledbsoma-ml under the same process-wide setting, so that the comparison stays like for like.
+    tuned = [add({"kind": "atlasflow", "store": store, "tokenizer": t, "workers": 0, "cells": cells,
+                  "batch_size": batch_size, "tuned_allocator": True}) for t in tokenizers if 0 in workers]
+    ml_tuned = add({"kind": "tiledbsoma-ml", "store": store, "cells": cells, "batch_size": batch_size,
+                    "tuned_allocator": True}) if with_ml and tuned else None
     ok = [r for r in ours if "cells_per_s" in r]
     if ok:
         best = max(ok, key=lambda r: r["cells_per_s"])
@@ -208,6 +222,17 @@ def run(store: str, cells: int = 60_000, batch_size: int = 32, tokenizers=("rank
         if "cells_per_s" in scan:
             summary["sequential_scan_cells_per_s"] = scan["cells_per_s"]
             summary["fraction_of_sequential_scan"] = round(best["cells_per_s"] / scan["cells_per_s"], 3)
+        ok_tuned = [r for r in tuned if "cells_per_s" in r]
+        if ok_tuned:
+            bt = max(ok_tuned, key=lambda r: r["cells_per_s"])
+            summary["best_tuned_allocator"] = {k: bt[k] for k in ("tokenizer", "workers", "cells_per_s",
+                                                                  "steady_cells_per_s", "peak_rss_gb")}
+            if ml_tuned and "cells_per_s" in ml_tuned:
+                summary["tuned_speedup_vs_tiledbsoma_ml_tuned"] = round(bt["cells_per_s"] / ml_tuned["cells_per_s"], 2)
+            if ml and "cells_per_s" in ml:
+                summary["tuned_speedup_vs_tiledbsoma_ml"] = round(bt["cells_per_s"] / ml["cells_per_s"], 2)
+            if "cells_per_s" in scan:
+                summary["tuned_fraction_of_sequential_scan"] = round(bt["cells_per_s"] / scan["cells_per_s"], 3)
         if mem:
             summary["memory_curve"] = [{"n_cells": open_store(m).n_cells, "store": m,
                                         "peak_rss_gb": r.get("peak_rss_gb"), "peak_pss_gb": r.get("peak_pss_gb")}

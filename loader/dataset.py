@@ -18,7 +18,8 @@ from . import kernels as K
 from . import plan as P
 from .batching import TokenWindow, batch_indices, collate
 from .config import LoaderConfig
-from .io import BlockReader, Prefetcher, release_memory
+from .io import BlockReader, Prefetcher
+from .memory import release_memory
 from .query import check_columns, column_labels, obs_labels, query_runs, restrict_to_split
 from .runs import Runs
 from .state import STATE_FORMAT_VERSION, STREAM_FORMAT, check_state

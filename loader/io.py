@@ -90,21 +90,6 @@ class BlockReader:
         return out
 
 
-def release_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps per-thread arenas otherwise; RSS creeps)."""
-    global _TRIM
-    if _TRIM is None:
-        try:
-            import ctypes
-
-            _TRIM = ctypes.CDLL("libc.so.6").malloc_trim
-        except Exception:
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
-
-
-_TRIM = None
 _DONE, _ERR, _FUT = 1, 2, 3
 _LIVE: "weakref.WeakSet[Prefetcher]" = weakref.WeakSet()
 

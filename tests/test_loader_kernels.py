@@ -165,3 +165,32 @@ def test_rank_kernel_orders_nearly_equal_values_exactly(spread):
         y = x / x.sum() * 1e4 / med[g]
         want = [4 + int(g[k]) for k in sorted(range(len(g)), key=lambda k: (-y[k], g[k]))]
         np.testing.assert_array_equal(ids[offsets[i] + 1: offsets[i + 1] - 1], want)
+
+
+def test_tune_allocator_takes_effect_and_the_stream_is_unchanged(tmp_path_factory):
+    """In a fresh process: glibc accepts every setting (mallopt returns 1), and the batches under the
+    tuned allocator are byte-identical to those of a default process (same seed)."""
+    import subprocess
+    import sys
+
+    uri, _, _ = real_store(tmp_path_factory)
+    script = """
+import hashlib, json, sys
+from atlasflow.loader import LoaderConfig, make_loader, tune_allocator
+applied = tune_allocator() if sys.argv[2] == "tuned" else {}
+h, n = hashlib.sha256(), 0
+for b in make_loader(sys.argv[1], LoaderConfig(tokenizer="value", batch_size=20, window_cells=80, read_cells=40,
+                                               chunk_cells=16)):
+    n += 1
+    for k in sorted(b):
+        h.update(k.encode()); h.update(b[k].numpy().tobytes())
+print(json.dumps({"applied": applied, "digest": h.hexdigest(), "batches": n}))
+"""
+    out = {}
+    for mode in ("default", "tuned"):
+        p = subprocess.run([sys.executable, "-c", script, uri, mode], capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stderr[-3000:]
+        out[mode] = __import__("json").loads(p.stdout.strip().splitlines()[-1])
+    assert out["tuned"]["applied"] == {"arena_max": 1, "mmap_threshold": 32 << 20, "trim_threshold": 256 << 20}
+    assert out["tuned"]["digest"] == out["default"]["digest"]
+    assert out["tuned"]["batches"] == out["default"]["batches"] > 0
