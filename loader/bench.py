@@ -58,6 +58,7 @@ def _versions(*mods: str) -> dict:
 
 def measure_atlasflow(store: str, tokenizer: str, workers: int, cells: int, batch_size: int, **cfg_kw) -> dict:
     from atlasflow.loader import LoaderConfig, make_loader
+    from atlasflow.loader.memory import ALLOCATOR_SETTINGS
 
     mem = PeakRSS().start()
     t0 = time.perf_counter()
@@ -91,7 +92,9 @@ def measure_atlasflow(store: str, tokenizer: str, workers: int, cells: int, batc
             "tokens_per_s": round(tokens / total, 1), "pad_fraction": round(1 - tokens / padded, 4),
             "entropy": round(float(np.mean(ents)), 4), "entropy_random": None if base is None else round(base, 4),
             "entropy_ratio": None if base is None else round(float(np.mean(ents)) / base, 4),
-            **mem.stop(), "config": {k: v for k, v in cfg.to_dict().items() if v not in (None, ())}}
+            **mem.stop(), "config": {k: v for k, v in cfg.to_dict().items() if v not in (None, ())},
+            # DataLoader workers fork from a forkserver that called tune_allocator() (see memory.py)
+            "workers_allocator": ALLOCATOR_SETTINGS if workers else None}
 
 
 def measure_tiledbsoma_ml(store: str, cells: int, batch_size: int, io_batch_size: int = 8192) -> dict:
