@@ -73,7 +73,7 @@ class BlockReader:
         return ids, indptr, cols, vals, labels
 
     def _labels(self, exp, coords, ids) -> dict[str, np.ndarray]:
-        """Codes into ``categories`` (built by ``query.column_labels`` from Arrow's string cast of
+        """Codes into ``categories`` (built by ``query.obs_labels`` from Arrow's string cast of
         the column, so non-string columns are cast the same way here); -1 only if a row is missing."""
         tbl = exp.obs.read(coords=coords, column_names=["soma_joinid", *self.obs_columns]).concat()
         at = np.searchsorted(ids, tbl["soma_joinid"].to_numpy())
