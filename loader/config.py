@@ -25,6 +25,19 @@ Memory knobs (per DataLoader worker process, defaults measured on the 200k x 20k
   and cut batches from that (padding drops from ~28% to ~5% at 8), at a cost in mixing, since cell
   length correlates with the dataset: keep it off where batch composition matters; the trainer's
   presets choose their own (or pack rows instead).
+
+Depth augmentation (off by default):
+
+- ``thin_range`` (None = off): ``(lo, hi)`` with ``0 < lo <= hi <= 1``. A thinned cell keeps each UMI
+  independently with a keep-rate ``r`` drawn log-uniformly in ``[lo, hi]`` (binomial thinning of its raw
+  counts, as scFoundation's read-depth-aware pretraining down-samples a cell's total count); everything
+  the tokenizer computes (raw sum, ranks, bins, values) comes from the thinned cell, and genes thinned
+  to zero disappear.
+- ``thin_prob`` (0.5): the share of cells thinned at all; the others stay at their natural depth.
+
+Both draws are seeded by ``(seed, epoch, soma_joinid)`` (and the gene for each count), so a cell's
+thinned counts do not depend on the batch, worker, rank or resume position it lands in, and change per
+epoch.
 """
 
 from __future__ import annotations
@@ -66,9 +79,16 @@ class LoaderConfig:
     bucket_batches: int = 0
     remainder: str = "drop"
     timestamp_ms: int | None = None
+    # depth augmentation (binomial thinning of raw counts before tokenization; see loader/thinning.py)
+    thin_range: tuple[float, float] | None = None
+    thin_prob: float = 0.5
 
     def __post_init__(self):
         object.__setattr__(self, "obs_columns", tuple(self.obs_columns))
+        if self.thin_range is not None:
+            _check_thin_range(self.thin_range)
+            object.__setattr__(self, "thin_range", (float(self.thin_range[0]), float(self.thin_range[1])))
+        _check_thin_prob(self.thin_prob)
         object.__setattr__(self, "split_fractions", tuple(float(f) for f in self.split_fractions))
         _one_of(self, "tokenizer", TOKENIZERS)
         _one_of(self, "remainder", REMAINDERS)
@@ -116,6 +136,20 @@ class LoaderConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _check_thin_range(tr):
+    try:
+        lo, hi = (float(v) for v in tr)
+    except (TypeError, ValueError):
+        raise ValueError(f"LoaderConfig.thin_range: expected None or two numbers (lo, hi), got {tr!r}") from None
+    if not (0.0 < lo <= hi <= 1.0):
+        raise ValueError(f"LoaderConfig.thin_range: need 0 < lo <= hi <= 1 (keep-rates), got {tr!r}")
+
+
+def _check_thin_prob(p):
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) <= 1.0:
+        raise ValueError(f"LoaderConfig.thin_prob: a probability in [0, 1], got {p!r}")
 
 
 def _one_of(cfg, name, allowed):
