@@ -2,6 +2,11 @@
 
 Saved with every checkpoint (``to_dict`` is JSON-able and versioned) so a model always decodes
 its input ids with the gene list it was trained on, even after the store gains genes.
+
+``Vocab.from_var(var, gene_filter, gene_nnz=...)`` also drops the genes no cell of the store ever
+expresses (gene stats ``nnz == 0``): they can never be an input or a target, yet every one costs a
+row of the softmax (on a Census-like store with 35k genes about half are never seen). Version 2
+records that rule (``expressed_only``); version-1 dictionaries still load (``expressed_only`` False).
 """
 
 from __future__ import annotations
@@ -9,8 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
 
-VOCAB_FORMAT_VERSION = 1
+VOCAB_FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 PAD, MASK, CLS, EOS = 0, 1, 2, 3
 SPECIALS = ("<pad>", "<mask>", "<cls>", "<eos>")
 N_SPECIAL = len(SPECIALS)
@@ -21,6 +28,7 @@ class Vocab:
     gene_joinids: np.ndarray  # int64, ascending store var joinids
     gene_feature_ids: tuple[str, ...]  # Ensembl ids, same order
     gene_filter: str | None = None
+    expressed_only: bool = False  # genes with no nonzero count in the store were left out
 
     def __post_init__(self):
         j = np.asarray(self.gene_joinids, dtype=np.int64)
@@ -61,28 +69,42 @@ class Vocab:
 
     def to_dict(self) -> dict:
         return {"format": "atlasflow.vocab", "version": VOCAB_FORMAT_VERSION, "specials": list(SPECIALS),
-                "gene_filter": self.gene_filter, "gene_joinids": self.gene_joinids.tolist(),
+                "gene_filter": self.gene_filter, "expressed_only": self.expressed_only, "gene_joinids": self.gene_joinids.tolist(),
                 "gene_feature_ids": list(self.gene_feature_ids)}
 
     @classmethod
     def from_dict(cls, d: dict) -> "Vocab":
         if d.get("format") != "atlasflow.vocab":
             raise ValueError(f"Vocab.from_dict: not a vocabulary (format={d.get('format')!r})")
-        if d.get("version") != VOCAB_FORMAT_VERSION:
+        if d.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"Vocab.from_dict: version {d.get('version')!r} unsupported "
-                             f"(this atlasflow reads {VOCAB_FORMAT_VERSION})")
+                             f"(this atlasflow reads {', '.join(map(str, READABLE_VERSIONS))})")
         if tuple(d.get("specials", ())) != SPECIALS:
             raise ValueError(f"Vocab.from_dict: specials {d.get('specials')} differ from {list(SPECIALS)}")
-        return cls(np.asarray(d["gene_joinids"], dtype=np.int64), tuple(d["gene_feature_ids"]), d.get("gene_filter"))
+        return cls(np.asarray(d["gene_joinids"], dtype=np.int64), tuple(d["gene_feature_ids"]), d.get("gene_filter"),
+                   bool(d.get("expressed_only", False)))
 
     @classmethod
-    def from_var(cls, var, gene_filter: str | None = None) -> "Vocab":
-        """From ``Store.var()`` (indexed by gene joinid); ``gene_filter`` keeps one feature_type."""
+    def from_var(cls, var, gene_filter: str | None = None, gene_nnz=None) -> "Vocab":
+        """From ``Store.var()`` (indexed by gene joinid); ``gene_filter`` keeps one feature_type;
+        ``gene_nnz`` (the store's gene stats ``nnz``: a Series indexed by gene joinid, or an array
+        indexed by joinid) drops the genes with no nonzero count."""
         var = var.sort_index()
+        if gene_nnz is not None:
+            if not hasattr(gene_nnz, "reindex"):  # an array indexed by gene joinid
+                gene_nnz = pd.Series(np.asarray(gene_nnz))
+            nnz = gene_nnz.reindex(var.index).to_numpy(np.float64)
+            if np.isnan(nnz).any():
+                raise ValueError(f"Vocab.from_var: gene_nnz: no count for {int(np.isnan(nnz).sum())} store genes "
+                                 "(gene stats older than the store? rerun `atlasflow store stats`)")
+            var = var[nnz > 0]
+            if len(var) == 0:
+                raise ValueError("Vocab.from_var: gene_nnz: no gene has a nonzero count in the store")
         if gene_filter is not None:
             types = sorted(set(var["feature_type"]))
             var = var[var["feature_type"] == gene_filter]
             if len(var) == 0:
                 raise ValueError(f"LoaderConfig.gene_filter: no gene has feature_type {gene_filter!r} "
                                  f"(store has {types[:8]})")
-        return cls(var.index.to_numpy(np.int64), tuple(var["feature_id"].astype(str)), gene_filter)
+        return cls(var.index.to_numpy(np.int64), tuple(var["feature_id"].astype(str)), gene_filter,
+                   gene_nnz is not None)

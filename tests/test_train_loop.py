@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from atlasflow.store import open_store
 from atlasflow.train.checkpoint import load_checkpoint, read_part
 from atlasflow.train.config import load_preset
 from atlasflow.train.loop import InjectedFailure, WorkerContext, loader_config, run_worker
@@ -124,13 +125,16 @@ def test_checkpoint_loads_for_embedding(store, tmp_path):
     enc, cfg2, vocab = load_checkpoint(tmp_path / "run" / "ckpt_2")
     assert cfg2.data.timestamp_ms > 0  # the snapshot the run pinned travels with the checkpoint
     assert cfg2 == cfg.with_overrides({"data.timestamp_ms": cfg2.data.timestamp_ms})
-    assert isinstance(vocab, loader_mod.Vocab)
-    loader = loader_mod.make_loader(store, loader_config(cfg, 0, 1))
+    assert isinstance(vocab, loader_mod.Vocab) and vocab.expressed_only
+    stats = open_store(store).gene_stats()
+    assert list(vocab.gene_joinids) == stats.index[stats["nnz"] > 0].tolist()  # exactly the expressed genes
+    med = stats["nonzero_median"].reindex(vocab.gene_joinids).to_numpy()
+    loader = loader_mod.make_loader(store, loader_config(cfg, 0, 1), vocab=vocab, gene_medians=med)
     loader.dataset.set_epoch(0)
     batch = next(iter(loader))
     emb = enc.embed(batch)
     assert emb.shape == (batch["soma_joinid"].shape[0], 32) and torch.isfinite(emb).all()
-    assert len(vocab) == len(loader.dataset.vocab) and enc.n_tokens == 4 + len(vocab.gene_joinids)
+    assert enc.n_tokens == 4 + len(vocab.gene_joinids) == 4 + int((stats["nnz"] > 0).sum())
 
 
 def test_world_size_mismatch_is_refused(store, tmp_path):

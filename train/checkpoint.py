@@ -9,6 +9,7 @@
     config.json        the full training Config
     vocab.json         the vocabulary (loader's Vocab.to_dict())
     model.json         what is needed to rebuild the encoder (tokenizer, n_tokens, max_len, n_bins)
+    baselines.pt       the fitted unigram / per-position baselines of the learning signals (signals.py)
 
 Everything binary is read with ``torch.load(weights_only=True)``: a checkpoint can never run
 arbitrary pickled code. JSON parts stay human-readable.
@@ -31,7 +32,7 @@ CHECKPOINT_FORMAT_VERSION = 1
 
 def save_checkpoint(path: str | Path, *, model_state: dict, config: Config, vocab: dict, model_meta: dict,
                     train_state: dict, optimizer_state: dict | None = None, scheduler_state: dict | None = None,
-                    loader_states: list | None = None) -> Path:
+                    loader_states: list | None = None, baselines: dict | None = None) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     parts = []
@@ -53,6 +54,8 @@ def save_checkpoint(path: str | Path, *, model_state: dict, config: Config, voca
         put_pt("scheduler.pt", scheduler_state)
     for rank, state in enumerate(loader_states or []):
         put_pt(f"loader_rank{rank}.pt", state)
+    if baselines is not None:
+        put_pt("baselines.pt", baselines)
     put_json("train_state.json", train_state)
     put_json("config.json", config.to_dict())
     put_json("vocab.json", vocab)

@@ -62,6 +62,13 @@ class DataConfig:
     pack: bool = True
     bucket_batches: int = 8  # loader: batches whose cells are length-sorted together (0 = off)
     timestamp_ms: int = 0  # store snapshot; 0 = pinned when the run first starts, kept on resume
+    # Vocabulary = the genes with a nonzero count somewhere in the store (gene stats nnz > 0); false
+    # keeps every store gene (a softmax row for each gene no cell ever expresses).
+    expressed_only: bool = True
+    # Depth augmentation (loader): keep-rate drawn log-uniformly in [lo, hi] for a share thin_prob of
+    # the cells, binomial thinning of their counts before tokenization. [] = off.
+    thin_range: tuple[float, ...] = ()
+    thin_prob: float = 0.5
 
     def __post_init__(self):
         _check(self.tokenizer in TOKENIZERS, "data.tokenizer", f"must be one of {'|'.join(TOKENIZERS)}, "
@@ -74,6 +81,10 @@ class DataConfig:
         _check(self.timestamp_ms >= 0, "data.timestamp_ms", f"must be >= 0, got {self.timestamp_ms}")
         _check(self.split in ("", "train", "val", "test"), "data.split",
                f"must be ''|train|val|test, got {self.split!r}")
+        tr = self.thin_range
+        _check(len(tr) in (0, 2) and (not tr or 0 < tr[0] <= tr[1] <= 1), "data.thin_range",
+               f"must be [] (off) or [lo, hi] keep-rates with 0 < lo <= hi <= 1, got {list(tr)}")
+        _check(0.0 <= self.thin_prob <= 1.0, "data.thin_prob", f"must be in [0, 1], got {self.thin_prob}")
 
 
 @dataclass(frozen=True)
@@ -122,10 +133,18 @@ class ScheduleConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast; CUDA, or CPU for experiments)
     strategy: str = "ddp"  # ddp | fsdp
     compile: bool = False
+    # Held-out MLM loss: every eval_every steps (and at the end) on a fixed set of eval_cells cells of
+    # the 'val' split (data.split = "train" only: otherwise nothing is held out). 0 = off.
+    eval_every: int = 50
+    eval_cells: int = 512
+    # Cells sampled at start-up to fit the unigram / per-position baselines (signals.py).
+    baseline_cells: int = 2048
 
     def __post_init__(self):
-        for k in ("max_steps", "epochs", "log_every", "ckpt_every"):
+        for k in ("max_steps", "epochs", "log_every", "ckpt_every", "baseline_cells"):
             _check(getattr(self, k) > 0, f"train.{k}", f"must be > 0, got {getattr(self, k)}")
+        for k in ("eval_every", "eval_cells"):
+            _check(getattr(self, k) >= 0, f"train.{k}", f"must be >= 0, got {getattr(self, k)}")
         _check(self.precision in ("fp32", "bf16"), "train.precision", f"must be fp32|bf16, got {self.precision!r}")
         _check(self.strategy in ("ddp", "fsdp"), "train.strategy", f"must be ddp|fsdp, got {self.strategy!r}")
 
@@ -176,6 +195,7 @@ class Config:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["optim"]["betas"] = list(d["optim"]["betas"])
+        d["data"]["thin_range"] = list(d["data"]["thin_range"])
         d["format_version"] = CONFIG_FORMAT_VERSION
         return d
 

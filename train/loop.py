@@ -29,10 +29,12 @@ import torch.distributed as dist
 
 from .checkpoint import read_part, save_checkpoint
 from .config import Config
+from . import signals as S
 from .masking import mask_batch, masking_generator
 from .model import N_SPECIAL, CellEncoder
 from .objective import MLMObjective
 from .pack import model_inputs
+from .signals import Baselines
 
 FAIL_ENV = "ATLASFLOW_FAIL_AT_STEP"
 
@@ -59,7 +61,8 @@ def loader_config(cfg: Config, rank: int, world_size: int):
                         seed=d.seed, num_workers=d.num_workers, obs_filter=d.obs_filter or None,
                         split=d.split or None, split_by=d.split_by, rank=rank, world_size=world_size,
                         n_bins=d.n_bins, gene_filter=d.gene_filter or None, bucket_batches=d.bucket_batches,
-                        timestamp_ms=d.timestamp_ms or None)
+                        timestamp_ms=d.timestamp_ms or None, thin_range=tuple(d.thin_range) or None,
+                        thin_prob=d.thin_prob)
 
 
 def parallel_kwargs(strategy: str) -> dict | None:
@@ -133,16 +136,22 @@ def run_worker(cfg: Config, ctx: WorkerContext, loader=None) -> dict:
             ts = cfg.data.timestamp_ms or _gather_objects(int(time.time() * 1000), ctx.world_size)[0]
         if ts != cfg.data.timestamp_ms:
             cfg = cfg.with_overrides({"data.timestamp_ms": ts})
-        torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
+        saved_vocab = read_part(d, "vocab.json") if d is not None else None
+        vocab = loader.dataset.vocab if loader is not None else S.training_vocab(cfg, saved_vocab)
+        medians, gene_nnz = S.vocab_stats(cfg, vocab, need=cfg.data.tokenizer == "rank")
         if loader is None:
-            from atlasflow.loader import make_loader
-
-            loader = make_loader(cfg.data.store, loader_config(cfg, ctx.rank, ctx.world_size))
+            loader = S.make_loader_for(cfg, loader_config(cfg, ctx.rank, ctx.world_size), vocab, medians)
         ds = loader.dataset
-        vocab = ds.vocab
         n_tokens = N_SPECIAL + len(vocab.gene_joinids)
+        if d is not None and "baselines.pt" in read_part(d, "format.json")["parts"]:
+            baselines = Baselines.from_state_dict(read_part(d, "baselines.pt"))
+        else:  # every rank fits the same seeded sample: no broadcast needed
+            baselines = S.fit_baselines(cfg, loader_config(cfg, 0, 1), vocab, medians, gene_nnz, n_tokens)
+        val_set = S.val_inputs(cfg, loader_config(cfg, ctx.rank, ctx.world_size), vocab, medians, n_tokens,
+                               baselines, ctx.rank)
         model_meta = {"tokenizer": cfg.data.tokenizer, "n_tokens": n_tokens, "max_len": cfg.data.max_len,
                       "n_bins": cfg.data.n_bins}
+        torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
         encoder = CellEncoder(cfg.model, cfg.data.tokenizer, n_tokens, cfg.data.max_len, cfg.data.n_bins)
         if cfg.train.compile:
             for blk in encoder.blocks:  # in place: state-dict keys stay unchanged
@@ -180,8 +189,13 @@ def run_worker(cfg: Config, ctx: WorkerContext, loader=None) -> dict:
                 marker.write_text(str(time.time()))
                 raise InjectedFailure(f"injected failure at step {step} on rank {ctx.rank} ({FAIL_ENV})")
 
+    val = {"val_loss": None, "val_masked_accuracy": None, "val_step": None, **S.val_baselines(val_set, ctx)}
+
     def report(final: bool) -> None:
         metrics = window.metrics(st, optimizer, ctx)
+        if val_set is not None and (final or st["step"] % cfg.train.eval_every == 0):
+            val.update(S.evaluate(model, val_set, ctx, amp), val_step=st["step"])
+        metrics.update(val)
         if ctx.rank == 0:
             st["history"].append(metrics)
         ckpt_due = final or st["step"] % cfg.train.ckpt_every == 0
@@ -203,7 +217,7 @@ def run_worker(cfg: Config, ctx: WorkerContext, loader=None) -> dict:
             with tempfile.TemporaryDirectory(prefix="atlasflow-ckpt-") as tmp:
                 save_checkpoint(tmp, model_state=msd, optimizer_state=osd, scheduler_state=scheduler.state_dict(),
                                 loader_states=loader_states, train_state=st, config=cfg, vocab=vocab.to_dict(),
-                                model_meta=model_meta)
+                                model_meta=model_meta, baselines=baselines.state_dict())
                 ctx.report(metrics, tmp)
 
     model.train()
@@ -235,7 +249,8 @@ def run_worker(cfg: Config, ctx: WorkerContext, loader=None) -> dict:
                 with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
                     loss, stats = model(inputs)
                 (loss / accum).backward()  # outside autocast: backward ops take the forward's dtypes
-            window.add(loss.item(), stats, batch, inputs, t1 - t0)
+            window.add(loss.item(), stats, batch, inputs, t1 - t0,
+                       S.batch_baselines(baselines, cfg.data.tokenizer, inputs))
             st["cells_seen"] += int(batch["soma_joinid"].shape[0])
             st["tokens_seen"] += inputs["n_tokens"]
             if not boundary:
@@ -253,7 +268,8 @@ def run_worker(cfg: Config, ctx: WorkerContext, loader=None) -> dict:
             maybe_fail(st["step"])
             last = st["step"] >= cfg.train.max_steps or (st["micro_in_epoch"] >= bpe
                                                          and st["epoch"] + 1 >= cfg.train.epochs)
-            if last or st["step"] % cfg.train.log_every == 0 or st["step"] % cfg.train.ckpt_every == 0:
+            due = (cfg.train.log_every, cfg.train.ckpt_every) + ((cfg.train.eval_every,) if val_set else ())
+            if last or any(st["step"] % k == 0 for k in due):
                 report(final=last)
         if st["micro_in_epoch"] >= bpe:
             st["epoch"], st["micro_in_epoch"] = st["epoch"] + 1, 0
@@ -268,11 +284,13 @@ class _Window:
 
     def reset(self):
         self.loss = self.n_loss = self.cells = self.tokens = self.slots = self.wait = self.busy = 0.0
-        self.masked = self.correct = 0.0
+        self.masked = self.correct = self.uni = self.cond = 0.0
         self.t_start = time.perf_counter()
 
-    def add(self, loss, stats, batch, inputs, wait):
+    def add(self, loss, stats, batch, inputs, wait, base: tuple[float, float]):
         self.loss += loss
+        self.uni += base[0]  # per-batch means like the loss, so all three weigh batches alike
+        self.cond += base[1]
         self.n_loss += 1
         self.cells += batch["soma_joinid"].shape[0]
         self.tokens += inputs["n_tokens"]
@@ -286,11 +304,12 @@ class _Window:
 
     def metrics(self, st, optimizer, ctx) -> dict:
         wall = max(time.perf_counter() - self.t_start, 1e-9)
-        loss, n, cells, tokens, slots, wait, busy, masked, correct, wall_sum, seen, tok_seen = _allreduce(
+        loss, n, cells, tokens, slots, wait, busy, masked, correct, wall_sum, seen, tok_seen, uni, cond = _allreduce(
             [self.loss, self.n_loss, self.cells, self.tokens, self.slots, self.wait, self.busy, self.masked,
-             self.correct, wall, st["cells_seen"], st["tokens_seen"]], ctx.device)
+             self.correct, wall, st["cells_seen"], st["tokens_seen"], self.uni, self.cond], ctx.device)
         walls = wall_sum / ctx.world_size
         m = {"step": st["step"], "epoch": st["epoch"], "loss": loss / max(n, 1),
+             "unigram_loss": uni / max(n, 1), "position_unigram_loss": cond / max(n, 1),
              "lr": optimizer.param_groups[0]["lr"], "cells_per_s": cells / walls, "tokens_per_s": tokens / walls,
              "pad_fraction": 1 - tokens / max(slots, 1), "loader_wait_share": wait / max(busy, 1e-9),
              "masked_accuracy": correct / max(masked, 1), "cells_seen": int(seen),
