@@ -2,7 +2,7 @@
 
 Kept as JSON in the Experiment's TileDB metadata, so it is versioned with the arrays: a reader
 pinned to a timestamp sees the manifest of that moment. It is written by the ingest driver only,
-and a source's status turns ``complete`` only after all its cells are written (written last).
+under the store's writer lease (store/lease.py), and a source's status turns ``complete`` only after all its cells are written (written last).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-MANIFEST_FORMAT_VERSION = 1
+MANIFEST_FORMAT_VERSION = 2  # 2: SourceEntry.path (so any later ingest can finish a dead run's source)
+_READABLE_VERSIONS = (1, MANIFEST_FORMAT_VERSION)  # 1 reads with path "" (not resumable by others)
 
 PENDING, COMPLETE, FAILED = "pending", "complete", "failed"
 
@@ -36,6 +37,7 @@ class SourceEntry:
     unmapped_examples: list[str] = field(default_factory=list)
     error: str = ""
     updated_at: float = 0.0
+    path: str = ""  # absolute source path at ingest (files only): how another run resumes a pending source
 
 
 @dataclass
@@ -48,6 +50,10 @@ class Manifest:
     # -- queries -------------------------------------------------------------------------
     def complete(self) -> list[SourceEntry]:
         return sorted((s for s in self.sources.values() if s.status == COMPLETE), key=lambda s: s.joinid_start)
+
+    def pending(self) -> list[SourceEntry]:
+        """Sources whose writing started but never finished (the run died, or is running now)."""
+        return [s for s in self.sources.values() if s.status == PENDING]
 
     def failed(self) -> list[SourceEntry]:
         return [s for s in self.sources.values() if s.status == FAILED]
@@ -108,10 +114,11 @@ class Manifest:
     def from_json(cls, text: str, where: str = "store") -> "Manifest":
         d = json.loads(text)
         version = d.get("format_version")
-        if version != MANIFEST_FORMAT_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise ValueError(
                 f"{where}: manifest format_version {version!r} is not supported "
-                f"(this atlasflow reads version {MANIFEST_FORMAT_VERSION})"
+                f"(this atlasflow reads versions {', '.join(map(str, _READABLE_VERSIONS))})"
             )
+        d["format_version"] = MANIFEST_FORMAT_VERSION  # written back as the current version
         sources = {k: SourceEntry(**v) for k, v in d.pop("sources").items()}
         return cls(sources=sources, **d)
