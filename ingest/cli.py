@@ -32,6 +32,11 @@ def register_cli(sub) -> None:
     p.add_argument("--block-cells", type=int, default=10_000, help="cells per write task (default 10000; memory per task grows with it)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--duplicate-genes", choices=("sum", "error"), default="sum",
+                   help="features resolving to one Ensembl ID: sum their counts (default) or refuse the source")
+    p.add_argument("--memory-budget", type=float, default=2.0, metavar="GB",
+                   help="memory one read task may hold for a source's matrix; larger 10x .h5 / CSC files are "
+                        "read in row blocks, larger MTX directories refused (default 2)")
     p.set_defaults(func=_ingest)
 
 
@@ -57,7 +62,8 @@ def _ingest(args) -> int:
 
         report = ingest_paths(args.store, args.sources, organism=organism, allow_normalized=args.normalized,
                               require_obs=tuple(c for c in args.require_obs.split(",") if c),
-                              block_cells=args.block_cells, num_cpus=args.num_cpus, progress=not args.no_progress)
+                              block_cells=args.block_cells, num_cpus=args.num_cpus, progress=not args.no_progress,
+                              duplicate_genes=args.duplicate_genes, memory_budget=int(args.memory_budget * 1e9))
     print(json.dumps(report.to_dict(), indent=2))
     for f in report.failed:
         print(f"FAILED {f['source']}: {f['error']}", file=sys.stderr)

@@ -47,14 +47,13 @@ def source_id_for(name: str, fp: str) -> str:
 
 def _write_h5ad_block(store_uri, path, counts_field, a, b, joinid_start, source_cols, gene_joinids,
                       source_id, dataset_id):
-    from atlasflow.ingest.h5ad import open_counts, read_obs, read_rows
+    from atlasflow.ingest.h5ad import open_counts, project_block, read_obs, read_rows
     from atlasflow.ingest.obs import to_store_obs
 
     f, node = open_counts(path, counts_field)
     with f:
         m = read_rows(node, a, b)
-    if len(source_cols) != m.shape[1]:  # drop unmapped genes (a copy only when some are dropped)
-        m = m[:, source_cols].tocsr()
+    m = project_block(m, source_cols)  # (source_cols, target, n): drop unmapped genes, sum duplicates
     m.eliminate_zeros()
     nnz = np.diff(m.indptr)
     raw_sum = np.asarray(m.sum(axis=1, dtype=np.float64)).ravel()
@@ -65,10 +64,11 @@ def _write_h5ad_block(store_uri, path, counts_field, a, b, joinid_start, source_
     return b - a, int(m.nnz), float(raw_sum.sum())
 
 
-def _probe(path, organism, allow_normalized, require_obs):
-    from atlasflow.ingest.h5ad import probe_h5ad
+def _probe(path, organism, allow_normalized, require_obs, duplicate_genes="sum", memory_budget=None):
+    from atlasflow.ingest.h5ad import DEFAULT_MEMORY_BUDGET, probe_source
 
-    return probe_h5ad(path, organism, allow_normalized, tuple(require_obs))
+    return probe_source(path, organism, allow_normalized, tuple(require_obs), duplicate_genes=duplicate_genes,
+                        memory_budget=memory_budget or DEFAULT_MEMORY_BUDGET)
 
 
 class _Progress:
@@ -116,6 +116,8 @@ class BlockTracker:
             self.writer.complete(source_id, nnz=st["nnz"], raw_sum=st["raw_sum"])
             e = st["entry"]
             self.report.added.append({"source": e.name, "source_id": source_id, "cells": e.n_cells,
+                                      "raw_sum": st["raw_sum"], "dropped_counts": e.dropped_counts,
+                                      "genes": e.genes_report,
                                       "joinids": [e.joinid_start, e.joinid_stop], "nnz": st["nnz"]})
 
     def failed(self, source_id: str, error: str) -> None:
@@ -130,11 +132,12 @@ class BlockTracker:
 def ingest_paths(store_uri: str, sources: list[str], *, organism: str = "homo_sapiens",
                  allow_normalized: bool = False, require_obs: tuple[str, ...] = (),
                  block_cells: int = DEFAULT_BLOCK_CELLS, num_cpus: int | None = None,
-                 progress: bool = True) -> IngestReport:
+                 progress: bool = True, duplicate_genes: str = "sum", memory_budget: int | None = None) -> IngestReport:
     """Ingest H5AD sources into the store (created if absent). Idempotent and resumable."""
     import ray
 
     from atlasflow.infra.ray_env import init_ray
+    from atlasflow.ingest.h5ad import report_probe
     from atlasflow.ingest.sources import resolve_sources
 
     t0 = time.time()
@@ -148,7 +151,8 @@ def ingest_paths(store_uri: str, sources: list[str], *, organism: str = "homo_sa
     write_task = ray.remote(num_cpus=1, max_retries=2)(_write_h5ad_block)
     bar = _Progress(progress)
     tracker = BlockTracker(writer, report, bar)
-    waiting: dict = {probe_task.remote(p, organism, allow_normalized, list(require_obs)): ("probe", p) for p in paths}
+    waiting: dict = {probe_task.remote(p, organism, allow_normalized, list(require_obs), duplicate_genes,
+                                             memory_budget): ("probe", p) for p in paths}
     try:
         while waiting:
             ready, _ = ray.wait(list(waiting), num_returns=1)
@@ -170,7 +174,7 @@ def ingest_paths(store_uri: str, sources: list[str], *, organism: str = "homo_sa
             name = os.path.basename(p.path)
             sid = source_id_for(name, p.fingerprint or "unreadable")
             if p.error:
-                writer.fail(SourceEntry(source_id=sid, kind="h5ad", name=name, fingerprint=p.fingerprint,
+                writer.fail(SourceEntry(source_id=sid, kind=p.format or "h5ad", name=name, fingerprint=p.fingerprint,
                                         size_bytes=p.size_bytes), p.error)
                 report.failed.append({"source": p.path, "error": p.error})
                 continue
@@ -180,18 +184,18 @@ def ingest_paths(store_uri: str, sources: list[str], *, organism: str = "homo_sa
                 continue
             gene_joinids = writer.register_genes(p.feature_ids)
             entry = writer.reserve(SourceEntry(
-                source_id=sid, kind="h5ad", name=name, fingerprint=p.fingerprint, size_bytes=p.size_bytes,
+                source_id=sid, kind=p.format or "h5ad", name=name, fingerprint=p.fingerprint, size_bytes=p.size_bytes,
                 n_cells=p.n_cells, counts_field=p.counts_field, normalized=p.normalized,
-                genes_mapped=len(p.feature_ids), genes_unmapped=len(p.unmapped), unmapped_examples=p.unmapped[:10]))
-            if p.unmapped:
-                print(f"[atlasflow] {name}: {len(p.unmapped)} of {len(p.unmapped) + len(p.feature_ids)} genes not in "
-                      f"the {organism} reference, dropped (e.g. {', '.join(p.unmapped[:5])})", file=sys.stderr)
+                genes_mapped=len(p.feature_ids), genes_unmapped=len(p.unmapped), unmapped_examples=p.unmapped[:10],
+                total_counts=p.total_counts, dropped_counts=p.dropped_counts, genes_report=p.genes_report))
+            print(f"[atlasflow] {report_probe(p, organism)}", file=sys.stderr)
             bar.add_total(p.n_cells)
             gj = ray.put(gene_joinids)
-            cols = ray.put(p.source_cols)
+            cols = ray.put(p.projection)
+            step = p.block_cells or block_cells  # an in-memory or CSC source picks its own blocks
             refs = []
-            for a in range(0, p.n_cells, block_cells):
-                b = min(p.n_cells, a + block_cells)
+            for a in range(0, p.n_cells, step):
+                b = min(p.n_cells, a + step)
                 refs.append(write_task.remote(store_uri, p.path, p.counts_field, a, b, entry.joinid_start + a,
                                               cols, gj, entry.source_id, os.path.splitext(name)[0]))
             tracker.start(entry, refs)

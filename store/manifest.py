@@ -37,6 +37,9 @@ class SourceEntry:
     unmapped_examples: list[str] = field(default_factory=list)
     error: str = ""
     updated_at: float = 0.0
+    total_counts: float = 0.0  # files: every count of the chosen matrix
+    dropped_counts: float = 0.0  # of those, on genes the reference does not know (stored = total - dropped)
+    genes_report: dict = field(default_factory=dict)  # features summed / renamed / dropped, and their counts
     path: str = ""  # absolute source path at ingest (files only): how another run resumes a pending source
 
 

@@ -50,7 +50,7 @@ EXPECTED = {  # file -> (field named in the error, words in the reason)
     "nan_counts.h5ad": ("X", "NaN"),
     "negative_counts.h5ad": ("X", "negative"),
     "normalized_counts.h5ad": ("X", "not integer"),
-    "dup_genes.h5ad": ("var.index", "duplicate gene IDs"),
+    "dup_genes.h5ad": ("var.index", "duplicate gene IDs"),  # refused under --duplicate-genes error only
     "unmappable.h5ad": ("var.index", "no gene maps"),
     "no_cell_type.h5ad": ("obs.cell_type", "missing"),
 }
@@ -58,7 +58,8 @@ EXPECTED = {  # file -> (field named in the error, words in the reason)
 
 def test_bad_sources_fail_clearly_good_ones_ingest(sources, tmp_path, ray_session, capsys):
     store_uri = str(tmp_path / "store")
-    rc = cli_main(["ingest", "--store", store_uri, str(sources), "--require-obs", "cell_type", "--no-progress"])
+    rc = cli_main(["ingest", "--store", store_uri, str(sources), "--require-obs", "cell_type", "--no-progress",
+                   "--duplicate-genes", "error"])
     err = capsys.readouterr().err
     assert rc == 1
     for name, (fld, reason) in EXPECTED.items():
@@ -78,7 +79,8 @@ def test_bad_sources_fail_clearly_good_ones_ingest(sources, tmp_path, ray_sessio
     assert n_obs_rows == 270  # failed sources never wrote a row (validated before any write)
 
     # Re-running the same ingest adds nothing twice and still reports the bad files.
-    rc = cli_main(["ingest", "--store", store_uri, str(sources), "--require-obs", "cell_type", "--no-progress"])
+    rc = cli_main(["ingest", "--store", store_uri, str(sources), "--require-obs", "cell_type", "--no-progress",
+                   "--duplicate-genes", "error"])
     assert rc == 1
     store2 = open_store(store_uri)
     assert store2.n_cells == 270

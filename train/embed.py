@@ -118,7 +118,7 @@ def iter_h5ad(path: str, block_cells: int, organism: str = "homo_sapiens"):
     try:
         for a in range(0, p.n_cells, block_cells):
             b = min(p.n_cells, a + block_cells)
-            X = read_rows(node, a, b)[:, p.source_cols]
+            X = p.project(read_rows(node, a, b))  # mapped genes, duplicates summed
             yield np.arange(a, b, dtype=np.int64), obs.iloc[a:b], sp.csr_matrix(X), p.feature_ids
     finally:
         f.close()
@@ -128,7 +128,7 @@ def iter_input(source, block_cells: int, obs_columns: tuple[str, ...] = ()):
     """``source``: a store path, an .h5ad path, or a ``QueryConfig``."""
     from .query import QueryConfig, iter_blocks, select
 
-    if isinstance(source, (str, os.PathLike)) and str(source).endswith(".h5ad"):
+    if isinstance(source, (str, os.PathLike)) and str(source).rstrip("/").endswith((".h5ad", ".h5", ".zarr")):
         yield from iter_h5ad(str(source), block_cells)
         return
     cfg = source if isinstance(source, QueryConfig) else QueryConfig(source="store", uri=str(source))
