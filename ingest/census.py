@@ -4,22 +4,28 @@ Users name a ``census_version``; tests and mirrors pass ``uri`` (a local store i
 layout). The query is never held in memory as one piece: obs is scanned in Arrow batches into
 per-dataset runs of joinids (Census orders cells by dataset, so runs are few), and Ray tasks read
 X for blocks of ``block_cells`` cells of one dataset. Each dataset of the query is one source in
-the manifest, identified by (census, organism, filter, genes, dataset_id).
+the manifest, identified by (census, organism, filter, genes, which cells, dataset_id). By default
+only primary cells are kept (``is_primary_data``: a cell listed in several datasets is primary in
+exactly one).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-
+import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
-from atlasflow.store import COMPLETE, SourceEntry, StoreWriter, map_genes, organism_key
+from atlasflow.store import COMPLETE, SourceEntry, map_genes, organism_key
+from atlasflow.store.lease import DEFAULT_WAIT_S, writer_lease
+from atlasflow.store.lease_writer import LeasedStoreWriter
 
 from .pipeline import BlockTracker, IngestReport, _Progress
+
+log = logging.getLogger(__name__)
 
 # cellxgene_census defaults to 1 GiB read buffers per context; several workers share 24 GiB here.
 _TILEDB_CONFIG = {"soma.init_buffer_bytes": 128 * 1024**2, "py.init_buffer_bytes": 128 * 1024**2}
@@ -90,17 +96,41 @@ def split_runs(runs: list[tuple[int, int]], block: int):
         yield offset, piece
 
 
-def scan_query(spec: CensusSpec, obs_value_filter: str | None) -> dict[str, list[tuple[int, int]]]:
-    """dataset_id -> runs of matching Census obs joinids, from a streaming obs scan."""
-    per: dict[str, list[tuple[int, int]]] = {}
+def _scan(spec: CensusSpec, obs_value_filter: str | None, need_primary: bool):
+    """dataset_id -> (runs of primary cells, runs of non-primary cells), from a streaming obs scan.
+
+    Without an ``is_primary_data`` column every cell counts as primary (refused if ``need_primary``).
+    """
+    import pyarrow.compute as pc
+
+    per: dict[str, tuple[list, list]] = {}
     with spec.open() as census:
         exp = spec.experiment(census)
-        for tbl in exp.obs.read(value_filter=obs_value_filter, column_names=["soma_joinid", "dataset_id"]):
+        has_flag = "is_primary_data" in exp.obs.schema.names
+        if need_primary and not has_flag:
+            raise ValueError(f"{spec.label}: obs has no is_primary_data column, so primary cells cannot be told "
+                             f"apart; ingest all cells with primary_only=False (--all-cells)")
+        cols = ["soma_joinid", "dataset_id"] + (["is_primary_data"] if has_flag else [])
+        for tbl in exp.obs.read(value_filter=obs_value_filter, column_names=cols):
             ids = tbl["soma_joinid"].to_numpy()
             ds = np.asarray(tbl["dataset_id"].to_pylist(), dtype=object)
+            prim = (pc.fill_null(tbl["is_primary_data"], False).to_numpy(zero_copy_only=False).astype(bool)
+                    if has_flag else np.ones(len(ids), bool))
             for d in np.unique(ds):
-                per.setdefault(str(d), []).extend(runs_of(np.sort(ids[ds == d])))
-    return {d: _merge_runs(r) for d, r in sorted(per.items())}
+                in_d = ds == d
+                runs = per.setdefault(str(d), ([], []))
+                runs[0].extend(runs_of(np.sort(ids[in_d & prim])))
+                runs[1].extend(runs_of(np.sort(ids[in_d & ~prim])))
+    return {d: (_merge_runs(p), _merge_runs(n)) for d, (p, n) in sorted(per.items())}
+
+
+def scan_query(spec: CensusSpec, obs_value_filter: str | None) -> dict[str, list[tuple[int, int]]]:
+    """dataset_id -> runs of matching Census obs joinids (all cells), from a streaming obs scan."""
+    return {d: _merge_runs(p + n) for d, (p, n) in _scan(spec, obs_value_filter, False).items()}
+
+
+def _n(runs) -> int:
+    return sum(b - a for a, b in runs)
 
 
 def _write_census_block(store_uri, spec, runs, joinid_start, var_map, source_id, source_file):
@@ -136,23 +166,43 @@ def _write_census_block(store_uri, spec, runs, joinid_start, var_map, source_id,
 
 def ingest_census(store_uri: str, *, census_version: str | None = None, census_uri: str | None = None,
                   organism: str = "Homo sapiens", obs_value_filter: str | None = None, genes: list[str] = (),
-                  block_cells: int = 10_000, num_cpus: int | None = None, progress: bool = True) -> IngestReport:
-    """Ingest the cells of a Census query (one manifest source per dataset). Idempotent."""
+                  primary_only: bool = True, block_cells: int = 10_000, num_cpus: int | None = None,
+                  progress: bool = True, wait_s: float = DEFAULT_WAIT_S) -> IngestReport:
+    """Ingest the cells of a Census query (one manifest source per dataset). Idempotent.
+
+    ``primary_only`` (default) keeps ``is_primary_data == True`` cells: Census lists a cell once
+    per dataset it appears in, and only the primary copy is unique (pretraining on all of them
+    repeats cells). ``report.cells_skipped["non_primary"]`` counts the cells left out. A dataset
+    first ingested primary-only and later with ``primary_only=False`` gets its non-primary cells
+    added as a second source (never the primary ones twice). Holds the store's writer lease.
+    """
+    if census_version and census_uri:
+        raise ValueError("give census_version or census_uri, not both")
+    t0 = time.time()
+    with writer_lease(store_uri, wait_s=wait_s) as lease:
+        report = _ingest_census(store_uri, lease, CensusSpec(census_version, census_uri, organism),
+                                obs_value_filter, list(genes), primary_only, block_cells, num_cpus, progress)
+        report.lease_generation = lease.generation
+    report.seconds = time.time() - t0
+    return report
+
+
+_CELLS_LABEL = {"primary": " (primary cells)", "non_primary": " (non-primary cells)", "all": ""}
+
+
+def _ingest_census(store_uri, lease, spec, obs_value_filter, genes, primary_only, block_cells, num_cpus,
+                   progress) -> IngestReport:
     import ray
 
     from atlasflow.infra.ray_env import init_ray
 
-    if census_version and census_uri:
-        raise ValueError("give census_version or census_uri, not both")
-    t0 = time.time()
+    organism = spec.organism
     report = IngestReport()
-    spec = CensusSpec(census_version, census_uri, organism)
-    writer = StoreWriter(store_uri, organism=organism_key(organism))
+    writer = LeasedStoreWriter(store_uri, lease, organism=organism_key(organism))
 
-    per_dataset = scan_query(spec, obs_value_filter)
+    per_dataset = _scan(spec, obs_value_filter, primary_only)
     if not per_dataset:
         report.failed.append({"source": spec.label, "error": f"obs_value_filter {obs_value_filter!r} matched no cells"})
-        report.seconds = time.time() - t0
         return report
     with spec.open() as census:
         var = spec.experiment(census).ms["RNA"].var.read(column_names=["soma_joinid", "feature_id"]).concat()
@@ -170,17 +220,41 @@ def ingest_census(store_uri: str, *, census_version: str | None = None, census_u
     bar = _Progress(progress)
     tracker = BlockTracker(writer, report, bar)
     var_ref, spec_ref = ray.put(var_map), ray.put(spec)
-    query_key = json.dumps({"census": spec.label, "organism": organism_key(organism), "filter": obs_value_filter,
-                            "genes": sorted(genes)}, sort_keys=True)
-    waiting = {}
-    for dataset_id, runs in per_dataset.items():
-        fp = hashlib.blake2b(f"{query_key}|{dataset_id}".encode(), digest_size=16).hexdigest()
-        n = sum(b - a for a, b in runs)
+
+    def fingerprint(dataset_id: str, cells: str) -> str:
+        # "all" keeps the key of stores ingested before primary_only existed (they hold all cells).
+        q = {"census": spec.label, "organism": organism_key(organism), "filter": obs_value_filter,
+             "genes": sorted(genes), **({} if cells == "all" else {"cells": cells})}
+        return hashlib.blake2b(f"{json.dumps(q, sort_keys=True)}|{dataset_id}".encode(), digest_size=16).hexdigest()
+
+    def complete(fp: str):
         prior = writer.manifest.by_fingerprint(fp)
+        return prior if prior is not None and prior.status == COMPLETE else None
+
+    waiting = {}
+    skipped_non_primary = 0
+    for dataset_id, (prim, nonprim) in per_dataset.items():
         name = f"{spec.label} {dataset_id}"
-        if prior is not None and prior.status == COMPLETE:
-            report.skipped.append({"source": name, "reason": f"already ingested as {prior.source_id}"})
+        done = complete(fingerprint(dataset_id, "all"))
+        if done is not None:
+            report.skipped.append({"source": name, "reason": f"already ingested as {done.source_id}"})
             continue
+        if primary_only:
+            cells, runs = "primary", prim
+            skipped_non_primary += _n(nonprim)
+        elif complete(fingerprint(dataset_id, "primary")) is not None:
+            cells, runs = "non_primary", nonprim  # the primary ones are in the store already
+        else:
+            cells, runs = "all", _merge_runs(prim + nonprim)
+        fp = fingerprint(dataset_id, cells)
+        name += _CELLS_LABEL[cells]
+        done = complete(fp)
+        if done is not None:
+            report.skipped.append({"source": name, "reason": f"already ingested as {done.source_id}"})
+            continue
+        if not runs:
+            continue  # e.g. a dataset of non-primary cells only, primary_only
+        n = _n(runs)
         entry = writer.reserve(SourceEntry(
             source_id=f"census-{dataset_id}-{fp[:10]}", kind="census", name=name, fingerprint=fp, n_cells=n,
             counts_field='ms["RNA"].X["raw"]', genes_mapped=len(mapping.feature_ids),
@@ -190,6 +264,11 @@ def ingest_census(store_uri: str, *, census_version: str | None = None, census_u
                 for off, piece in split_runs(runs, block_cells)]
         tracker.start(entry, refs)
         waiting.update({r: entry.source_id for r in refs})
+    if primary_only:
+        report.cells_skipped["non_primary"] = skipped_non_primary
+        if skipped_non_primary:
+            log.warning("%s: %d non-primary cells (is_primary_data == False, listed again in another dataset) "
+                        "skipped; --all-cells keeps them", spec.label, skipped_non_primary)
     try:
         while waiting:
             ready, _ = ray.wait(list(waiting), num_returns=1)
@@ -202,7 +281,6 @@ def ingest_census(store_uri: str, *, census_version: str | None = None, census_u
         bar.close()
     if mapping.unmapped:
         print(f"[atlasflow] {spec.label}: {mapping.summary()}", flush=True)
-    report.seconds = time.time() - t0
     return report
 
 

@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import sys
 
+from atlasflow.store.lease import DEFAULT_WAIT_S
+
+EXIT_BUSY = 75  # EX_TEMPFAIL: another process holds the store's writer lease; try again later
+
 
 def register_cli(sub) -> None:
     try:
@@ -37,10 +41,30 @@ def register_cli(sub) -> None:
     p.add_argument("--memory-budget", type=float, default=2.0, metavar="GB",
                    help="memory one read task may hold for a source's matrix; larger 10x .h5 / CSC files are "
                         "read in row blocks, larger MTX directories refused (default 2)")
+    p.add_argument("--wait", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
+                   help=f"how long to wait while another process writes the store (default {DEFAULT_WAIT_S:.0f}; "
+                        f"0: fail at once, naming the holder)")
+    p.add_argument("--all-cells", action="store_true",
+                   help="Census: keep non-primary cells too (default: is_primary_data == True only, each cell once)")
+    p.add_argument("--no-resume", action="store_true",
+                   help="do not finish sources an interrupted run left pending (default: finish them)")
     p.set_defaults(func=_ingest)
 
 
 def _ingest(args) -> int:
+    from atlasflow.store.lease import LeaseLost, StoreBusy
+
+    try:
+        return _run_ingest(args)
+    except StoreBusy as exc:
+        print(f"atlasflow ingest: {exc}", file=sys.stderr)
+        return EXIT_BUSY
+    except LeaseLost as exc:
+        print(f"atlasflow ingest: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run_ingest(args) -> int:
     from atlasflow.store import organism_key
 
     organism = organism_key(args.organism)
@@ -52,8 +76,9 @@ def _ingest(args) -> int:
 
         report = ingest_census(args.store, census_version=args.census_version, census_uri=args.census_uri,
                                organism=args.organism, obs_value_filter=args.obs_filter,
-                               genes=[g for g in (args.genes or "").split(",") if g],
-                               block_cells=args.block_cells, num_cpus=args.num_cpus, progress=not args.no_progress)
+                               genes=[g for g in (args.genes or "").split(",") if g], primary_only=not args.all_cells,
+                               block_cells=args.block_cells, num_cpus=args.num_cpus, progress=not args.no_progress,
+                               wait_s=args.wait)
     else:
         if not args.sources:
             print("atlasflow ingest: no SOURCE given (or use --census)", file=sys.stderr)
@@ -63,10 +88,13 @@ def _ingest(args) -> int:
         report = ingest_paths(args.store, args.sources, organism=organism, allow_normalized=args.normalized,
                               require_obs=tuple(c for c in args.require_obs.split(",") if c),
                               block_cells=args.block_cells, num_cpus=args.num_cpus, progress=not args.no_progress,
+                              wait_s=args.wait, resume_pending=not args.no_resume,
                               duplicate_genes=args.duplicate_genes, memory_budget=int(args.memory_budget * 1e9))
     print(json.dumps(report.to_dict(), indent=2))
     for f in report.failed:
         print(f"FAILED {f['source']}: {f['error']}", file=sys.stderr)
-    print(f"ingest: {len(report.added)} added, {len(report.skipped)} already present, {len(report.failed)} failed; "
-          f"{report.cells} cells in {report.seconds:.1f} s", file=sys.stderr)
+    extra = "".join(f", {n} {why.replace('_', '-')} cells skipped" for why, n in report.cells_skipped.items() if n)
+    resumed = f" ({len(report.resumed)} resumed from an interrupted run)" if report.resumed else ""
+    print(f"ingest: {len(report.added)} added{resumed}, {len(report.skipped)} already present, "
+          f"{len(report.failed)} failed; {report.cells} cells in {report.seconds:.1f} s{extra}", file=sys.stderr)
     return 0 if report.ok else 1

@@ -3,13 +3,16 @@
 Division of labour (what tiledbsoma makes safe, see store/store.py and NOTES.md):
 - workers: probe/validate a source; write X and obs rows of a *reserved, disjoint* joinid range,
   one write per open (independent TileDB fragments; obs has no enumerations to extend);
-- driver, serially: gene registry (var), joinid reservation, array resizes, manifest commits.
+- driver, serially: gene registry (var), joinid reservation, array resizes, manifest commits,
+  all under the store's writer lease (store/lease.py): one driver per store at a time, a second one
+  waits (``wait_s``) or fails fast, and takes over the lease of a dead one.
 A source turns ``complete`` in the manifest only after all its blocks are written, so readers
 (which only read complete ranges) never see half-written cells.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -17,7 +20,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from atlasflow.store import COMPLETE, SourceEntry, StoreWriter, write_cells_csr
+from atlasflow.store import COMPLETE, SourceEntry, write_cells_csr
+from atlasflow.store.lease import DEFAULT_WAIT_S, writer_lease
+from atlasflow.store.lease_writer import LeasedStoreWriter
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BLOCK_CELLS = 10_000  # ~15M nonzeros at Census density: well under 1 GB per write task
 
@@ -27,16 +34,20 @@ class IngestReport:
     added: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
     failed: list[dict] = field(default_factory=list)
+    resumed: list[str] = field(default_factory=list)  # pending sources of an interrupted run, picked up
     cells: int = 0
+    cells_skipped: dict[str, int] = field(default_factory=dict)  # reason -> cells not ingested on purpose
     seconds: float = 0.0
+    lease_generation: int = 0
 
     @property
     def ok(self) -> bool:
         return not self.failed
 
     def to_dict(self) -> dict:
-        return {"added": self.added, "skipped": self.skipped, "failed": self.failed, "cells_written": self.cells,
-                "seconds": round(self.seconds, 3),
+        return {"added": self.added, "skipped": self.skipped, "failed": self.failed, "resumed": self.resumed,
+                "cells_written": self.cells, "cells_skipped": self.cells_skipped, "seconds": round(self.seconds, 3),
+                "lease_generation": self.lease_generation,
                 "cells_per_s": round(self.cells / self.seconds, 1) if self.seconds else None}
 
 
@@ -97,7 +108,7 @@ class _Progress:
 class BlockTracker:
     """Which blocks of which source are outstanding; commits a source when its last block lands."""
 
-    def __init__(self, writer: StoreWriter, report: IngestReport, progress: _Progress):
+    def __init__(self, writer: LeasedStoreWriter, report: IngestReport, progress: _Progress):
         self.writer, self.report, self.progress = writer, report, progress
         self.pending: dict[str, dict] = {}
 
@@ -132,20 +143,55 @@ class BlockTracker:
 def ingest_paths(store_uri: str, sources: list[str], *, organism: str = "homo_sapiens",
                  allow_normalized: bool = False, require_obs: tuple[str, ...] = (),
                  block_cells: int = DEFAULT_BLOCK_CELLS, num_cpus: int | None = None,
-                 progress: bool = True, duplicate_genes: str = "sum", memory_budget: int | None = None) -> IngestReport:
-    """Ingest H5AD sources into the store (created if absent). Idempotent and resumable."""
+                 progress: bool = True, wait_s: float = DEFAULT_WAIT_S, resume_pending: bool = True,
+                 duplicate_genes: str = "sum", memory_budget: int | None = None) -> IngestReport:
+    """Ingest H5AD sources into the store (created if absent). Idempotent and resumable.
+
+    Holds the store's writer lease throughout (waiting up to ``wait_s`` for another writer; 0 fails
+    fast with ``StoreBusy``). With ``resume_pending``, sources an interrupted run left pending are
+    finished too, when their file is still there unchanged (same fingerprint).
+    """
+    t0 = time.time()
+    with writer_lease(store_uri, wait_s=wait_s) as lease:
+        report = _ingest_paths(store_uri, sources, lease, organism=organism, allow_normalized=allow_normalized,
+                               require_obs=require_obs, block_cells=block_cells, num_cpus=num_cpus,
+                               progress=progress, resume_pending=resume_pending,
+                               duplicate_genes=duplicate_genes, memory_budget=memory_budget)
+        report.lease_generation = lease.generation
+    report.seconds = time.time() - t0
+    return report
+
+
+def _pending_paths(writer: LeasedStoreWriter, paths: list[str]) -> list[str]:
+    """Files of sources left pending by a dead run that this run was not given."""
+    given, out = set(paths), []
+    for e in writer.manifest.pending():
+        if e.kind == "census" or not e.path:
+            continue  # a Census query is resumed by re-running it; version-1 entries have no path
+        if e.path in given:
+            continue
+        if not os.path.exists(e.path):
+            log.warning("%s: pending from an interrupted run, but %s is gone; not resumed", e.name, e.path)
+            continue
+        out.append(e.path)
+    return out
+
+
+def _ingest_paths(store_uri, sources, lease, *, organism, allow_normalized, require_obs, block_cells, num_cpus,
+                  progress, resume_pending, duplicate_genes="sum", memory_budget=None) -> IngestReport:
     import ray
 
     from atlasflow.infra.ray_env import init_ray
     from atlasflow.ingest.h5ad import report_probe
     from atlasflow.ingest.sources import resolve_sources
 
-    t0 = time.time()
     report = IngestReport()
     paths, resolve_errors = resolve_sources(list(sources))
     for arg, err in resolve_errors:
         report.failed.append({"source": arg, "error": err})
-    writer = StoreWriter(store_uri, organism=organism)
+    writer = LeasedStoreWriter(store_uri, lease, organism=organism)
+    resumed = set(_pending_paths(writer, paths) if resume_pending else ())
+    paths = paths + sorted(resumed)
     init_ray(num_cpus)
     probe_task = ray.remote(num_cpus=1, max_retries=0)(_probe)
     write_task = ray.remote(num_cpus=1, max_retries=2)(_write_h5ad_block)
@@ -182,10 +228,16 @@ def ingest_paths(store_uri: str, sources: list[str], *, organism: str = "homo_sa
             if prior is not None and prior.status == COMPLETE:
                 report.skipped.append({"source": p.path, "reason": f"already ingested as {prior.source_id}"})
                 continue
+            if p.path in resumed:
+                if prior is None:  # the file changed since the dead run: not what it reserved
+                    report.skipped.append({"source": p.path, "reason": "pending from an interrupted run, but the "
+                                                                       "file changed since; not resumed"})
+                    continue
+                report.resumed.append(name)
             gene_joinids = writer.register_genes(p.feature_ids)
             entry = writer.reserve(SourceEntry(
                 source_id=sid, kind=p.format or "h5ad", name=name, fingerprint=p.fingerprint, size_bytes=p.size_bytes,
-                n_cells=p.n_cells, counts_field=p.counts_field, normalized=p.normalized,
+                path=os.path.abspath(p.path), n_cells=p.n_cells, counts_field=p.counts_field, normalized=p.normalized,
                 genes_mapped=len(p.feature_ids), genes_unmapped=len(p.unmapped), unmapped_examples=p.unmapped[:10],
                 total_counts=p.total_counts, dropped_counts=p.dropped_counts, genes_report=p.genes_report))
             print(f"[atlasflow] {report_probe(p, organism)}", file=sys.stderr)
@@ -206,5 +258,4 @@ def ingest_paths(store_uri: str, sources: list[str], *, organism: str = "homo_sa
                 waiting[r] = ("block", entry.source_id)
     finally:
         bar.close()
-    report.seconds = time.time() - t0
     return report

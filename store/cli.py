@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import sys
+
+from .lease import DEFAULT_WAIT_S
 
 
 def register_cli(sub) -> None:
@@ -15,6 +18,8 @@ def register_cli(sub) -> None:
     stats = ssub.add_parser("stats", help="compute per-gene nnz and exact nonzero medians (rank tokenizer)")
     stats.add_argument("store")
     stats.add_argument("--block-cells", type=int, default=50_000)
+    stats.add_argument("--wait", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
+                       help="how long to wait while another process writes the store (0: fail at once)")
     stats.set_defaults(func=_stats)
 
 
@@ -41,7 +46,19 @@ def store_info(uri: str) -> dict:
             "pending": [e.name for e in m.sources.values() if e.status == "pending"],
         },
         "gene_stats": stats_metadata(s),
+        "writer": _writer(uri),
     }
+
+
+def _writer(uri: str) -> str | None:
+    """Who holds the writer lease now (None: nobody); reading it takes nothing."""
+    from .lease import current_holder
+
+    try:
+        rec = current_holder(uri)
+    except (NotImplementedError, OSError, ValueError) as exc:
+        return f"unknown ({exc})"
+    return None if rec is None else rec.describe()
 
 
 def _info(args) -> int:
@@ -59,16 +76,26 @@ def _info(args) -> int:
     for f in m["failed"]:
         print(f"  failed    {f['source']}: {f['error']}")
     for p in m["pending"]:
-        print(f"  pending   {p} (interrupted; re-run the same ingest to finish it)")
+        if info["writer"]:
+            print(f"  pending   {p} (being written now)")
+        else:
+            print(f"  pending   {p} (interrupted; the next ingest of this store finishes it)")
+    if info["writer"]:
+        print(f"writer      {info['writer']}")
     gs = info["gene_stats"]
     print(f"gene stats  {'computed over ' + str(gs['n_cells']) + ' cells' if gs else 'absent (run `atlasflow store stats`)'}")
     return 0
 
 
 def _stats(args) -> int:
+    from atlasflow.store.lease import StoreBusy
     from atlasflow.store.stats import compute_gene_stats
 
-    df = compute_gene_stats(args.store, block_cells=args.block_cells)
+    try:
+        df = compute_gene_stats(args.store, block_cells=args.block_cells, wait_s=args.wait)
+    except StoreBusy as exc:
+        print(f"atlasflow store stats: {exc}", file=sys.stderr)
+        return 75
     print(json.dumps({"store": args.store, "genes": len(df), "genes_expressed": int((df["nnz"] > 0).sum()),
                       "median_of_medians": float(df["nonzero_median"].median())}, indent=2))
     return 0

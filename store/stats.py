@@ -23,6 +23,7 @@ import pyarrow as pa
 import tiledbsoma as soma
 
 from . import schema
+from .lease import DEFAULT_WAIT_S, writer_lease
 from .store import Store, open_store, soma_context
 
 STATS_FORMAT_VERSION = 1
@@ -57,8 +58,17 @@ def _iter_normalized(store: Store, block_cells: int):
                     yield cols[keep], vals[keep] / raw_sum[rows[keep]] * 1e4
 
 
-def compute_gene_stats(uri: str, block_cells: int = BLOCK_CELLS, write: bool = True) -> pd.DataFrame:
-    """Compute per-gene nnz and exact nonzero median over the committed cells; store them."""
+def compute_gene_stats(uri: str, block_cells: int = BLOCK_CELLS, write: bool = True,
+                       wait_s: float = DEFAULT_WAIT_S) -> pd.DataFrame:
+    """Compute per-gene nnz and exact nonzero median over the committed cells; store them
+    (``write``: under the store's writer lease, waiting up to ``wait_s`` for another writer)."""
+    if write:
+        with writer_lease(uri, wait_s=wait_s) as lease:
+            return _compute_gene_stats(uri, block_cells, lease)
+    return _compute_gene_stats(uri, block_cells, None)
+
+
+def _compute_gene_stats(uri: str, block_cells: int, lease) -> pd.DataFrame:
     store = open_store(uri)
     G = store.n_genes
     t0 = time.time()
@@ -99,7 +109,8 @@ def compute_gene_stats(uri: str, block_cells: int = BLOCK_CELLS, write: bool = T
     median[genes] = (v_lo + v_hi) / 2.0
 
     df = pd.DataFrame({"nnz": nnz, "nonzero_median": median}, index=pd.RangeIndex(G, name="soma_joinid"))
-    if write:
+    if lease is not None:
+        lease.check()
         _write_stats(store, df, seconds=time.time() - t0)
     return df
 

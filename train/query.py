@@ -275,12 +275,21 @@ def to_h5ad(cfg: QueryConfig, out: str, sel: Selection | None = None) -> Selecti
 
 def to_store(cfg: QueryConfig, out: str, sel: Selection | None = None) -> Selection:
     """Write the query as a new atlasflow store (one source of kind ``query``) and compute gene stats."""
-    from atlasflow.ingest.obs import to_store_obs
-    from atlasflow.store import SourceEntry, StoreWriter, write_cells
-    from atlasflow.store.stats import compute_gene_stats
+    from atlasflow.store.lease import writer_lease
 
     sel = sel or select(cfg)
-    w = StoreWriter(out, organism=cfg.organism.lower().replace(" ", "_"))
+    with writer_lease(out) as lease:  # one writer per store (store/lease.py)
+        _write_store(cfg, out, sel, lease)
+    return sel
+
+
+def _write_store(cfg: QueryConfig, out: str, sel: Selection, lease) -> None:
+    from atlasflow.ingest.obs import to_store_obs
+    from atlasflow.store import SourceEntry, write_cells
+    from atlasflow.store.lease_writer import LeasedStoreWriter
+    from atlasflow.store.stats import compute_gene_stats
+
+    w = LeasedStoreWriter(out, lease, organism=cfg.organism.lower().replace(" ", "_"))
     gene_joinids = w.register_genes(list(sel.var["feature_id"].astype(str)))
     key = cfg.key()
     entry = w.reserve(SourceEntry(source_id=f"query-{key[:12]}", kind="query",
@@ -301,7 +310,6 @@ def to_store(cfg: QueryConfig, out: str, sel: Selection | None = None) -> Select
         total += float(rs.sum())
     w.complete(entry.source_id, nnz=nnz, raw_sum=total)
     compute_gene_stats(out)
-    return sel
 
 
 def to_loader(cfg: QueryConfig, loader_cfg=None):
