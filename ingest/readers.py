@@ -381,7 +381,9 @@ class TenxH5Blocks(Source):
         if "matrix" in self.f:
             g = self.f["matrix"]
             feats = g["features"]
-            ids, names = frame_index(feats["id"][:]), frame_index(feats["name"][:])
+            # Probe-barcode (Flex) matrices name probes in ``id`` and their gene in ``gene_id`` (as scanpy)
+            ids = frame_index(feats["gene_id" if "gene_id" in feats else "id"][:])
+            names = frame_index(feats["name"][:])
             types = frame_index(feats["feature_type"][:]).to_numpy()
             gex = np.flatnonzero(types == "Gene Expression")
         else:
