@@ -144,7 +144,8 @@ def test_eval_table_split_and_leakage(setup, tmp_path):
     from atlasflow.store import open_store
 
     store, ckpt, root = setup
-    tab = run_eval(ckpt, store, str(tmp_path / "ev"), EvalConfig(finetune_steps=0, n_pcs=10))
+    tab = run_eval(ckpt, store, str(tmp_path / "ev"), EvalConfig(finetune_steps=0, n_pcs=10, control=False, cv_folds=0,
+                                                                  cluster=False, scib=False))
     obs = open_store(store).obs(["dataset_id", "cell_type"])
     assert set(tab["train_groups"]).isdisjoint(tab["test_groups"])
     assert set(tab["train_groups"]) | set(tab["test_groups"]) == set(obs["dataset_id"])
@@ -172,27 +173,31 @@ def test_eval_table_split_and_leakage(setup, tmp_path):
     assert tab["leakage"]["test_groups_in_pretraining"] == sorted(tab["test_groups"])
     assert "warning" in tab["leakage"]
     assert json.loads((tmp_path / "ev" / "eval.json").read_text())["rows"] == tab["rows"]
-    assert "| features | classifier | accuracy | macro-F1 |" in (tmp_path / "ev" / "eval.md").read_text()
+    assert "| features | classifier | accuracy | macro-F1 | seeds |" in (tmp_path / "ev" / "eval.md").read_text()
     for png in ("embedding.png", "scores.png"):
         assert (tmp_path / "ev" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # a store of other datasets: no test group was pretrained on, no warning
     other = make_store(root / "other", seed=6)
     assert set(open_store(other).obs(["dataset_id"])["dataset_id"]).isdisjoint(obs["dataset_id"])
-    tab2 = run_eval(ckpt, other, str(tmp_path / "ev2"), EvalConfig(finetune_steps=0, n_pcs=10, plot=False))
+    tab2 = run_eval(ckpt, other, str(tmp_path / "ev2"), EvalConfig(finetune_steps=0, n_pcs=10, plot=False, control=False,
+                                                                    cv_folds=0, cluster=False, scib=False))
     assert tab2["leakage"]["test_groups_in_pretraining"] == [] and "warning" not in tab2["leakage"]
 
 
 def test_finetune_frozen_keeps_encoder_full_updates_it(setup, tmp_path):
-    from atlasflow.train.finetune import (FinetuneConfig, block_to_arrays, finetune_worker, labelled_tokens,
-                                          load_classifier, predict)
+    from atlasflow.train.finetune import FinetuneConfig, finetune_worker, load_classifier, predict
+    from atlasflow.train.finetune_data import labelled_counts, memory_set, tokenizer_spec, validation_split
+    from atlasflow.train.embed import tokenize
     from atlasflow.train.loop import WorkerContext
 
     store, ckpt, _ = setup
     model = PretrainedModel(ckpt)
-    block, labels = labelled_tokens(model, store, "cell_type")
+    X, fids, labels, groups = labelled_counts(store, "cell_type")
     classes = sorted(set(labels))
-    data = {**block_to_arrays(block), "y": np.array([classes.index(v) for v in labels])}
+    spec, _ = tokenizer_spec(model, fids)
+    data = memory_set(X, labels, spec, classes, validation_split(labels, groups, 0.0, 0))
+    block = tokenize(model.tokenizer_for(fids)[0], X, np.arange(X.shape[0]))
     base = {k: v.clone() for k, v in model.encoder.state_dict().items()}
 
     def run(mode):
@@ -202,7 +207,7 @@ def test_finetune_frozen_keeps_encoder_full_updates_it(setup, tmp_path):
             if d:
                 shutil.copytree(d, dest)
         ctx = WorkerContext(0, 1, torch.device("cpu"), lambda: contextlib.nullcontext(None), report)
-        finetune_worker(FinetuneConfig(mode=mode, steps=6, batch_size=16), ckpt, data, classes, ctx)
+        finetune_worker(FinetuneConfig(mode=mode, steps=6, batch_size=16, val_fraction=0.0), ckpt, data, classes, ctx)
         return load_classifier(str(dest))
 
     for mode in ("frozen", "full"):
@@ -214,6 +219,8 @@ def test_finetune_frozen_keeps_encoder_full_updates_it(setup, tmp_path):
         assert len(pred) == len(labels) and set(pred) <= set(classes)
     with pytest.raises(ValueError, match="FinetuneConfig.mode"):
         FinetuneConfig(mode="half")
+    with pytest.raises(ValueError, match="FinetuneConfig.thin_range"):
+        FinetuneConfig(thin_range=(0.5, 0.1))
     with pytest.raises(FileNotFoundError, match="not a fine-tuned checkpoint"):
         load_classifier(ckpt)
 
@@ -222,13 +229,16 @@ def test_finetune_frozen_keeps_encoder_full_updates_it(setup, tmp_path):
 def test_cli_eval_with_finetune_under_ray(setup, tmp_path, ray_session):
     store, ckpt, _ = setup
     rc = atlasflow_main(["eval", "--checkpoint", ckpt, "--input", store, "--out", str(tmp_path / "ev"),
-                         "--finetune-steps", "4", "--no-plot"])
+                         "--finetune-steps", "4", "--no-plot", "--no-scib", "--cv-folds", "0"])
     assert rc == 0
     tab = json.loads((tmp_path / "ev" / "eval.json").read_text())
-    ft = tab["rows"][-1]
-    assert ft["features"] == "fine-tuned atlasflow (frozen encoder, mean pooling)" and 0 <= ft["accuracy"] <= 1
+    ft = {r["features"]: r for r in tab["rows"]}
+    for who in ("atlasflow", "random-init control"):  # the model and its control, each fine-tuned under Ray
+        r = ft[f"fine-tuned {who} (full encoder, mean pooling)"]
+        assert 0 <= r["accuracy"] <= 1 and r["n_seeds"] == 1
+    assert [f["model"] for f in tab["finetune"]] == ["atlasflow", "random-init control"]
     # the fine-tuned checkpoint is a regular checkpoint: embed reads it
-    rc = atlasflow_main(["embed", "--checkpoint", tab["finetune"]["checkpoint"], "--input", store,
+    rc = atlasflow_main(["embed", "--checkpoint", tab["finetune"][0]["checkpoint"], "--input", store,
                          "--out-parquet", str(tmp_path / "f.parquet")])
     assert rc == 0 and len(pd.read_parquet(tmp_path / "f.parquet")) == 240
 
@@ -254,7 +264,8 @@ def test_leakage_respects_pretraining_split_and_h5ad_fingerprints(setup, tmp_pat
     c["data"]["split"] = "train"
     cfg_f.write_text(json.dumps(c))
     tab = run_eval(ck, store, str(tmp_path / "ev_split"), EvalConfig(finetune_steps=0, n_pcs=5, plot=False,
-                                                                      embedding_poolings=("mean",)))
+                                                                      embedding_poolings=("mean",), control=False,
+                                                                      cv_folds=0, cluster=False, scib=False))
     trained = {g for g in set(obs["dataset_id"]) if split_of(g) == "train"}
     assert tab["leakage"]["test_groups_in_pretraining"] == sorted(set(tab["test_groups"]) & trained)
     if set(obs["dataset_id"]) - trained:  # unseen datasets exist: they are the ones held out
@@ -286,5 +297,5 @@ def test_leakage_respects_pretraining_split_and_h5ad_fingerprints(setup, tmp_pat
     for test, leaked in (("a.h5ad", ["a.h5ad"]), ("b.h5ad", [])):
         t = run_eval(ck2, [paths["a"], paths["b"]], str(tmp_path / f"ev_{test}"),
                      EvalConfig(test_groups=(test,), finetune_steps=0, n_pcs=5, plot=False,
-                                embedding_poolings=("mean",)))
+                                embedding_poolings=("mean",), control=False, cv_folds=0, cluster=False, scib=False))
         assert t["test_groups"] == [test] and t["leakage"]["test_groups_in_pretraining"] == leaked

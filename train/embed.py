@@ -72,12 +72,17 @@ class PretrainedModel:
         med = stats["nonzero_median"].reindex(joinids).to_numpy(np.float64)
         return dict(zip(self.vocab.gene_feature_ids, med))
 
-    def tokenizer_for(self, feature_ids) -> tuple:
-        """(Tokenizer over these input columns, number of input genes not in the vocabulary)."""
+    def tokenizer_for(self, feature_ids, genes: set | None = None) -> tuple:
+        """(Tokenizer over these input columns, number of input columns it drops).
+
+        A column is dropped when its gene is not in the vocabulary or, with ``genes``, not among
+        them (e.g. the genes a training and a test set share).
+        """
         from atlasflow.loader import Tokenizer
 
         feature_ids = [str(f) for f in feature_ids]
-        lut = np.array([self.token_of.get(f, -1) for f in feature_ids], dtype=np.int32)
+        lut = np.array([self.token_of.get(f, -1) if genes is None or f in genes else -1 for f in feature_ids],
+                       dtype=np.int32)
         med = None
         if self.medians is not None:
             med = np.array([self.medians.get(f, 1.0) for f in feature_ids], dtype=np.float64)
@@ -97,6 +102,29 @@ class PretrainedModel:
             out.append(enc.embed(collate(block, idx), pooling=cfg.pooling).cpu().numpy())
         d = self.encoder.cfg.d_model
         return np.concatenate(out) if out else np.zeros((0, d), np.float32)
+
+
+    @torch.no_grad()
+    def embed_poolings(self, block, poolings, batch_size: int = 64) -> dict:
+        """{pooling: embeddings [n, d]} from one forward pass per batch (cls and/or mean)."""
+        from atlasflow.loader.batching import collate
+
+        from .model import N_SPECIAL
+        from .pack import model_inputs
+
+        enc = self.encoder.eval()
+        dev = next(enc.parameters()).device
+        out = {p: [] for p in poolings}
+        for a in range(0, len(block), batch_size):
+            b = collate(block, np.arange(a, min(len(block), a + batch_size)))
+            inputs = model_inputs({k: v.to(dev) for k, v in b.items()}, pack=False)
+            h = enc(inputs)
+            g = (inputs["input_ids"] >= N_SPECIAL).unsqueeze(-1).to(h.dtype)
+            z = {"cls": h[:, 0], "mean": (h * g).sum(1) / g.sum(1).clamp(min=1)}
+            for p in poolings:
+                out[p].append(z[p].float().cpu().numpy())
+        d = enc.cfg.d_model
+        return {p: np.concatenate(v) if v else np.zeros((0, d), np.float32) for p, v in out.items()}
 
 
 def tokenize(tok, X: sp.csr_matrix, joinids: np.ndarray):

@@ -86,11 +86,22 @@ def register_cli(subparsers) -> None:
     _add_source(f)
     f.add_argument("--label", default="cell_type")
     f.add_argument("--label-map", help="JSON file or text {label: harmonized label or null}")
-    f.add_argument("--mode", default="frozen", choices=("frozen", "full"))
-    f.add_argument("--pooling", default="cls", choices=("cls", "mean"))
-    f.add_argument("--steps", type=int, default=200)
+    f.add_argument("--mode", default="full", choices=("frozen", "full"))
+    f.add_argument("--pooling", default="mean", choices=("cls", "mean"))
+    f.add_argument("--steps", type=int, default=600, help="at most (early stopping on the validation split)")
     f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--lr", type=float, default=1e-2, help="head learning rate")
+    f.add_argument("--lr", type=float, default=1e-3, help="head learning rate")
+    f.add_argument("--encoder-lr", type=float, default=1e-3, help="full mode: the top block's learning rate")
+    f.add_argument("--layer-decay", type=float, default=1.0, help="full mode: lr factor per block downwards")
+    f.add_argument("--thin-range", default="0.05,1.0",
+                   help="depth augmentation: per-cell keep rate range lo,hi (log-uniform); 'none' = off")
+    f.add_argument("--thin-prob", type=float, default=0.5, help="share of cells thinned")
+    f.add_argument("--val-fraction", type=float, default=0.15, help="early-stopping split (0 = none)")
+    f.add_argument("--val-by", default="dataset_id", help="group column of the validation split")
+    f.add_argument("--patience", type=int, default=6, help="evaluations without improvement before stopping")
+    f.add_argument("--target", help="a source (.h5ad/store) to classify later: tokens use only the genes "
+                                    "detected in both")
+    f.add_argument("--seed", type=int, default=0)
     f.add_argument("--num-workers", type=int, default=1)
     f.add_argument("--use-gpu", action="store_true")
     f.add_argument("--storage-path", default="./atlasflow_runs")
@@ -107,8 +118,13 @@ def register_cli(subparsers) -> None:
     v.add_argument("--test-group", action="append", default=[], help="held-out group (repeatable)")
     v.add_argument("--test-fraction", type=float, default=0.3)
     v.add_argument("--pooling", default="mean", choices=("cls", "mean"), help="fine-tuned head and plot")
-    v.add_argument("--finetune-steps", type=int, default=150, help="0 = no fine-tuned row")
-    v.add_argument("--finetune-mode", default="frozen", choices=("frozen", "full"))
+    v.add_argument("--finetune-steps", type=int, default=600, help="at most (early stopping); 0 = no fine-tuned rows")
+    v.add_argument("--finetune-mode", default="full", choices=("frozen", "full"))
+    v.add_argument("--seed", type=int, action="append", default=[], dest="seeds",
+                   help="seed of the trained rows (repeatable; rows report mean ± sd over them)")
+    v.add_argument("--no-control", action="store_true", help="no random-init control rows")
+    v.add_argument("--cv-folds", type=int, default=5, help="CV folds on the test cells (0 = off)")
+    v.add_argument("--no-scib", action="store_true", help="skip the scib-metrics table")
     v.add_argument("--finetuned", help="score this fine-tuned checkpoint instead of fine-tuning")
     v.add_argument("--medians-store")
     v.add_argument("--out", default="atlasflow_eval")
@@ -169,10 +185,15 @@ def _finetune(args) -> int:
 
     try:
         src = _sources(args)[0]
+        thin = None if args.thin_range.lower() == "none" else tuple(float(v) for v in args.thin_range.split(","))
         cfg = FinetuneConfig(label=args.label, mode=args.mode, pooling=args.pooling, steps=args.steps,
-                             batch_size=args.batch_size, lr=args.lr, num_workers=args.num_workers,
+                             batch_size=args.batch_size, lr=args.lr, encoder_lr=args.encoder_lr,
+                             layer_decay=args.layer_decay, thin_range=thin, thin_prob=args.thin_prob,
+                             val_fraction=args.val_fraction, val_by=args.val_by, patience=args.patience,
+                             seed=args.seed, num_workers=args.num_workers,
                              use_gpu=args.use_gpu, storage_path=args.storage_path, name=args.name)
-        out = run_finetune(args.checkpoint, src, cfg, _label_map(args.label_map) or None, args.medians_store)
+        out = run_finetune(args.checkpoint, src, cfg, _label_map(args.label_map) or None, args.medians_store,
+                           target=args.target)
     except (ValueError, FileNotFoundError) as exc:
         return _fail("finetune", exc)
     print(json.dumps(out, indent=1, default=str))
@@ -186,7 +207,8 @@ def _eval(args) -> int:
         cfg = EvalConfig(label=args.label, split_by=args.split_by, test_groups=tuple(args.test_group),
                          test_fraction=args.test_fraction, label_map=_label_map(args.label_map),
                          pooling=args.pooling, finetune_steps=0 if args.finetuned else args.finetune_steps,
-                         finetune_mode=args.finetune_mode, plot=not args.no_plot)
+                         finetune_mode=args.finetune_mode, seeds=tuple(args.seeds), control=not args.no_control,
+                         cv_folds=args.cv_folds, scib=not args.no_scib, plot=not args.no_plot)
         table = run_eval(args.checkpoint, _sources(args), args.out, cfg, args.medians_store, args.finetuned)
     except (ValueError, FileNotFoundError) as exc:
         return _fail("eval", exc)

@@ -59,8 +59,11 @@ def plot_scores(rows: list[dict], path: Path, title: str = "") -> Path:
     names = [f"{r['features']}\n{r['classifier']}" for r in rows]
     y = np.arange(len(rows))
     fig, ax = plt.subplots(figsize=(9, 0.7 * len(rows) + 1.5))
-    ax.barh(y - 0.2, [r["accuracy"] for r in rows], 0.4, label="accuracy")
-    ax.barh(y + 0.2, [r["macro_f1"] for r in rows], 0.4, label="macro-F1")
+    # error bars: sd over seeds (0 for deterministic rows)
+    ax.barh(y - 0.2, [r["accuracy"] for r in rows], 0.4, xerr=[r.get("accuracy_sd", 0.0) for r in rows],
+            label="accuracy", capsize=2)
+    ax.barh(y + 0.2, [r["macro_f1"] for r in rows], 0.4, xerr=[r.get("macro_f1_sd", 0.0) for r in rows],
+            label="macro-F1", capsize=2)
     ax.set_yticks(y, names, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlim(0, 1)

@@ -1,11 +1,15 @@
-"""Reproduce the evaluation runs quoted in the README; prints one JSON document.
+"""Reproduce the evaluation runs quoted in the README; writes report.json and report.md.
 
     python -m atlasflow.train.eval_report --work /tmp/atlasflow_eval [--only real|synthetic] [--steps N]
+        [--seeds 0,1,2] [--pretrain-seeds 3] [--preset debug] [--max-len 1024] [--reverse]
 
 real: pretrain (MLM, CPU, Ray Train) on the unlabelled-or-other PBMC sources of ../shared/data
-(SoupX PBMC4k, Kang 2018, scirpy Wu 2020), then score cell types with labels harmonized to
-{B, CD4 T, CD8 T}: (1) train on SoupX, test on Garnett/Zheng 2017 (never pretrained on), and
-(2) the other way round, where the test source WAS in pretraining (the leakage check flags it).
+(SoupX PBMC4k, Kang 2018, scirpy Wu 2020), once per pretraining seed, then score cell types with
+labels harmonized to {B, CD4 T, CD8 T}: train on SoupX, test on Garnett/Zheng 2017 (never
+pretrained on); with ``--reverse`` also the other way round, where the test source WAS in
+pretraining (the leakage check flags it). Every trained row runs once per seed (pretraining
+checkpoint i pairs with seed i; with fewer pretraining seeds than seeds, checkpoints are reused
+in turn, and the report says so), next to a random-init control of the same architecture.
 synthetic: a synthetic atlas store, pretraining restricted to the ``train`` split of dataset_id,
 evaluated with a dataset-level split that holds out datasets the model never saw.
 """
@@ -37,7 +41,8 @@ def _finished(runs: Path, name: str, steps: int) -> str | None:
     return None
 
 
-def pretrain(store: str, runs: Path, name: str, steps: int, overrides: dict | None = None) -> dict:
+def pretrain(store: str, runs: Path, name: str, steps: int, overrides: dict | None = None,
+             preset: str = "debug") -> dict:
     from atlasflow.train import load_preset, read_part, run_training
 
     done = _finished(runs, name, steps)
@@ -46,7 +51,7 @@ def pretrain(store: str, runs: Path, name: str, steps: int, overrides: dict | No
         return {"checkpoint": done, "steps": steps, "final_loss": last.get("loss"),
                 "masked_accuracy": last.get("masked_accuracy"), "seconds": None, "reused": True}
 
-    cfg = load_preset("debug").with_overrides({
+    cfg = load_preset(preset).with_overrides({
         "data.store": store, "run.storage_path": str(runs), "run.name": name, "train.max_steps": steps,
         "train.epochs": 1000, "train.ckpt_every": steps, "train.log_every": max(1, steps // 10),
         "optim.warmup_steps": max(1, steps // 20), **(overrides or {})})
@@ -56,7 +61,8 @@ def pretrain(store: str, runs: Path, name: str, steps: int, overrides: dict | No
             "masked_accuracy": out["metrics"].get("masked_accuracy"), "seconds": round(time.time() - t0, 1)}
 
 
-def run_real(work: Path, steps: int, finetune_steps: int) -> dict:
+def run_real(work: Path, steps: int, finetune_steps: int, seeds=(0, 1, 2), pretrain_seeds: int = 3,
+             preset: str = "debug", max_len: int = 1024, reverse: bool = False, scib: bool = True) -> dict:
     from atlasflow.ingest import ingest_paths
     from atlasflow.store.stats import compute_gene_stats
 
@@ -67,18 +73,26 @@ def run_real(work: Path, steps: int, finetune_steps: int) -> dict:
         if not (data / f).is_file():
             raise FileNotFoundError(f"real-data run: {data / f} missing (the ../shared/data checkout)")
     store = str(work / "pbmc_pretrain_store")
-    if not _finished(work / "runs", "pbmc", steps):
+    if not Path(store, "manifest.json").exists() and not Path(store).exists():
         rep = ingest_paths(store, [str(data / f) for f in (SOUPX, KANG, SCIRPY)], progress=False)
         if not rep.ok and not rep.skipped:
             raise RuntimeError(f"ingest failed: {rep.to_dict()}")
         compute_gene_stats(store)
-    pre = pretrain(store, work / "runs", "pbmc", steps)
-    out = {"pretraining": {"sources": [SOUPX, KANG, SCIRPY], **pre}, "evals": {}}
-    cfg = EvalConfig(label="cell_type", split_by="dataset", label_map=LABEL_MAP, finetune_steps=finetune_steps)
-    for name, train_src, test_src in (("soupx_to_garnett", SOUPX, GARNETT), ("garnett_to_soupx", GARNETT, SOUPX)):
+    pres = []
+    for s in list(seeds)[:max(1, pretrain_seeds)]:
+        pres.append(pretrain(store, work / "runs", f"pbmc_{preset}_L{max_len}_s{s}", steps,
+                             {"data.max_len": max_len, "data.seed": int(s), "run.num_workers": 1}, preset))
+    out = {"pretraining": {"sources": [SOUPX, KANG, SCIRPY], "preset": preset, "max_len": max_len,
+                           "seeds": list(seeds)[:len(pres)], "runs": pres}, "evals": {}}
+    cfg = EvalConfig(label="cell_type", split_by="dataset", label_map=LABEL_MAP, finetune_steps=finetune_steps,
+                     seeds=tuple(seeds), finetune_in_process=True, scib=scib)
+    ckpts = [p["checkpoint"] for p in pres]
+    ckpts = [ckpts[i % len(ckpts)] for i in range(len(seeds))]
+    pairs = [("soupx_to_garnett", SOUPX, GARNETT)] + ([("garnett_to_soupx", GARNETT, SOUPX)] if reverse else [])
+    for name, train_src, test_src in pairs:
         test_group = _dataset_value(data / test_src)
         t0 = time.time()
-        tab = run_eval(pre["checkpoint"], [str(data / train_src), str(data / test_src)], str(work / name),
+        tab = run_eval(ckpts, [str(data / train_src), str(data / test_src)], str(work / name),
                        EvalConfig(**{**cfg.__dict__, "test_groups": (test_group,)}))
         tab["seconds"] = round(time.time() - t0, 1)
         out["evals"][name] = tab
@@ -109,28 +123,58 @@ def run_synthetic(work: Path, steps: int, finetune_steps: int, n_cells: int = 60
     pre = pretrain(store, work / "runs", "synth", steps, {"data.split": "train"})
     t0 = time.time()
     tab = run_eval(pre["checkpoint"], store, str(work / "synth_eval"),
-                   EvalConfig(label="cell_type", split_by="dataset_id", finetune_steps=finetune_steps))
+                   EvalConfig(label="cell_type", split_by="dataset_id", finetune_steps=finetune_steps,
+                              finetune_in_process=True))
     tab["seconds"] = round(time.time() - t0, 1)
     return {"pretraining": {"store": store, "n_cells": n_cells, "n_genes": n_genes, "n_datasets": n_datasets,
                             "split": "train (dataset_id)", **pre}, "eval": tab}
+
+
+def report_markdown(out: dict) -> str:
+    from .evaluate import to_markdown
+
+    parts = []
+    real = out.get("real")
+    if real:
+        p = real["pretraining"]
+        parts.append(f"## Real data: pretraining on {', '.join(p['sources'])} ({p['preset']} preset, max_len "
+                     f"{p['max_len']}, {len(p['runs'])} seed(s) {p['seeds']})\n")
+        for r in p["runs"]:
+            parts.append(f"- {r['checkpoint']}: {r['steps']} steps, loss {r.get('final_loss')}, masked acc "
+                         f"{r.get('masked_accuracy')}, {r.get('seconds')} s\n")
+        for name, tab in real["evals"].items():
+            parts.append(f"\n### {name} ({tab.get('seconds')} s)\n\n{to_markdown(tab)}")
+    syn = out.get("synthetic")
+    if syn:
+        parts.append(f"\n## Synthetic\n\n{to_markdown(syn['eval'])}")
+    return "".join(parts)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m atlasflow.train.eval_report", description=__doc__.split("\n")[0])
     p.add_argument("--work", default="./atlasflow_eval_report")
     p.add_argument("--only", choices=("real", "synthetic"))
-    p.add_argument("--steps", type=int, default=300, help="pretraining optimizer steps")
-    p.add_argument("--finetune-steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=600, help="pretraining optimizer steps")
+    p.add_argument("--finetune-steps", type=int, default=400, help="at most (early stopping)")
+    p.add_argument("--seeds", default="0,1,2", help="seeds of every trained row")
+    p.add_argument("--pretrain-seeds", type=int, default=3, help="pretraining runs (<= number of seeds)")
+    p.add_argument("--preset", default="debug")
+    p.add_argument("--max-len", type=int, default=1024, help="pretraining context (tokens per cell)")
+    p.add_argument("--reverse", action="store_true", help="also garnett -> soupx (test source pretrained on)")
+    p.add_argument("--no-scib", action="store_true")
     args = p.parse_args(argv)
+    seeds = tuple(int(v) for v in args.seeds.split(","))
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     out = {}
     if args.only in (None, "real"):
-        out["real"] = run_real(work, args.steps, args.finetune_steps)
+        out["real"] = run_real(work, args.steps, args.finetune_steps, seeds, args.pretrain_seeds, args.preset,
+                               args.max_len, args.reverse, not args.no_scib)
     if args.only in (None, "synthetic"):
         out["synthetic"] = run_synthetic(work, args.steps, args.finetune_steps)
     text = json.dumps(out, indent=1, default=str)
     (work / "report.json").write_text(text)
+    (work / "report.md").write_text(report_markdown(out))
     print(text)
     return 0
 

@@ -1,4 +1,5 @@
-"""``atlasflow eval``: does the pretrained model help? Cell-type scores against simple baselines.
+"""``atlasflow eval``: does the pretrained model help? Cell-type scores against simple baselines and a
+randomly initialised control of the same architecture.
 
 One split for every row: cells are split by group (``dataset_id`` or ``donor_id``; for .h5ad
 inputs without the column, the file is the group), no group on both sides. Unless the test groups
@@ -7,12 +8,22 @@ first, until ``test_fraction`` of the cells are in test. Leakage is checked agai
 pretraining store: test groups whose dataset ids, or whose source files (content fingerprints),
 were in the pretraining data are listed and warned about.
 
-Rows (same train/test cells): (a) kNN (k=15) and logistic regression on the model's embeddings,
-(b) the same on PCA(50) of log1p-normalized HVG counts, (c) logistic regression on those counts,
-(d) the fine-tuned classifier (head on the encoder, trained on the training cells under Ray).
-Test cells whose label never occurs in training are dropped (counted in the report). Outputs:
-``eval.json``, ``eval.md``, ``embedding.png`` (2-D t-SNE of the embeddings by label and by split)
-and ``scores.png`` (bar chart).
+Every row uses only the genes detected in both the training and the test cells (the baselines'
+features and the model's tokens alike: a gene one side never measures carries no transferable
+signal, and tokens of it shift the rank of every other gene).
+
+Transfer table (train on the training groups, score on the test groups): (a) kNN (k=15) and
+logistic regression on the model's embeddings and on the random-init control's, (b) the same on
+PCA(50) of log1p-normalized HVG counts, (c) logistic regression on those counts, (d) the
+fine-tuned classifier of the model and of the control (``finetune``: full fine-tune, early
+stopping, depth augmentation), (e) the majority training label. Rows of a trained model are
+repeated over ``seeds`` (pretraining checkpoints, one per seed when several are given; control
+initialisations; fine-tuning seeds) and reported as mean ± sd. Embedding quality on the test
+cells themselves, as cz-benchmarks measures it (``eval_metrics``): 5-fold CV label prediction and
+Leiden-clustering ARI/NMI; and scib-metrics bio-conservation / batch-correction scores over all
+cells (batch = source), each against PCA. Test cells whose label never occurs in training are
+dropped (counted in the report). Outputs: ``eval.json``, ``eval.md``, ``embedding.png`` (t-SNE of
+the embeddings by label and by split) and ``scores.png`` (bar chart with sd).
 """
 
 from __future__ import annotations
@@ -26,7 +37,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
-EVAL_FORMAT_VERSION = 1
+EVAL_FORMAT_VERSION = 2  # v2: seeds (mean/sd rows), control rows, cv / clustering / scib tables
 
 
 @dataclass(frozen=True)
@@ -41,10 +52,18 @@ class EvalConfig:
     n_hvg: int = 2000
     pooling: str = "mean"  # the fine-tuned head's pooling and the plotted embedding
     embedding_poolings: tuple[str, ...] = ("cls", "mean")  # one pair of (a) rows each
-    finetune_steps: int = 150  # 0 = no fine-tuned row
-    finetune_mode: str = "frozen"
+    finetune_steps: int = 600  # at most (early stopping); 0 = no fine-tuned rows
+    finetune_mode: str = "full"
     finetune_workers: int = 1
-    seed: int = 0
+    finetune_in_process: bool = False  # no Ray (one worker here): quicker for many small fine-tunes
+    finetune: dict = field(default_factory=dict)  # further FinetuneConfig settings (encoder_lr, thin_range...)
+    seed: int = 0  # baselines' seed; also the first trained seed when seeds is empty
+    seeds: tuple[int, ...] = ()  # trained rows' seeds (default: (seed,))
+    control: bool = True  # random-init control rows
+    shared_genes: bool = True  # tokens only over genes detected in both training and test cells
+    cv_folds: int = 5  # cz-benchmarks label prediction on the test cells; 0 = off
+    cluster: bool = True  # ARI / NMI of a clustering of the test cells' embeddings
+    scib: bool = True  # scib-metrics scores (skipped, with a note, when scib-metrics is not installed)
     block_cells: int = 4096
     plot: bool = True
 
@@ -56,8 +75,9 @@ class EvalConfig:
             raise ValueError("EvalConfig.split_by: name the grouping column (dataset_id, donor_id)")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"EvalConfig.test_fraction: must lie in (0, 1), got {self.test_fraction}")
+        object.__setattr__(self, "seeds", tuple(int(v) for v in self.seeds) or (int(self.seed),))
         for name, lo in (("k", 1), ("n_pcs", 2), ("n_hvg", 2), ("finetune_steps", 0), ("finetune_workers", 1),
-                         ("seed", 0), ("block_cells", 1)):
+                         ("seed", 0), ("block_cells", 1), ("cv_folds", 0)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"EvalConfig.{name}: must be an int >= {lo}, got {v!r}")
@@ -69,6 +89,12 @@ class EvalConfig:
                              f"got {self.embedding_poolings!r}")
         if self.finetune_mode not in ("frozen", "full"):
             raise ValueError(f"EvalConfig.finetune_mode: must be 'frozen' or 'full', got {self.finetune_mode!r}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"EvalConfig.seeds: must be distinct, got {self.seeds}")
+        if self.cv_folds == 1:
+            raise ValueError("EvalConfig.cv_folds: 0 (off) or >= 2")
+        if not isinstance(self.finetune, dict):
+            raise ValueError(f"EvalConfig.finetune: a dict of FinetuneConfig settings, got {type(self.finetune).__name__}")
         if not isinstance(self.label_map, dict):
             raise ValueError(f"EvalConfig.label_map: must be a dict, got {type(self.label_map).__name__}")
 
@@ -78,9 +104,7 @@ class EvalSet:
     labels: np.ndarray
     groups: np.ndarray
     sources: np.ndarray  # source name per cell
-    emb: dict  # pooling -> [n, d] embeddings
-    block: object  # TokenBlock, for the fine-tuned classifier
-    X: sp.csr_matrix  # counts over the union of the sources' genes
+    X: sp.csr_matrix  # counts over the union of the sources' genes (columns = feature_ids)
     totals: np.ndarray  # each cell's count total over all of its source's genes
     feature_ids: list
     fingerprints: dict  # source name -> set of content fingerprints
@@ -103,29 +127,25 @@ def _fingerprints(src) -> set:
     return set()
 
 
-def load_eval_set(model, sources, cfg: EvalConfig) -> EvalSet:
-    """Tokenize, embed and collect counts of every labelled cell of the sources."""
-    from atlasflow.loader import TokenBlock
+def load_eval_set(sources, cfg: EvalConfig) -> EvalSet:
+    """Counts, labels and groups of every labelled cell of the sources (tokenized later, once the
+    split says which genes both sides share)."""
+    from .embed import iter_input
 
-    from .embed import EmbedConfig, iter_input, tokenize
-
-    pools = tuple(dict.fromkeys((cfg.pooling, *cfg.embedding_poolings)))
-    ecfg = {p: EmbedConfig(pooling=p, block_cells=cfg.block_cells) for p in pools}
     col_of: dict[str, int] = {}
-    labels, groups, names, embs, blocks, mats, totals, fps = [], [], [], [], [], [], [], {}
+    labels, groups, names, mats, totals, fps = [], [], [], [], [], {}
     dropped = 0
     for src in sources:
         name = _source_name(src)
         fps[name] = _fingerprints(src)
-        tok = seen = None
+        seen = None
         for ids, obs, X, fids in iter_input(src, cfg.block_cells):
             if cfg.label not in obs.columns:
                 raise ValueError(f"EvalConfig.label: source {name} has no obs column {cfg.label!r} "
                                  f"(columns: {', '.join(map(str, obs.columns))})")
             if fids is not seen:
-                tok, _ = model.tokenizer_for(fids)
                 seen = fids
-                cols = np.array([col_of.setdefault(f, len(col_of)) for f in fids], dtype=np.int64)
+                cols = np.array([col_of.setdefault(str(f), len(col_of)) for f in fids], dtype=np.int64)
             lab = obs[cfg.label].astype(str).to_numpy(dtype=object)
             if cfg.label_map:
                 lab = np.array([cfg.label_map.get(v) for v in lab], dtype=object)
@@ -135,9 +155,6 @@ def load_eval_set(model, sources, cfg: EvalConfig) -> EvalSet:
                 continue
             X = sp.csr_matrix(X)[keep]
             grp = obs[cfg.split_by].astype(str).to_numpy() if cfg.split_by in obs.columns else np.full(len(obs), name)
-            blk = tokenize(tok, X, ids[keep])
-            embs.append({p: model.embed_block(blk, ecfg[p]) for p in pools})
-            blocks.append(blk)
             labels.append(lab[keep].astype(str))
             groups.append(np.asarray(grp, dtype=str)[keep])
             names.append(np.full(int(keep.sum()), name))
@@ -149,10 +166,10 @@ def load_eval_set(model, sources, cfg: EvalConfig) -> EvalSet:
                          f"(label={cfg.label!r}, label_map keys={sorted(cfg.label_map)[:6]})")
     n_genes = len(col_of)
     parts = [sp.csr_matrix((d, (r, c)), shape=(n, n_genes), dtype=np.float32) for r, c, d, n in mats]
-    return EvalSet(np.concatenate(labels), np.concatenate(groups), np.concatenate(names),
-                   {p: np.concatenate([e[p] for e in embs]) for p in pools},
-                   TokenBlock.concat(blocks), sp.vstack(parts, format="csr"), np.concatenate(totals),
-                   list(col_of), fps, dropped)
+    X = sp.vstack(parts, format="csr")
+    X.sort_indices()
+    return EvalSet(np.concatenate(labels), np.concatenate(groups), np.concatenate(names), X,
+                   np.concatenate(totals), list(col_of), fps, dropped)
 
 
 def pretraining_data(model) -> dict:
@@ -203,22 +220,27 @@ def choose_split(groups: np.ndarray, cfg: EvalConfig, seen: set) -> set:
     return test
 
 
-def run_eval(checkpoint: str, store, out: str = "atlasflow_eval", cfg: EvalConfig | None = None,
+def run_eval(checkpoint, store, out: str = "atlasflow_eval", cfg: EvalConfig | None = None,
              medians_store: str | None = None, finetuned: str | None = None) -> dict:
     """Evaluate ``checkpoint`` on ``store``: a store path, an .h5ad, a QueryConfig, or a list of them.
 
-    Returns the table as a dict (also written to out/eval.json, eval.md and the PNGs).
-    ``finetuned``: an existing fine-tuned checkpoint to score instead of fine-tuning here.
+    ``checkpoint``: one checkpoint, or a list of them (one per pretraining seed, paired with
+    ``cfg.seeds`` in order; a single checkpoint serves every seed). Returns the tables as a dict
+    (also written to out/eval.json, eval.md and the PNGs). ``finetuned``: an existing fine-tuned
+    checkpoint to score instead of fine-tuning here (one seed, no control fine-tune).
     """
-    from .baselines import baseline_rows, embedding_rows, scores
+    from .baselines import baseline_rows, scores
     from .embed import PretrainedModel
 
     cfg = cfg or EvalConfig()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = PretrainedModel(checkpoint, medians_store)
+    ckpts = [str(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else [str(checkpoint)]
+    if len(ckpts) > 1 and len(ckpts) != len(cfg.seeds):
+        raise ValueError(f"EvalConfig.seeds: {len(ckpts)} checkpoints need {len(ckpts)} seeds, got {cfg.seeds}")
+    model = PretrainedModel(ckpts[0], medians_store)
     sources = list(store) if isinstance(store, (list, tuple)) else [store]
-    es = load_eval_set(model, sources, cfg)
+    es = load_eval_set(sources, cfg)
     try:
         pre = pretraining_data(model)
     except Exception as exc:
@@ -233,10 +255,63 @@ def run_eval(checkpoint: str, store, out: str = "atlasflow_eval", cfg: EvalConfi
     te, tr = np.flatnonzero(is_test & ~unseen_label), np.flatnonzero(~is_test)
     if len(te) == 0:
         raise ValueError(f"eval: no test cell has a label seen in training (test groups {sorted(test_groups)})")
+    leakage = _leakage(pre, test_groups, seen, es.groups[te])
+
+    ytr, yte = es.labels[tr], es.labels[te]
+    # Every row sees the genes measured in both training and test cells: a gene absent from one
+    # side (another panel or genome build) carries no transferable signal.
+    Xtr, Xte = es.X[tr], es.X[te]
+    shared = np.flatnonzero((np.asarray((Xtr > 0).sum(0)).ravel() > 0) & (np.asarray((Xte > 0).sum(0)).ravel() > 0))
+    genes = {es.feature_ids[j] for j in shared} if cfg.shared_genes else None
+    n_tok = int(sum(1 for f in (genes if genes is not None else es.feature_ids) if f in model.token_of))
+    print(f"[atlasflow eval] tokens over {n_tok} genes ({len(shared)} detected in both training and test cells, "
+          f"{n_tok} of them in the checkpoint vocabulary of {len(model.vocab.gene_feature_ids)})")
+    brows, binfo = baseline_rows(Xtr[:, shared], Xte[:, shared], ytr, yte, totals_tr=es.totals[tr],
+                                 totals_te=es.totals[te], n_hvg=cfg.n_hvg, n_pcs=cfg.n_pcs, k=cfg.k, seed=cfg.seed)
+    # Reference point: what predicting the most frequent training label scores on this test set.
+    major = max(sorted(set(ytr.tolist())), key=lambda c: int((ytr == c).sum()))
+    mrow = {"features": "none (reference)", "classifier": f"majority training label ({major})",
+            **scores(yte, np.full(len(yte), major, dtype=object))}
+    pca_all = _pca_all(es, shared, cfg)
+    ctx = {"es": es, "tr": tr, "te": te, "genes": genes, "is_test": is_test, "medians_store": medians_store}
+    per_seed, ft_info, embs = [], [], None
+    for i, seed in enumerate(cfg.seeds):
+        ck = ckpts[i % len(ckpts)]
+        runs = [("atlasflow", ck)]
+        if cfg.control:
+            from .eval_metrics import random_init_checkpoint
+
+            runs.append(("random-init control", random_init_checkpoint(ck, str(out / "control" / f"seed{seed}"), seed)))
+        seed_out = {"transfer": [], "cv": [], "cluster": [], "scib": []}
+        for kind, c in runs:
+            res = _score_model(kind, c, seed, cfg, ctx, out, finetuned if kind == "atlasflow" else None)
+            for key in seed_out:
+                seed_out[key] += res[key]
+            if res["finetune"]:
+                ft_info.append({"model": kind, "seed": seed, **res["finetune"]})
+            if kind == "atlasflow" and i == 0:
+                embs = res["emb"]
+        per_seed.append(seed_out)
+    table = _assemble(cfg, ckpts, sources, es, tr, te, test_groups, unseen_label, ytr, yte, shared, n_tok, binfo,
+                      leakage, per_seed, brows, mrow, ft_info, pca_all)
+    (out / "eval.json").write_text(json.dumps(table, indent=1, default=list))
+    (out / "eval.md").write_text(to_markdown(table))
+    if cfg.plot:
+        from .eval_plots import plot_embedding, plot_scores
+
+        table["embedding_png"] = str(plot_embedding(embs[cfg.pooling], es.labels, is_test, out / "embedding.png",
+                                                    cfg.seed, f"atlasflow embedding ({cfg.pooling} pooling, t-SNE)"))
+        table["scores_png"] = str(plot_scores(table["rows"], out / "scores.png",
+                                              title=f"{cfg.label}: test {sorted(test_groups)}"))
+        (out / "eval.json").write_text(json.dumps(table, indent=1, default=list))
+    return table
+
+
+def _leakage(pre: dict, test_groups: set, seen: set, test_cell_groups) -> dict:
     leaked = sorted(g for g in test_groups if g in seen)
     leakage = {"pretraining_store": pre["store"], "pretraining_split": pre.get("split"),
                "test_groups_in_pretraining": leaked,
-               "test_cells_in_pretraining": int(np.isin(es.groups[te], leaked).sum()),
+               "test_cells_in_pretraining": int(np.isin(test_cell_groups, leaked).sum()),
                "check": "dataset_id values, and .h5ad content fingerprints, vs the cells the checkpoint was pretrained on"}
     if "error" in pre:
         leakage["warning"] = f"pretraining store unreadable, leakage not checked: {pre['error']}"
@@ -245,61 +320,110 @@ def run_eval(checkpoint: str, store, out: str = "atlasflow_eval", cfg: EvalConfi
                               f"rows may be optimistic")
     if "warning" in leakage:
         print(f"[atlasflow eval] WARNING: {leakage['warning']}")
+    return leakage
 
+
+def _pca_all(es: EvalSet, shared: np.ndarray, cfg: EvalConfig) -> np.ndarray:
+    """PCA of log1p HVG counts of every cell (shared genes): the unintegrated reference of the
+    within-test-set and scib tables (no classifier is trained across the split on it)."""
+    from .baselines import highly_variable, log1p_normalize, pca_features
+
+    n = log1p_normalize(es.X[:, shared], es.totals)
+    h = n[:, highly_variable(n, cfg.n_hvg)]
+    return pca_features(h, h[:1], cfg.n_pcs, cfg.seed)[0]
+
+
+def _score_model(kind: str, ckpt: str, seed: int, cfg: EvalConfig, ctx: dict, out: Path,
+                 finetuned: str | None) -> dict:
+    """Rows of one model (pretrained or control) at one seed: transfer, cv, cluster, scib."""
+    from .baselines import embedding_rows, scores
+    from .embed import PretrainedModel, tokenize
+    from .eval_metrics import clustering_scores, cv_label_prediction, scib_available, scib_scores
+
+    es, tr, te, genes = ctx["es"], ctx["tr"], ctx["te"], ctx["genes"]
     ytr, yte = es.labels[tr], es.labels[te]
-    # Baselines see the genes measured in both training and test cells: a gene absent from one
-    # side (another panel or genome build) carries no transferable signal.
-    Xtr, Xte = es.X[tr], es.X[te]
-    shared = np.flatnonzero((np.asarray((Xtr > 0).sum(0)).ravel() > 0) & (np.asarray((Xte > 0).sum(0)).ravel() > 0))
-    rows = []
+    model = PretrainedModel(ckpt, ctx["medians_store"])
+    tok, _ = model.tokenizer_for(es.feature_ids, genes)
+    block = tokenize(tok, es.X, np.arange(es.X.shape[0]))
+    pools = tuple(dict.fromkeys((*cfg.embedding_poolings, cfg.pooling)))
+    emb = model.embed_poolings(block, pools)
+    name = "atlasflow embedding" if kind == "atlasflow" else "random-init control embedding"
+    res = {"transfer": [], "cv": [], "cluster": [], "scib": [], "finetune": None, "emb": emb}
     for p in cfg.embedding_poolings:
-        rows += embedding_rows(es.emb[p][tr], es.emb[p][te], ytr, yte, name=f"atlasflow embedding ({p} pooling)",
-                               k=cfg.k, seed=cfg.seed)
-    brows, binfo = baseline_rows(Xtr[:, shared], Xte[:, shared], ytr, yte, totals_tr=es.totals[tr],
-                                 totals_te=es.totals[te], n_hvg=cfg.n_hvg, n_pcs=cfg.n_pcs, k=cfg.k, seed=cfg.seed)
-    rows += brows
-    # Reference point: what predicting the most frequent training label scores on this test set.
-    major = max(sorted(set(ytr.tolist())), key=lambda c: int((ytr == c).sum()))
-    rows.append({"features": "none (reference)", "classifier": f"majority training label ({major})",
-                 **scores(yte, np.full(len(yte), major, dtype=object))})
-    ft_info = None
+        res["transfer"] += embedding_rows(emb[p][tr], emb[p][te], ytr, yte, name=f"{name} ({p} pooling)",
+                                          k=cfg.k, seed=seed)
+    z = emb[cfg.pooling]
+    feat = f"{name} ({cfg.pooling} pooling)"
+    if cfg.cv_folds:
+        res["cv"] = [{"features": feat, **r} for r in cv_label_prediction(z[te], yte, cfg.cv_folds, seed)]
+    if cfg.cluster:
+        res["cluster"] = [{"features": feat, "classifier": "clustering", **clustering_scores(z[te], yte, seed)}]
+    if cfg.scib and scib_available():
+        both = np.concatenate([tr, te])
+        res["scib"] = [{"features": feat, "classifier": "scib-metrics",
+                        **scib_scores(z[both], es.labels[both], es.sources[both])}]
     if finetuned or cfg.finetune_steps:
-        from .finetune import FinetuneConfig, load_classifier, predict, run_finetune_tokens
+        from .finetune import FinetuneConfig, load_classifier, predict, run_finetune_counts
 
         if not finetuned:
+            tag = f"{'pre' if kind == 'atlasflow' else 'ctrl'}-seed{seed}"
             # a fresh fine-tune per evaluation: Ray Train would treat the same storage path + name as a resume
-            shutil.rmtree(out / "finetune" / "eval-finetune", ignore_errors=True)
-            fcfg = FinetuneConfig(label=cfg.label, mode=cfg.finetune_mode, pooling=cfg.pooling,
-                                  steps=cfg.finetune_steps, seed=cfg.seed, num_workers=cfg.finetune_workers,
-                                  storage_path=str(out / "finetune"), name="eval-finetune")
-            res = run_finetune_tokens(checkpoint, es.block.take(tr), ytr, fcfg)
-            finetuned = res["checkpoint"]
+            shutil.rmtree(out / "finetune" / tag, ignore_errors=True)
+            fcfg = FinetuneConfig.from_dict({
+                "label": cfg.label, "mode": cfg.finetune_mode, "pooling": cfg.pooling, "steps": cfg.finetune_steps,
+                "seed": seed, "num_workers": cfg.finetune_workers, "in_process": cfg.finetune_in_process,
+                "storage_path": str(out / "finetune"), "name": tag, **cfg.finetune})
+            r = run_finetune_counts(ckpt, es.X[tr], es.feature_ids, ytr, fcfg, groups=es.groups[tr], genes=genes,
+                                    model=model)
+            finetuned = r["checkpoint"]
         clf, classes, meta = load_classifier(finetuned)
-        pred = predict(clf, classes, es.block.take(te))
+        pred = predict(clf, classes, block.take(te))
         mode, pool = meta["config"]["mode"], meta["config"]["pooling"]
-        rows.append({"features": f"fine-tuned atlasflow ({mode} encoder, {pool} pooling)", "classifier": "linear head",
-                     **scores(yte, pred)})
-        ft_info = {"checkpoint": str(finetuned), "mode": mode, "steps": meta["config"]["steps"]}
-    table = {
-        "format_version": EVAL_FORMAT_VERSION, "checkpoint": str(checkpoint),
-        "sources": [_source_name(s) for s in sources], "label": cfg.label, "split_by": cfg.split_by,
-        "train_groups": sorted(set(es.groups[tr].tolist())), "test_groups": sorted(test_groups),
-        "n_train": int(len(tr)), "n_test": int(len(te)),
+        who = "atlasflow" if kind == "atlasflow" else "random-init control"
+        res["transfer"].append({"features": f"fine-tuned {who} ({mode} encoder, {pool} pooling)",
+                                "classifier": "linear head", **scores(yte, pred)})
+        res["finetune"] = {"checkpoint": str(finetuned), "mode": mode, "max_steps": meta["config"]["steps"],
+                           "best_step": meta.get("best_step"), "stopped_at": meta.get("stopped_at"),
+                           "best_val_loss": meta.get("best_val_loss"), "validation": meta.get("validation"),
+                           "thinning": meta.get("thinning")}
+    return res
+
+
+def _assemble(cfg, ckpts, sources, es, tr, te, test_groups, unseen_label, ytr, yte, shared, n_tok, binfo, leakage,
+              per_seed, brows, mrow, ft_info, pca_all) -> dict:
+    from .eval_metrics import aggregate_seeds, clustering_scores, cv_label_prediction, scib_available, scib_scores
+
+    agg = {k: aggregate_seeds([s[k] for s in per_seed], cfg.seeds, keys) for k, keys in
+           (("transfer", ("accuracy", "macro_f1")), ("cv", ("accuracy", "macro_f1")),
+            ("cluster", ("ari", "nmi")), ("scib", ("bio_conservation", "batch_correction", "total")))}
+    det = {"n_seeds": 1, "deterministic": True}
+    pfeat = f"PCA({pca_all.shape[1]}) of log1p HVG counts (all cells)"
+    cv = agg["cv"] + ([{"features": pfeat, **r, **det} for r in cv_label_prediction(pca_all[te], yte, cfg.cv_folds,
+                                                                                     cfg.seed)]
+                      if cfg.cv_folds else [])
+    cluster = agg["cluster"] + ([{"features": pfeat, "classifier": "clustering", **det,
+                                  **clustering_scores(pca_all[te], yte, cfg.seed)}] if cfg.cluster else [])
+    scib = None
+    if cfg.scib:
+        if scib_available():
+            both = np.concatenate([tr, te])
+            scib = agg["scib"] + [{"features": pfeat, "classifier": "scib-metrics", **det,
+                                   **scib_scores(pca_all[both], es.labels[both], es.sources[both])}]
+        else:
+            scib = "skipped: scib-metrics is not installed (pip install 'atlasflow[eval]')"
+    rows = agg["transfer"] + [{**r, **det} for r in brows] + [{**mrow, **det}]
+    return {
+        "format_version": EVAL_FORMAT_VERSION, "checkpoint": ckpts[0], "checkpoints": ckpts, "seeds": list(cfg.seeds),
+        "pretraining_seeds": len(ckpts), "sources": [_source_name(s) for s in sources], "label": cfg.label,
+        "split_by": cfg.split_by, "train_groups": sorted(set(es.groups[tr].tolist())),
+        "test_groups": sorted(test_groups), "n_train": int(len(tr)), "n_test": int(len(te)),
         "test_cells_dropped_unseen_label": int(unseen_label.sum()), "cells_dropped_unlabelled": es.dropped_unlabelled,
         "labels_train": _counts(ytr), "labels_test": _counts(yte),
-        "genes_shared_train_test": int(len(shared)), "n_hvg": binfo["n_hvg"], "n_pcs": binfo["n_pcs"],
-        "leakage": leakage, "finetune": ft_info, "config": {k: v for k, v in asdict(cfg).items()}, "rows": rows,
+        "genes_shared_train_test": int(len(shared)), "genes_tokenized": n_tok, "n_hvg": binfo["n_hvg"],
+        "n_pcs": binfo["n_pcs"], "leakage": leakage, "finetune": ft_info or None,
+        "config": {k: v for k, v in asdict(cfg).items()}, "rows": rows,
+        "cv_test_cells": cv, "clustering_test_cells": cluster, "scib_all_cells": scib,
     }
-    (out / "eval.json").write_text(json.dumps(table, indent=1, default=list))
-    (out / "eval.md").write_text(to_markdown(table))
-    if cfg.plot:
-        from .eval_plots import plot_embedding, plot_scores
-
-        table["embedding_png"] = str(plot_embedding(es.emb[cfg.pooling], es.labels, is_test, out / "embedding.png", cfg.seed,
-                                                        f"atlasflow embedding ({cfg.pooling} pooling, t-SNE)"))
-        table["scores_png"] = str(plot_scores(rows, out / "scores.png", title=f"{cfg.label}: test {sorted(test_groups)}"))
-        (out / "eval.json").write_text(json.dumps(table, indent=1, default=list))
-    return table
 
 
 def _counts(y) -> dict:
@@ -307,12 +431,41 @@ def _counts(y) -> dict:
     return {str(a): int(b) for a, b in zip(u, c)}
 
 
+def _pm(r: dict, key: str) -> str:
+    if r.get("n_seeds", 1) > 1:
+        return f"{r[key]:.3f} ± {r[key + '_sd']:.3f}"
+    return f"{r[key]:.3f}"
+
+
 def to_markdown(table: dict) -> str:
+    seeds = table.get("seeds", [0])
     lines = [f"Test groups ({table['split_by']}): {', '.join(table['test_groups'])}; "
-             f"train: {len(table['train_groups'])} group(s). Cells: {table['n_train']} train, {table['n_test']} test.",
-             "", "| features | classifier | accuracy | macro-F1 |", "|---|---|---:|---:|"]
+             f"train: {len(table['train_groups'])} group(s). Cells: {table['n_train']} train, {table['n_test']} test. "
+             f"Genes: {table.get('genes_shared_train_test')} detected on both sides, "
+             f"{table.get('genes_tokenized')} of them tokenized. Trained rows: mean ± sd over seeds {seeds} "
+             f"({table.get('pretraining_seeds', 1)} pretraining checkpoint(s)).",
+             "", "| features | classifier | accuracy | macro-F1 | seeds |", "|---|---|---:|---:|---:|"]
     for r in table["rows"]:
-        lines.append(f"| {r['features']} | {r['classifier']} | {r['accuracy']:.3f} | {r['macro_f1']:.3f} |")
+        lines.append(f"| {r['features']} | {r['classifier']} | {_pm(r, 'accuracy')} | {_pm(r, 'macro_f1')} | "
+                     f"{r.get('n_seeds', 1)} |")
+    if table.get("cv_test_cells"):
+        lines += ["", "Label prediction on the test cells' embeddings (cz-benchmarks protocol: stratified CV):", "",
+                  "| features | classifier | accuracy | macro-F1 |", "|---|---|---:|---:|"]
+        lines += [f"| {r['features']} | {r['classifier']} | {_pm(r, 'accuracy')} | {_pm(r, 'macro_f1')} |"
+                  for r in table["cv_test_cells"]]
+    if table.get("clustering_test_cells"):
+        m = table["clustering_test_cells"][0].get("method", "")
+        lines += ["", f"Clustering of the test cells ({m}) against the labels:", "", "| features | ARI | NMI |",
+                  "|---|---:|---:|"]
+        lines += [f"| {r['features']} | {_pm(r, 'ari')} | {_pm(r, 'nmi')} |" for r in table["clustering_test_cells"]]
+    sc = table.get("scib_all_cells")
+    if isinstance(sc, list) and sc:
+        lines += ["", "scib-metrics on all cells (batch = source; unscaled; total = 0.6 bio + 0.4 batch):", "",
+                  "| features | bio conservation | batch correction | total |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['features']} | {_pm(r, 'bio_conservation')} | {_pm(r, 'batch_correction')} | "
+                  f"{_pm(r, 'total')} |" for r in sc]
+    elif isinstance(sc, str):
+        lines += ["", f"scib-metrics: {sc}"]
     warn = table["leakage"].get("warning")
     if warn:
         lines += ["", f"**Leakage warning:** {warn}"]

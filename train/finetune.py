@@ -1,21 +1,29 @@
 """``atlasflow finetune``: a cell-type classification head on a pretrained encoder, under Ray Train.
 
-Cells are tokenized with the checkpoint's vocabulary (genes not in it are reported and dropped).
+Cells are tokenized with the checkpoint's vocabulary (genes not in it are reported and dropped);
+``genes`` restricts tokens further, e.g. to the genes a target dataset shares with the training
+set (a gene the target never measures only teaches the head a feature it will not see).
 A store or a local Census mirror (or a query of one by obs filter) is streamed: each worker reads
 its own partition with ``atlasflow.loader`` (see ``finetune_data``). An .h5ad file, a remote Census
-query or a subsampled query is tokenized once on the driver and handed to the workers through the
-Ray object store; rank r trains on cells r, r + world, ... (such sets must fit in memory).
+query or a subsampled query is read once on the driver (counts, not tokens) and handed to the
+workers through the Ray object store; rank r trains on cells r, r + world, ... (such sets must fit
+in memory) and tokenizes each batch when drawn, so depth augmentation thins every epoch afresh.
 
-``mode="frozen"`` trains the head only (encoder in eval mode, no gradients); ``"full"`` also
-updates the encoder with its own, smaller learning rate. The result is a regular training
+Defaults are the ones that held up under dataset shift (issue 11): ``mode="full"`` (the encoder is
+updated, at ``encoder_lr``, optionally decayed layer by layer towards the embeddings), a LayerNorm
+head (per-cell statistics: a BatchNorm head standardizes with training-set statistics, and shifted
+cells then collapse onto one class), depth augmentation (binomial thinning of counts) on, and early
+stopping on a held-out validation split (by group where there are >= 2 groups, else a stratified
+cell split): the best validation step is restored, not the last. The result is a regular training
 checkpoint of the (possibly updated) encoder, so ``atlasflow embed`` reads it, plus
-``classifier.pt`` (head weights) and ``classes.json``.
+``classifier.pt`` (head weights), ``classes.json`` and ``finetune.json`` (config, best step, split).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -24,45 +32,81 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+log = logging.getLogger(__name__)
+
 FINETUNE_FORMAT = "atlasflow.finetune"
-FINETUNE_FORMAT_VERSION = 1
+FINETUNE_FORMAT_VERSION = 2  # v2: LayerNorm head (v1 heads were BatchNorm)
 MODES = ("frozen", "full")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     label: str = "cell_type"
-    mode: str = "frozen"
-    pooling: str = "cls"
-    steps: int = 200
+    mode: str = "full"
+    pooling: str = "mean"
+    steps: int = 600  # at most; early stopping usually ends sooner
     batch_size: int = 32
-    lr: float = 1e-2  # head
-    encoder_lr: float = 1e-4  # full mode only
+    lr: float = 1e-3  # head
+    encoder_lr: float = 1e-3  # full mode: the top block's rate
+    layer_decay: float = 1.0  # full mode: block i gets encoder_lr * layer_decay ** (n_layers - 1 - i)
     weight_decay: float = 0.01
+    warmup_steps: int = 20
+    head_dropout: float = 0.1
+    # depth augmentation: per-cell keep rate, log-uniform in thin_range, for a thin_prob share of cells
+    thin_range: tuple[float, float] | None = (0.05, 1.0)
+    thin_prob: float = 0.5
+    # early stopping on a validation split held out from the training cells
+    val_fraction: float = 0.15
+    val_by: str = "dataset_id"  # streamed stores: the group column of the validation split
+    eval_every: int = 25
+    patience: int = 6  # evaluations without a better validation loss before stopping
     seed: int = 0
     num_workers: int = 1  # Ray Train workers
     use_gpu: bool = False
+    in_process: bool = False  # one worker in this process (no Ray): quick evaluations
     storage_path: str = "./atlasflow_runs"
     name: str = "finetune"
 
     def __post_init__(self):
+        if self.thin_range is not None:
+            object.__setattr__(self, "thin_range", tuple(float(v) for v in self.thin_range))
         if self.mode not in MODES:
             raise ValueError(f"FinetuneConfig.mode: must be one of {MODES}, got {self.mode!r}")
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"FinetuneConfig.pooling: must be 'cls' or 'mean', got {self.pooling!r}")
         if not self.label:
             raise ValueError("FinetuneConfig.label: name the obs column holding the labels")
-        for name in ("steps", "batch_size", "num_workers"):
+        for name, lo in (("steps", 1), ("batch_size", 1), ("num_workers", 1), ("warmup_steps", 0),
+                         ("eval_every", 1), ("patience", 1), ("seed", 0)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"FinetuneConfig.{name}: must be an int >= 1, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"FinetuneConfig.{name}: must be an int >= {lo}, got {v!r}")
         for name in ("lr", "encoder_lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"FinetuneConfig.{name}: must be > 0, got {getattr(self, name)}")
+        if not 0 < self.layer_decay <= 1:
+            raise ValueError(f"FinetuneConfig.layer_decay: must lie in (0, 1], got {self.layer_decay}")
         if self.weight_decay < 0:
             raise ValueError(f"FinetuneConfig.weight_decay: must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.head_dropout < 1:
+            raise ValueError(f"FinetuneConfig.head_dropout: must lie in [0, 1), got {self.head_dropout}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"FinetuneConfig.val_fraction: must lie in [0, 1), got {self.val_fraction}")
+        if self.thin_range is not None:
+            lo, hi = self.thin_range if len(self.thin_range) == 2 else (0, -1)
+            if not 0 < lo <= hi <= 1:
+                raise ValueError(f"FinetuneConfig.thin_range: (lo, hi) with 0 < lo <= hi <= 1, or None; "
+                                 f"got {self.thin_range}")
+        if not 0 <= self.thin_prob <= 1:
+            raise ValueError(f"FinetuneConfig.thin_prob: must lie in [0, 1], got {self.thin_prob}")
+        if self.in_process and self.num_workers != 1:
+            raise ValueError("FinetuneConfig.in_process: runs one worker; set num_workers=1")
         if not self.name or "/" in self.name:
             raise ValueError(f"FinetuneConfig.name: a non-empty name without '/', got {self.name!r}")
+
+    @property
+    def thin(self) -> tuple | None:
+        return None if self.thin_range is None or self.thin_prob == 0 else (self.thin_range, self.thin_prob)
 
     @classmethod
     def from_dict(cls, d: dict) -> "FinetuneConfig":
@@ -73,14 +117,18 @@ class FinetuneConfig:
         return cls(**d)
 
 
+def make_head(d: int, n_classes: int, dropout: float = 0.0) -> nn.Sequential:
+    """LayerNorm -> dropout -> linear. LayerNorm normalizes each cell by its own statistics, so a
+    shifted dataset is not pushed through training-set means and variances."""
+    return nn.Sequential(nn.LayerNorm(d), nn.Dropout(dropout), nn.Linear(d, n_classes))
+
+
 class CellClassifier(nn.Module):
-    def __init__(self, encoder: nn.Module, n_classes: int, pooling: str = "cls", frozen: bool = True):
+    def __init__(self, encoder: nn.Module, n_classes: int, pooling: str = "mean", frozen: bool = False,
+                 head_dropout: float = 0.0):
         super().__init__()
         self.encoder, self.pooling, self.frozen = encoder, pooling, frozen
-        d = encoder.cfg.d_model
-        # Pooled states of a lightly trained encoder share a large common component; standardizing
-        # each feature over the batch (running stats at inference) lets a linear head see the rest.
-        self.head = nn.Sequential(nn.BatchNorm1d(d), nn.Linear(d, n_classes))
+        self.head = make_head(encoder.cfg.d_model, n_classes, head_dropout)
         for name, p in self.encoder.named_parameters():
             # The MLM output head takes no part in classification; under DDP a trainable parameter
             # without a gradient would stall the gradient all-reduce.
@@ -104,85 +152,104 @@ class CellClassifier(nn.Module):
         return self.head(z.float())
 
 
-# -- data ----------------------------------------------------------------------------------
-def block_to_arrays(block) -> dict:
-    return {"offsets": block.offsets, "ids": block.ids, "joinids": block.joinids,
-            "values": block.values, "bins": block.bins}
-
-
-def arrays_to_block(d: dict):
-    from atlasflow.loader import TokenBlock
-
-    return TokenBlock(d["offsets"], d["ids"], d["joinids"], d.get("values"), d.get("bins"))
-
-
-def labelled_tokens(model, source, label: str, block_cells: int = 4096, label_map: dict | None = None):
-    """(TokenBlock, labels as str array) for every labelled cell of a store / .h5ad / QueryConfig."""
-    from atlasflow.loader import TokenBlock
-
-    from .embed import iter_input, tokenize
-
-    blocks, labels = [], []
-    tok = seen = None
-    for ids, obs, X, fids in iter_input(source, block_cells, obs_columns=(label,)):
-        if label not in obs.columns:
-            raise ValueError(f"FinetuneConfig.label: input has no obs column {label!r} "
-                             f"(columns: {', '.join(map(str, obs.columns))})")
-        if fids is not seen:
-            tok, dropped = model.tokenizer_for(fids)
-            seen = fids
-            if dropped:
-                missing = [f for f in fids if f not in model.token_of][:5]
-                print(f"[atlasflow finetune] {dropped} of {len(fids)} input genes are not in the checkpoint "
-                      f"vocabulary and are dropped (e.g. {', '.join(missing)})")
-        lab = obs[label].astype(str).to_numpy(dtype=object)
-        if label_map is not None:
-            lab = np.array([label_map.get(v) for v in lab], dtype=object)
-        keep = np.array([v is not None for v in lab], dtype=bool)
-        if keep.any():
-            blk = tokenize(tok, X[keep], ids[keep])
-            blocks.append(blk)
-            labels.append(lab[keep].astype(str))
-    if not blocks:
-        raise ValueError(f"finetune: the input has no labelled cells in column {label!r}")
-    return TokenBlock.concat(blocks), np.concatenate(labels)
+def param_groups(clf: CellClassifier, cfg: FinetuneConfig) -> list[dict]:
+    """Head at ``lr``; in full mode, block i at encoder_lr * layer_decay ** (n_layers - 1 - i), the
+    final LayerNorm at encoder_lr, the input embeddings one decay step below the lowest block."""
+    groups = [{"params": list(clf.head.parameters()), "lr": cfg.lr, "name": "head"}]
+    if cfg.mode == "frozen":
+        return groups
+    enc = clf.encoder
+    n = len(enc.blocks)
+    seen = set()
+    for i, blk in enumerate(enc.blocks):
+        ps = [p for p in blk.parameters() if p.requires_grad]
+        seen |= {id(p) for p in ps}
+        groups.append({"params": ps, "lr": cfg.encoder_lr * cfg.layer_decay ** (n - 1 - i), "name": f"block{i}"})
+    top = [p for p in enc.ln_f.parameters() if p.requires_grad]
+    seen |= {id(p) for p in top}
+    groups.append({"params": top, "lr": cfg.encoder_lr, "name": "ln_f"})
+    rest = [p for p in enc.parameters() if p.requires_grad and id(p) not in seen]
+    groups.append({"params": rest, "lr": cfg.encoder_lr * cfg.layer_decay ** n, "name": "embeddings"})
+    return [g for g in groups if g["params"]]
 
 
 # -- the per-worker loop -------------------------------------------------------------------
-def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data, classes: list[str], ctx) -> dict:
-    """Train the head (and encoder in full mode) on this rank's share of the cells.
+def _lr_scale(step: int, warmup: int) -> float:
+    return min(1.0, step / warmup) if warmup else 1.0
 
-    ``data``: a tokenized set (dict of arrays, see ``run_finetune_tokens``) or a ``StreamSpec``
-    (this rank streams its partition of a store).
+
+@torch.no_grad()
+def validation_loss(model, batches, loss_fn, device) -> tuple[float, float]:
+    """(mean class-weighted cross-entropy, accuracy) over fixed validation batches."""
+    was = model.training
+    model.eval()
+    num = den = correct = n = 0.0
+    for batch, y in batches:
+        logits = model({k: v.to(device) for k, v in batch.items()})
+        y = y.to(device)
+        w = loss_fn.weight[y] if loss_fn.weight is not None else torch.ones_like(y, dtype=torch.float32)
+        num += float((nn.functional.cross_entropy(logits, y, reduction="none") * w).sum())
+        den += float(w.sum())
+        correct += float((logits.argmax(1) == y).sum())
+        n += len(y)
+    model.train(was)
+    return num / max(den, 1e-12), correct / max(n, 1)
+
+
+def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data, classes: list[str], ctx) -> dict:
+    """Train the head (and encoder in full mode) on this rank's share of the cells; early-stop on
+    the validation split (every rank scores all of it, so all ranks take the same decision) and
+    keep the weights of the best validation step.
+
+    ``data``: a memory set (``finetune_data.memory_set``) or a ``StreamSpec`` (this rank streams
+    its partition of a store).
     """
     from .checkpoint import load_checkpoint, read_part, save_checkpoint
-    from .finetune_data import StreamSpec, memory_batches, stream_batches
+    from .finetune_data import (StreamSpec, make_tokenizer, memory_batches, stream_batches, stream_validation,
+                                validation_batches)
 
     torch.manual_seed(cfg.seed)
     encoder, tcfg, vocab = load_checkpoint(base_checkpoint)
-    model = CellClassifier(encoder, len(classes), cfg.pooling, frozen=cfg.mode == "frozen").to(ctx.device)
-    if cfg.mode == "full":
-        encoder.train()
+    model = CellClassifier(encoder, len(classes), cfg.pooling, frozen=cfg.mode == "frozen",
+                           head_dropout=cfg.head_dropout).to(ctx.device)
+    opt = torch.optim.AdamW([{k: v for k, v in g.items() if k != "name"} for g in param_groups(model, cfg)],
+                            weight_decay=cfg.weight_decay)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    model.train()
     model = ctx.wrap(model, "ddp")
-    groups = [{"params": [p for p in _core(model).head.parameters()], "lr": cfg.lr}]
-    if cfg.mode == "full":
-        groups.append({"params": [p for p in _core(model).encoder.parameters() if p.requires_grad],
-                       "lr": cfg.encoder_lr})
-    opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+    thinned = cfg.thin is not None
     if isinstance(data, StreamSpec):
         if list(data.classes) != list(classes):
             raise ValueError(f"finetune: stream classes {list(data.classes)} differ from {classes}")
         counts = np.asarray(data.counts, dtype=np.float64)
-        batches = stream_batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
+        batches = stream_batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size, cfg.thin)
+        val = stream_validation(data)
+        split_how = f"loader hash split by {data.val_by}" if data.val_fractions else "none"
     else:
-        counts = np.bincount(data["y"], minlength=len(classes)).astype(np.float64)
-        batches = memory_batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size)
+        counts = np.bincount(data["y"][data["train_idx"]], minlength=len(classes)).astype(np.float64)
+        tok = make_tokenizer(data["tok"], *(cfg.thin or (None,)))
+        if tok is None:
+            log.warning("finetune: this loader has no depth augmentation (thinning); training without it")
+            tok, thinned = make_tokenizer(data["tok"]), False
+        batches = memory_batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size, tok)
+        val = validation_batches(data, make_tokenizer(data["tok"]))
+        split_how = data["split_how"]
     # Class-balanced loss: fine-tuning sets are often dominated by one or two cell types.
     weight = torch.as_tensor(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(classes), 0.0),
                              dtype=torch.float32, device=ctx.device)
     loss_fn = nn.CrossEntropyLoss(weight=weight)
+    core = _core(model)
     history, n_seen = [], 0
+    best = {"step": 0, "val_loss": float("inf"), "state": None}
+    if val:
+        vl, va = validation_loss(core, val, loss_fn, ctx.device)
+        best = {"step": 0, "val_loss": vl, "val_accuracy": va,
+                "state": {k: v.detach().clone() for k, v in core.state_dict().items()}}
+        history.append({"step": 0, "val_loss": vl, "val_accuracy": va})
+    since_best, step = 0, 0
     for step in range(1, cfg.steps + 1):
+        for g, lr in zip(opt.param_groups, base_lrs):
+            g["lr"] = lr * _lr_scale(step, cfg.warmup_steps)
         batch, y = next(batches)
         labelled = y >= 0
         batch = {k: v.to(ctx.device) for k, v in batch.items()}
@@ -196,28 +263,44 @@ def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data, classes: li
         opt.step()
         n_seen += int(labelled.sum())
         acc = float((logits.argmax(1).cpu()[labelled] == y[labelled]).float().mean()) if labelled.any() else 0.0
-        if step % 20 == 0 or step == cfg.steps:
+        m = None
+        if step % cfg.eval_every == 0 or step == cfg.steps:
             m = {"step": step, "loss": float(loss.item()), "batch_accuracy": acc, "cells_seen": n_seen}
+            if val:
+                m["val_loss"], m["val_accuracy"] = validation_loss(core, val, loss_fn, ctx.device)
+                if m["val_loss"] < best["val_loss"]:
+                    best = {"step": step, "val_loss": m["val_loss"], "val_accuracy": m["val_accuracy"],
+                            "state": {k: v.detach().clone() for k, v in core.state_dict().items()}}
+                    since_best = 0
+                else:
+                    since_best += 1
             history.append(m)
+            if val and since_best >= cfg.patience:
+                break
             if step < cfg.steps:
                 ctx.report(m, None)
+    if best["state"] is not None:
+        core.load_state_dict(best["state"])
+    summary = {"best_step": best["step"] if val else step, "best_val_loss": best["val_loss"] if val else None,
+               "best_val_accuracy": best.get("val_accuracy"), "stopped_at": step, "validation": split_how,
+               "n_val": int(sum(len(y) for _, y in val)), "thinning": thinned}
+    final = {**history[-1], **{k: v for k, v in summary.items() if k != "validation"}}
     n_cells = int(sum(counts))
-    core = _core(model)
     if ctx.rank == 0:
         with tempfile.TemporaryDirectory(prefix="atlasflow-ft-") as tmp:
             meta = read_part(base_checkpoint, "model.json")
             save_checkpoint(tmp, model_state={k: v.cpu() for k, v in core.encoder.state_dict().items()},
                             config=tcfg, vocab=vocab.to_dict(), model_meta=meta,
-                            train_state={"step": cfg.steps, "history": history, "format_version": 1})
+                            train_state={"step": summary["best_step"], "history": history, "format_version": 1})
             torch.save({k: v.cpu() for k, v in core.head.state_dict().items()}, Path(tmp) / "classifier.pt")
             (Path(tmp) / "classes.json").write_text(json.dumps(classes))
             (Path(tmp) / "finetune.json").write_text(json.dumps(
                 {"format": FINETUNE_FORMAT, "format_version": FINETUNE_FORMAT_VERSION, "config": asdict(cfg),
-                 "base_checkpoint": str(base_checkpoint), "n_cells": n_cells}, indent=1))
-            ctx.report(history[-1], tmp)
+                 "base_checkpoint": str(base_checkpoint), "n_cells": n_cells, **summary}, indent=1))
+            ctx.report(final, tmp)
     else:
-        ctx.report(history[-1], None)
-    return {"history": history}
+        ctx.report(final, None)
+    return {"history": history, **summary}
 
 
 def _core(model):
@@ -245,25 +328,44 @@ def _ray_loop(config: dict) -> None:
     finetune_worker(FinetuneConfig(**config["cfg"]), config["base"], data, config["classes"], ctx)
 
 
-def run_finetune_tokens(base_checkpoint: str, block, labels: np.ndarray, cfg: FinetuneConfig) -> dict:
-    """Fine-tune on already tokenized cells under Ray Train; returns {checkpoint, classes, history}."""
+def run_finetune_counts(base_checkpoint: str, counts, feature_ids, labels: np.ndarray, cfg: FinetuneConfig,
+                        groups: np.ndarray | None = None, genes: set | None = None, model=None,
+                        medians_store: str | None = None) -> dict:
+    """Fine-tune on in-memory cells: CSR ``counts`` over ``feature_ids`` with their labels (and
+    groups, for the validation split); tokens only over ``genes`` when given.
+
+    Returns {checkpoint, classes, n_cells, genes_tokenized, validation, ...}.
+    """
+    from .embed import PretrainedModel
+    from .finetune_data import memory_set, tokenizer_spec, validation_split
+
+    labels = np.asarray(labels).astype(str)
     classes = sorted(set(labels.tolist()))
-    code = {c: i for i, c in enumerate(classes)}
-    data = {**block_to_arrays(block), "y": np.array([code[v] for v in labels], dtype=np.int64)}
-    return _fit(base_checkpoint, data, classes, cfg, int(len(block)))
+    model = model or PretrainedModel(base_checkpoint, medians_store)
+    spec, dropped = tokenizer_spec(model, feature_ids, genes)
+    n_tok = int((spec["lut"] >= 0).sum())
+    log.info("finetune: tokens over %d of %d input genes (%d outside the vocabulary or the shared genes)",
+             n_tok, len(feature_ids), dropped)
+    split = validation_split(labels, groups, cfg.val_fraction, cfg.seed)
+    data = memory_set(counts, labels, spec, classes, split)
+    out = _fit(base_checkpoint, data, classes, cfg, int(len(labels)))
+    return {**out, "genes_tokenized": n_tok, "genes_in_input": len(feature_ids), "validation": split["how"],
+            "n_train": int(len(split["train"])), "n_val": int(len(split["val"]))}
 
 
 def _fit(base_checkpoint: str, data, classes: list[str], cfg: FinetuneConfig, n_cells: int) -> dict:
+    if len(classes) < 2:
+        raise ValueError(f"FinetuneConfig.label: a classifier needs >= 2 classes, found {classes}")
+    storage = str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path else cfg.storage_path
+    if cfg.in_process:
+        return _fit_here(base_checkpoint, data, classes, cfg, n_cells, Path(storage) / cfg.name)
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from atlasflow.infra.ray_env import init_ray
 
-    if len(classes) < 2:
-        raise ValueError(f"FinetuneConfig.label: a classifier needs >= 2 classes, found {classes}")
     init_ray(None)
-    storage = str(Path(cfg.storage_path).resolve()) if "://" not in cfg.storage_path else cfg.storage_path
     trainer = TorchTrainer(
         _ray_loop,
         train_loop_config={"cfg": asdict(cfg), "base": str(Path(base_checkpoint).resolve()),
@@ -277,23 +379,50 @@ def _fit(base_checkpoint: str, data, classes: list[str], cfg: FinetuneConfig, n_
             "n_cells": n_cells}
 
 
+def _fit_here(base_checkpoint: str, data, classes, cfg: FinetuneConfig, n_cells: int, dest: Path) -> dict:
+    """One worker in this process (no Ray): for evaluations that fine-tune many small models."""
+    import shutil
+
+    from .loop import WorkerContext
+
+    dev = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
+    out = dest / "checkpoint_final"
+    shutil.rmtree(out, ignore_errors=True)
+    metrics = {}
+
+    def report(m, d):
+        metrics.update(m)
+        if d:
+            shutil.copytree(d, out)
+
+    ctx = WorkerContext(0, 1, dev, lambda: contextlib.nullcontext(None), report)
+    finetune_worker(cfg, str(base_checkpoint), data, classes, ctx)
+    return {"checkpoint": str(out), "classes": classes, "metrics": metrics, "n_cells": n_cells}
+
+
 def run_finetune(base_checkpoint: str, source, cfg: FinetuneConfig, label_map: dict | None = None,
-                 medians_store: str | None = None) -> dict:
+                 medians_store: str | None = None, target=None) -> dict:
     """Fine-tune on the labelled cells of ``source`` (tokenized with the checkpoint's vocabulary).
 
     A store or a local Census mirror, or a query of one selecting by obs filter, is streamed by
     every worker (``finetune_data``); .h5ad files, remote Census queries and subsampled queries are
-    tokenized on the driver first (sets that fit in memory).
+    read on the driver first (sets that fit in memory). ``target``: a source the classifier is meant
+    for (.h5ad or store); tokens are then restricted to the genes detected in both (in-memory only).
     """
     from .embed import PretrainedModel
-    from .finetune_data import plan_stream, streamable
+    from .finetune_data import genes_shared_with, labelled_counts, plan_stream, streamable
 
     model = PretrainedModel(base_checkpoint, medians_store)
-    if streamable(source):
-        spec = plan_stream(model, source, cfg.label, label_map)
+    if streamable(source) and target is None:
+        spec = plan_stream(model, source, cfg.label, label_map, cfg.val_by, cfg.val_fraction)
         return {**_fit(base_checkpoint, spec, list(spec.classes), cfg, int(sum(spec.counts))), "streamed": True}
-    block, labels = labelled_tokens(model, source, cfg.label, label_map=label_map)
-    return {**run_finetune_tokens(base_checkpoint, block, labels, cfg), "streamed": False}
+    X, fids, labels, groups = labelled_counts(source, cfg.label, label_map=label_map, group_by=cfg.val_by)
+    genes = None
+    if target is not None:
+        genes = genes_shared_with(fids, X, target)
+        print(f"[atlasflow finetune] {len(genes)} genes detected in both the training set and the target")
+    res = run_finetune_counts(base_checkpoint, X, fids, labels, cfg, groups, genes, model)
+    return {**res, "streamed": False, "genes_shared": None if genes is None else len(genes)}
 
 
 def load_classifier(path: str, map_location="cpu") -> tuple[CellClassifier, list[str], dict]:
@@ -309,7 +438,7 @@ def load_classifier(path: str, map_location="cpu") -> tuple[CellClassifier, list
                          f"unsupported (this atlasflow reads {FINETUNE_FORMAT} v{FINETUNE_FORMAT_VERSION})")
     encoder, _, _ = load_checkpoint(p, map_location)
     classes = json.loads((p / "classes.json").read_text())
-    cfg = FinetuneConfig(**meta["config"])
+    cfg = FinetuneConfig.from_dict(meta["config"])
     clf = CellClassifier(encoder, len(classes), cfg.pooling, frozen=True)
     clf.head.load_state_dict(torch.load(p / "classifier.pt", map_location=map_location, weights_only=True))
     return clf.eval(), classes, meta

@@ -37,6 +37,9 @@ class StreamSpec:
     max_len: int
     n_bins: int
     census_organism: str | None = None  # a Census mirror, read in place (store.census_view)
+    # early stopping: the loader's hash split by this column (train / val fractions), or None
+    val_by: str | None = None
+    val_fractions: tuple[float, float, float] | None = None
     version: int = STREAM_SPEC_VERSION
 
 
@@ -51,8 +54,14 @@ def streamable(source) -> bool:
     return isinstance(source, (str, os.PathLike)) and not str(source).endswith(".h5ad")
 
 
-def plan_stream(model, source, label: str, label_map: dict | None = None) -> StreamSpec:
-    """Driver side: label counts from one obs scan, the vocabulary check, the worker's recipe."""
+def plan_stream(model, source, label: str, label_map: dict | None = None, val_by: str | None = None,
+                val_fraction: float = 0.0) -> StreamSpec:
+    """Driver side: label counts from one obs scan, the vocabulary check, the worker's recipe.
+
+    With ``val_by`` and ``val_fraction`` > 0, groups of that column are split by the loader's hash
+    split (train / val); when that leaves either side empty (too few groups), there is no
+    validation split and fine-tuning runs its full step count (said on stdout).
+    """
     from .query import QueryConfig, select
 
     q = source if isinstance(source, QueryConfig) else QueryConfig(source="store", uri=os.fspath(source))
@@ -81,24 +90,55 @@ def plan_stream(model, source, label: str, label_map: dict | None = None) -> Str
     if model.meta["tokenizer"] == "rank":
         med = np.array([model.medians[f] for f in model.vocab.gene_feature_ids], dtype=np.float64)
     census = q.organism if q.source == "census" else None
+    vfr = _stream_val_split(store, val_by, val_fraction) if val_by and val_fraction > 0 else None
     return StreamSpec(store=q.uri if census else store.uri, timestamp_ms=int(store.timestamp_ms),
                       obs_filter=q.obs_value_filter or None,
                       label=label, classes=tuple(classes), counts=tuple(counts[c] for c in classes),
                       label_map=label_map, vocab=model.vocab.to_dict(), gene_medians=med,
                       tokenizer=model.meta["tokenizer"], max_len=int(model.meta["max_len"]),
-                      n_bins=int(model.meta["n_bins"]), census_organism=census)
+                      n_bins=int(model.meta["n_bins"]), census_organism=census,
+                      val_by=val_by if vfr else None, val_fractions=vfr)
 
 
-def stream_loader(spec: StreamSpec, batch_size: int, seed: int, rank: int, world_size: int):
-    """This rank's loader over the store (all cells matching the filter, labelled or not)."""
+def _stream_val_split(store, val_by: str, fraction: float):
+    from atlasflow.loader import split_of
+
+    fr = (1.0 - fraction, fraction, 0.0)
+    try:
+        values = set(store.obs([val_by])[val_by].astype(str))
+    except Exception as exc:  # a column the store lacks: no validation split, said so
+        print(f"[atlasflow finetune] no validation split: obs column {val_by!r} unreadable ({exc})")
+        return None
+    sides = {split_of(v, fr) for v in values}
+    if not {"train", "val"} <= sides:
+        print(f"[atlasflow finetune] no validation split: the {len(values)} {val_by} group(s) all hash to "
+              f"{sorted(sides)}; training runs every step without early stopping")
+        return None
+    return fr
+
+
+def stream_loader(spec: StreamSpec, batch_size: int, seed: int, rank: int, world_size: int,
+                  split: str | None = None, thin: tuple | None = None):
+    """This rank's loader over the store (all cells matching the filter, labelled or not).
+
+    ``split``: "train" / "val" side of the spec's validation split (None: every cell).
+    ``thin``: ((lo, hi), prob) depth augmentation, when the loader has it.
+    """
+    from dataclasses import fields
+
     from atlasflow.loader import LoaderConfig, Vocab, make_loader
 
     if spec.version != STREAM_SPEC_VERSION:
         raise ValueError(f"StreamSpec.version: {spec.version} unsupported (this atlasflow reads {STREAM_SPEC_VERSION})")
+    extra = {}
+    if split is not None and spec.val_fractions:
+        extra = {"split": split, "split_by": spec.val_by, "split_fractions": spec.val_fractions}
+    if thin is not None and "thin_range" in {f.name for f in fields(LoaderConfig)}:
+        extra.update(thin_range=tuple(thin[0]), thin_prob=float(thin[1]))
     cfg = LoaderConfig(tokenizer=spec.tokenizer, max_len=spec.max_len, n_bins=spec.n_bins, batch_size=batch_size,
-                       shuffle=True, seed=seed, obs_filter=spec.obs_filter, obs_columns=(spec.label,),
+                       shuffle=split != "val", seed=seed, obs_filter=spec.obs_filter, obs_columns=(spec.label,),
                        rank=rank, world_size=world_size, remainder="pad", timestamp_ms=spec.timestamp_ms,
-                       num_workers=0)
+                       num_workers=0, **extra)
     store = _open(spec.store, spec.census_organism, spec.timestamp_ms)
     return make_loader(store, cfg, vocab=Vocab.from_dict(spec.vocab), gene_medians=spec.gene_medians)
 
@@ -113,13 +153,35 @@ def _open(uri: str, census_organism: str | None, timestamp_ms: int | None):
     return open_store(uri, timestamp_ms)
 
 
-def stream_batches(spec: StreamSpec, batch_size: int, seed: int, rank: int, world_size: int):
-    """Endless (batch, class index) pairs, epoch after epoch; unlabelled cells have class -1."""
-    loader = stream_loader(spec, batch_size, seed, rank, world_size)
+def _class_of(loader, spec: StreamSpec) -> torch.Tensor:
     cats = loader.dataset.obs_categories[spec.label]
     code = {c: i for i, c in enumerate(spec.classes)}
     lm = spec.label_map
-    class_of = torch.tensor([code.get(v if lm is None else lm.get(v), -1) for v in cats] or [-1], dtype=torch.long)
+    return torch.tensor([code.get(v if lm is None else lm.get(v), -1) for v in cats] or [-1], dtype=torch.long)
+
+
+def stream_validation(spec: StreamSpec, batch_size: int = 128, max_cells: int = 4096) -> list:
+    """The validation side of the split, read once (every rank reads all of it, so all agree)."""
+    if not spec.val_fractions:
+        return []
+    loader = stream_loader(spec, batch_size, 0, 0, 1, split="val")
+    class_of, out, n = _class_of(loader, spec), [], 0
+    for batch in loader:
+        y = class_of[batch[f"obs.{spec.label}"]]
+        keep = y >= 0
+        if keep.any():
+            out.append(({k: v[keep] for k, v in batch.items()}, y[keep]))
+            n += int(keep.sum())
+        if n >= max_cells:
+            break
+    return out
+
+
+def stream_batches(spec: StreamSpec, batch_size: int, seed: int, rank: int, world_size: int,
+                   thin: tuple | None = None):
+    """Endless (batch, class index) pairs, epoch after epoch; unlabelled cells have class -1."""
+    loader = stream_loader(spec, batch_size, seed, rank, world_size, split="train", thin=thin)
+    class_of = _class_of(loader, spec)
     epoch = 0
     while True:
         loader.dataset.set_epoch(epoch)
@@ -128,20 +190,178 @@ def stream_batches(spec: StreamSpec, batch_size: int, seed: int, rank: int, worl
         epoch += 1
 
 
-def memory_batches(data: dict, batch_size: int, seed: int, rank: int, world_size: int):
-    """Endless (batch, class index) pairs over this rank's cells r, r + world, ... of a tokenized set."""
+# -- in-memory sets: counts kept, tokenized batch by batch (so depth augmentation can thin them) --
+def validation_split(labels: np.ndarray, groups: np.ndarray | None, fraction: float, seed: int) -> dict:
+    """Hold out ``fraction`` of the training cells for early stopping.
+
+    By group when there are >= 2 groups (whole groups, in a seeded order, until the fraction is
+    reached; at least one group stays in training): the validation loss then measures transfer to
+    a group the head never saw, which is what the held-out test set asks of it. With a single group,
+    a stratified split of the cells (sklearn) — an in-distribution proxy, said so in ``how``.
+    """
+    labels = np.asarray(labels).astype(str)
+    n = len(labels)
+    if fraction <= 0:
+        return {"train": np.arange(n), "val": np.zeros(0, np.int64), "how": "none"}
+    uniq = np.unique(np.asarray(groups).astype(str)) if groups is not None else np.zeros(0)
+    if len(uniq) >= 2:
+        g = np.asarray(groups).astype(str)
+        order = np.random.default_rng(seed).permutation(uniq)
+        val, size = [], 0
+        for u in order[:-1]:
+            if size >= fraction * n:
+                break
+            val.append(u)
+            size += int((g == u).sum())
+        is_val = np.isin(g, val)
+        return {"train": np.flatnonzero(~is_val), "val": np.flatnonzero(is_val),
+                "how": f"by group: {len(val)} of {len(uniq)} groups held out ({', '.join(map(str, val[:5]))})"}
+    from sklearn.model_selection import train_test_split
+
+    _, counts = np.unique(labels, return_counts=True)
+    strat = labels if counts.min() >= 2 else None
+    tr, va = train_test_split(np.arange(n), test_size=fraction, random_state=seed, stratify=strat)
+    return {"train": np.sort(tr), "val": np.sort(va),
+            "how": "stratified cell split (a single group: no group to hold out)" if strat is not None
+            else "random cell split (a single group; a label has < 2 cells, so not stratified)"}
+
+
+def tokenizer_spec(model, feature_ids, genes: set | None = None) -> tuple[dict, int]:
+    """A picklable recipe for the checkpoint's tokenizer over these columns (optionally only ``genes``)."""
+    tok, dropped = model.tokenizer_for(feature_ids, genes)
+    return {"kind": tok.kind, "max_len": tok.max_len, "n_bins": tok.n_bins, "lut": tok.lut,
+            "medians": tok.medians, "seed": tok.seed}, dropped
+
+
+def make_tokenizer(spec: dict, thin_range=None, thin_prob: float = 1.0):
+    """The tokenizer of a ``tokenizer_spec``; with ``thin_range`` it thins counts first (the loader's
+    seeded binomial depth augmentation; None when this loader cannot)."""
+    import inspect
+
+    from atlasflow.loader import Tokenizer
+
+    args = (spec["kind"], spec["max_len"], spec["n_bins"], spec["lut"], spec["medians"], spec["seed"])
+    if thin_range is None:
+        return Tokenizer(*args)
+    params = inspect.signature(Tokenizer).parameters
+    if "thin" in params:
+        return Tokenizer(*args, thin=(tuple(thin_range), float(thin_prob)))
+    if "thin_range" in params:
+        return Tokenizer(*args, thin_range=tuple(thin_range), thin_prob=float(thin_prob))
+    return None
+
+
+def memory_set(counts, labels, tok_spec: dict, classes: list[str], split: dict) -> dict:
+    """Arrays a worker trains from: CSR counts over the tokenizer's columns, class codes, the split."""
+    import scipy.sparse as sp
+
+    X = sp.csr_matrix(counts)
+    X.sort_indices()
+    code = {c: i for i, c in enumerate(classes)}
+    return {"indptr": X.indptr.astype(np.int64), "indices": X.indices.astype(np.int64),
+            "values": X.data.astype(np.float32), "joinids": np.arange(X.shape[0], dtype=np.int64),
+            "y": np.array([code[v] for v in np.asarray(labels).astype(str)], dtype=np.int64),
+            "tok": tok_spec, "train_idx": np.asarray(split["train"], np.int64),
+            "val_idx": np.asarray(split["val"], np.int64), "split_how": split["how"]}
+
+
+def tokenize_rows(tok, data: dict, rows: np.ndarray, epoch: int):
+    """Tokenize cells ``rows`` of a memory set (the epoch seeds thinning and value noise)."""
+    ip, ind, val = data["indptr"], data["indices"], data["values"]
+    starts, ends = ip[rows], ip[rows + 1]
+    sub_ip = np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64)
+    take = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)]) if len(rows) else np.zeros(0, np.int64)
+    return tok(sub_ip, ind[take], val[take], data["joinids"][rows], epoch)
+
+
+def memory_batches(data: dict, batch_size: int, seed: int, rank: int, world_size: int, tok):
+    """Endless (batch, class index) pairs over this rank's training cells r, r + world, ...; each
+    batch is tokenized when drawn (``tok`` may thin counts: a new depth per cell every epoch)."""
     from atlasflow.loader.batching import collate
 
-    from .finetune import arrays_to_block
-
-    block = arrays_to_block(data)
     y_all = torch.tensor(np.asarray(data["y"]), dtype=torch.long)  # ray.get arrays are read-only
-    mine = np.arange(rank, len(block), world_size)
+    mine = np.asarray(data["train_idx"])[rank::world_size]
     if len(mine) == 0:
-        raise ValueError(f"finetune: {len(block)} cells cannot feed {world_size} workers")
+        raise ValueError(f"finetune: {len(data['train_idx'])} training cells cannot feed {world_size} workers")
     rng = np.random.default_rng([seed, rank])
+    epoch = 0
     while True:
         order = rng.permutation(mine)
         for a in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
             idx = order[a:a + batch_size]
-            yield collate(block, idx), y_all[idx]
+            blk = tokenize_rows(tok, data, idx, epoch)
+            yield collate(blk, np.arange(len(idx))), y_all[idx]
+        epoch += 1
+
+
+def validation_batches(data: dict, tok, batch_size: int = 128) -> list:
+    """The validation cells as fixed batches (no thinning: the score must not move between evaluations)."""
+    from atlasflow.loader.batching import collate
+
+    val = np.asarray(data["val_idx"])
+    if len(val) == 0:
+        return []
+    blk = tokenize_rows(tok, data, val, 0)
+    y = torch.tensor(np.asarray(data["y"])[val], dtype=torch.long)
+    return [(collate(blk, np.arange(a, min(len(val), a + batch_size))), y[a:a + batch_size])
+            for a in range(0, len(val), batch_size)]
+
+
+# -- labelled cells read on the driver ---------------------------------------------------
+def labelled_counts(source, label: str, block_cells: int = 4096, label_map: dict | None = None,
+                    group_by: str = "dataset_id"):
+    """(CSR counts, feature ids, labels, groups) of every labelled cell of a store / .h5ad / QueryConfig.
+
+    Groups: the ``group_by`` column where the input has it, else the input's name (one group).
+    """
+    import os
+
+    import scipy.sparse as sp
+
+    from .embed import iter_input
+
+    mats, labels, groups = [], [], []
+    fids0 = None
+    name = os.path.basename(os.path.normpath(str(source)))
+    cols = (label,) if group_by in ("", label) else (label, group_by)
+    for ids, obs, X, fids in iter_input(source, block_cells, obs_columns=cols):
+        if label not in obs.columns:
+            raise ValueError(f"FinetuneConfig.label: input has no obs column {label!r} "
+                             f"(columns: {', '.join(map(str, obs.columns))})")
+        if fids0 is None:
+            fids0 = list(fids)
+        elif list(fids) != fids0:
+            raise ValueError(f"finetune: input {name} changes its gene columns between blocks")
+        lab = obs[label].astype(str).to_numpy(dtype=object)
+        if label_map is not None:
+            lab = np.array([label_map.get(v) for v in lab], dtype=object)
+        keep = np.array([v is not None for v in lab], dtype=bool)
+        if keep.any():
+            mats.append(sp.csr_matrix(X)[keep])
+            labels.append(lab[keep].astype(str))
+            grp = obs[group_by].astype(str).to_numpy() if group_by in obs.columns else np.full(len(obs), name)
+            groups.append(np.asarray(grp, dtype=str)[keep])
+    if not mats:
+        raise ValueError(f"finetune: the input has no labelled cells in column {label!r}")
+    return sp.vstack(mats, format="csr"), fids0, np.concatenate(labels), np.concatenate(groups)
+
+
+def shared_genes(feature_ids, X_train, X_other) -> set:
+    """Feature ids detected (nonzero) in at least one cell of each matrix (columns = ``feature_ids``)."""
+    a = np.asarray((X_train > 0).sum(0)).ravel() > 0
+    b = np.asarray((X_other > 0).sum(0)).ravel() > 0
+    return {f for f, k in zip(feature_ids, a & b) if k}
+
+
+def genes_shared_with(fids, X, target) -> set:
+    """Feature ids of ``fids`` detected in ``X`` and in at least one cell of the ``target`` source."""
+    import scipy.sparse as sp
+
+    from .embed import iter_input
+
+    detected = set()
+    for _, _, Xt, tf in iter_input(target, 4096):
+        hit = np.asarray((sp.csr_matrix(Xt) > 0).sum(0)).ravel() > 0
+        detected |= {f for f, k in zip(tf, hit) if k}
+    mine = np.asarray((X > 0).sum(0)).ravel() > 0
+    return {f for f, k in zip(fids, mine) if k and f in detected}
