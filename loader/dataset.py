@@ -86,7 +86,8 @@ class CellStream(IterableDataset):
         # Load this tokenizer's compiled kernels while obs is read (TileDB releases the GIL), so the
         # first reads do not wait for them; the thread ends before the constructor returns.
         # (DataLoader workers fork from a forkserver that loaded every kernel once.)
-        kernels = threading.Thread(target=K.warm, args=(cfg.tokenizer,), name="atlasflow-warm", daemon=True)
+        kernels = threading.Thread(target=K.warm, args=(cfg.tokenizer, cfg.thin_range is not None),
+                                   name="atlasflow-warm", daemon=True)
         if cfg.num_workers == 0:
             kernels.start()
         try:
@@ -217,7 +218,8 @@ class CellStream(IterableDataset):
         cfg = self.cfg
         first_window, skip = sp.locate(start)
         local, readers, slots = threading.local(), [], itertools.count()
-        tok = Tokenizer(cfg.tokenizer, cfg.max_len, cfg.n_bins, self._lut, self._medians, cfg.seed)
+        tok = Tokenizer(cfg.tokenizer, cfg.max_len, cfg.n_bins, self._lut, self._medians, cfg.seed,
+                        thin_range=cfg.thin_range, thin_prob=cfg.thin_prob)
         cum = self.runs.cum()
 
         def tasks():

@@ -414,10 +414,15 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
-def warm(tokenizer: str | None = None) -> None:
+def warm(tokenizer: str | None = None, thin: bool = False) -> None:
     """Compile (or load from the cache) the kernels for the arrays the loader passes (read-only ones
     come straight from Arrow, a separate numba signature): every kernel (``tokenizer`` None: at image
-    build time and in the DataLoader workers' forkserver) or those one tokenizer uses."""
+    build time and in the DataLoader workers' forkserver) or those one tokenizer uses (and the
+    thinning kernel with ``thin``)."""
+    if tokenizer is None or thin:
+        from .thinning import warm as warm_thinning  # thinning.py builds on this module's helpers
+
+        warm_thinning()
     ip, cols, lut = np.array([0, 2], dtype=np.int64), np.array([0, 1], dtype=np.int32), np.array([4, 5], dtype=np.int32)
     for vals in (np.array([1, 2], dtype=np.float32), _readonly(np.array([1, 2], dtype=np.float32))):
         if tokenizer in (None, "rank"):

@@ -12,6 +12,12 @@ Definitions (the reference tests recompute these one cell at a time with dense n
 - ``bin``/``value`` cells with more than max_len-1 genes keep the max_len-1 genes with the
   smallest ``gene_hash(seed, epoch, soma_joinid, gene_joinid)`` (a seeded sample without
   replacement that is the same whatever batch or worker the cell lands in).
+- Truncation of ``rank``: a cell with more than max_len-2 expressed genes keeps its max_len-2
+  highest-ranked ones (largest y = depth-normalized count over the gene's nonzero median; equal y:
+  smaller gene joinid first) and drops the rest; nothing is sampled, so the kept set is the same
+  every epoch for the same counts. Genes outside the vocabulary take no slot.
+- Depth augmentation (``thin_range``, see ``thinning.py``): the block is binomially thinned
+  first, so all of the above (raw_sum included) is computed on the thinned cell.
 
 The per-cell work runs in compiled kernels (``kernels.py``): one pass over the block, a stable
 sort per cell, no Python loop per cell.
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import kernels as K
+from .thinning import thin_block
 from .vocab import CLS, EOS
 
 _U64 = np.uint64
@@ -95,8 +102,20 @@ def _gather_index(starts: np.ndarray, lens: np.ndarray, out_offsets: np.ndarray)
 
 
 class Tokenizer:
+    """CSR block of raw counts -> TokenBlock. ``lut`` maps a column index to its token (-1: not in the
+    vocabulary); ``medians`` (rank) are indexed by column. ``thin_range`` / ``thin_prob``: depth
+    augmentation as ``LoaderConfig.thin_range`` / ``thin_prob`` (None: off), seeded by (seed, epoch,
+    joinid, column), applied to every block before tokenizing."""
+
     def __init__(self, kind: str, max_len: int, n_bins: int, lut: np.ndarray, medians: np.ndarray | None,
-                 seed: int):
+                 seed: int, *, thin_range: tuple[float, float] | None = None, thin_prob: float = 0.5):
+        if thin_range is not None:
+            lo, hi = (float(v) for v in thin_range)
+            if not 0.0 < lo <= hi <= 1.0 or not 0.0 <= float(thin_prob) <= 1.0:
+                raise ValueError(f"Tokenizer: thin_range needs 0 < lo <= hi <= 1 and thin_prob in [0, 1], got "
+                                 f"thin_range={thin_range!r}, thin_prob={thin_prob!r}")
+            thin_range = (lo, hi)
+        self.thin_range, self.thin_prob = thin_range, float(thin_prob)
         if kind == "rank" and medians is None:
             raise ValueError("rank tokenizer: gene medians are required (run `atlasflow store stats STORE`)")
         self.kind, self.max_len, self.n_bins, self.seed = kind, max_len, n_bins, seed
@@ -114,6 +133,9 @@ class Tokenizer:
         cols = np.ascontiguousarray(cols, dtype=np.int32)
         vals = np.ascontiguousarray(vals, dtype=np.float32)
         joinids = np.asarray(joinids, dtype=np.int64)
+        if self.thin_range is not None and self.thin_prob > 0:
+            indptr, cols, vals, _ = thin_block(indptr, cols, vals, joinids, seed=self.seed, epoch=epoch,
+                                               thin_range=self.thin_range, thin_prob=self.thin_prob)
         if self.kind == "rank":
             offsets, ids = K.rank_tokens(indptr, cols, vals, self.lut, self.medians, self.max_len, CLS, EOS)
             return TokenBlock(offsets, ids, joinids)
