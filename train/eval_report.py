@@ -85,7 +85,8 @@ def run_real(work: Path, steps: int, finetune_steps: int, seeds=(0, 1, 2), pretr
     out = {"pretraining": {"sources": [SOUPX, KANG, SCIRPY], "preset": preset, "max_len": max_len,
                            "seeds": list(seeds)[:len(pres)], "runs": pres}, "evals": {}}
     cfg = EvalConfig(label="cell_type", split_by="dataset", label_map=LABEL_MAP, finetune_steps=finetune_steps,
-                     seeds=tuple(seeds), finetune_in_process=True, scib=scib)
+                     seeds=tuple(seeds), finetune_in_process=True, scib=scib,
+                     finetune={"eval_every": max(5, finetune_steps // 6), "patience": 3})
     ckpts = [p["checkpoint"] for p in pres]
     ckpts = [ckpts[i % len(ckpts)] for i in range(len(seeds))]
     pairs = [("soupx_to_garnett", SOUPX, GARNETT)] + ([("garnett_to_soupx", GARNETT, SOUPX)] if reverse else [])
