@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from atlasflow.store import COMPLETE, SourceEntry, map_genes, organism_key
-from atlasflow.store.lease import DEFAULT_WAIT_S, writer_lease
+from atlasflow.store.lease import DEFAULT_WAIT_S, LeaseLost, writer_lease
 from atlasflow.store.lease_writer import LeasedStoreWriter
 
 from .pipeline import BlockTracker, IngestReport, _Progress
@@ -275,6 +275,8 @@ def _ingest_census(store_uri, lease, spec, obs_value_filter, genes, primary_only
             sid = waiting.pop(ready[0])
             try:
                 tracker.done(sid, ray.get(ready[0]))
+            except LeaseLost:
+                raise  # another driver owns the store now: stop, write nothing more
             except Exception as exc:
                 tracker.failed(sid, f"{tracker.pending[sid]['entry'].name}: {exc}")
     finally:

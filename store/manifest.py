@@ -11,7 +11,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
-MANIFEST_FORMAT_VERSION = 2  # 2: SourceEntry.path (so any later ingest can finish a dead run's source)
+MANIFEST_FORMAT_VERSION = 2  # 2: SourceEntry.path (a later ingest finishes a dead run's source), counts fields
 _READABLE_VERSIONS = (1, MANIFEST_FORMAT_VERSION)  # 1 reads with path "" (not resumable by others)
 
 PENDING, COMPLETE, FAILED = "pending", "complete", "failed"

@@ -122,9 +122,12 @@ def test_expired_holder_is_fenced_out(tmp_path):
 
 def test_manifest_token_refuses_a_writer_that_missed_a_change(tmp_path):
     """The second fence: the manifest changed under a writer (another token stored) -> no overwrite."""
+    from atlasflow.store.cli import store_info
+
     store = str(tmp_path / "s")
     with writer_lease(store, wait_s=0) as lease:
         w = LeasedStoreWriter(store, lease)
+        assert f"pid {os.getpid()}," in store_info(store)["writer"]  # readers can see who writes
         with soma.Experiment.open(store, "w") as exp:
             exp.metadata[WRITER_KEY] = json.dumps({"token": "someone-else"})
         before = open_store(store).manifest.to_json()
@@ -132,6 +135,7 @@ def test_manifest_token_refuses_a_writer_that_missed_a_change(tmp_path):
         with pytest.raises(LeaseLost, match="someone-else"):
             w.commit()
     assert open_store(store).manifest.to_json() == before
+    assert store_info(store)["writer"] is None
 
 
 # -- real ingests ---------------------------------------------------------------------------------
