@@ -1,7 +1,7 @@
 """`atlasflow quickstart`: the README's main job, end to end on an embedded default.
 
-synth (H5AD files) -> ingest (local Ray workers) -> store stats -> pretrain (debug preset, Ray Train,
-2 CPU workers) -> embed + evaluate against PCA / logistic-regression baselines and a fine-tuned
+synth (H5AD files) -> ingest (local Ray workers) -> store stats -> pretrain (cpu-small preset, Ray
+Train, 2 CPU workers; prints the MLM loss next to its unigram baselines and the held-out loss) -> embed + evaluate against PCA / logistic-regression baselines and a fine-tuned
 classifier (a second Ray Train run). Local disk only, no
 cloud, nothing to configure; everything lands under --out.
 """
@@ -14,6 +14,7 @@ import sys
 import time
 
 
+PRESET = "cpu-small"  # learns within its budget on this corpus (train/presets/cpu-small.toml)
 FINETUNE_STEPS = 150  # frozen encoder, batch 32: the fine-tuned-classifier row of the table
 
 
@@ -25,7 +26,7 @@ def register_cli(sub) -> None:
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--datasets", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=None, help="override the debug preset's train.max_steps")
+    p.add_argument("--max-steps", type=int, default=None, help="override the cpu-small preset's train.max_steps")
     p.add_argument("--skip-eval", action="store_true", help="stop after pretraining")
     p.set_defaults(func=_run)
 
@@ -66,15 +67,17 @@ def run_quickstart(out: str, cells: int = 6000, genes: int = 2000, datasets: int
     info = store_info(store)
     summary["store"] = {k: info[k] for k in ("cells", "genes", "nnz", "datasets")}
 
-    t = _step("4/5 pretrain (debug preset, Ray Train, 2 CPU workers)")
+    t = _step(f"4/5 pretrain ({PRESET} preset, Ray Train, 2 CPU workers)")
     # Pretrain on the train split of datasets only, so the evaluation's test datasets are unseen.
     over = {"data.store": store, "data.split": "train", "run.storage_path": os.path.join(out, "runs"),
             "run.name": "quickstart"}
     if max_steps:
         over["train.max_steps"] = max_steps
-    result = run_training(load_preset("debug").with_overrides(over))
+    result = run_training(load_preset(PRESET).with_overrides(over))
     summary["train"] = {"metrics": result["metrics"], "step": result["step"], "checkpoint": result["checkpoint"],
-                        "loss_png": result["loss_png"], "s": round(time.time() - t, 1)}
+                        "loss_png": result["loss_png"], "s": round(time.time() - t, 1),
+                        "signals": learning_signals(result["history"])}
+    print(format_signals(summary["train"]["signals"]), file=sys.stderr, flush=True)
 
     if not skip_eval:
         t = _step("5/5 embed + evaluate against simple baselines")
@@ -91,6 +94,36 @@ def run_quickstart(out: str, cells: int = 6000, genes: int = 2000, datasets: int
     with open(os.path.join(out, "summary.json"), "w") as fh:
         json.dump(summary, fh, indent=2, default=str)
     return summary
+
+
+def learning_signals(history: list[dict]) -> dict:
+    """The last logged row's loss next to its baselines; ``below_unigram`` > 0 means it learned more
+    than gene frequencies (the first and last held-out measurements as well)."""
+    from atlasflow.train.plot import dedupe_history
+
+    hist = dedupe_history(history)
+    last = hist[-1]
+    keys = ("step", "loss", "unigram_loss", "position_unigram_loss", "masked_accuracy", "val_loss",
+            "val_unigram_loss", "val_position_unigram_loss", "val_masked_accuracy", "val_step")
+    out = {k: last.get(k) for k in keys}
+    out["below_unigram"] = None if last.get("unigram_loss") is None else last["unigram_loss"] - last["loss"]
+    if last.get("val_loss") is not None and last.get("val_unigram_loss") is not None:
+        out["val_below_unigram"] = last["val_unigram_loss"] - last["val_loss"]
+    return out
+
+
+def format_signals(sig: dict) -> str:
+    def f(v, fmt=".3f"):
+        return "n/a" if v is None else format(v, fmt)
+
+    lines = [f"pretraining signals at step {sig['step']}:",
+             f"  train MLM loss {f(sig['loss'])}  unigram {f(sig['unigram_loss'])}  per-position unigram "
+             f"{f(sig['position_unigram_loss'])}  ({f(sig['below_unigram'], '+.3f')} nat below unigram)  "
+             f"masked acc {f(sig['masked_accuracy'])}"]
+    if sig.get("val_loss") is not None:
+        lines.append(f"  held-out (val datasets) loss {f(sig['val_loss'])}  unigram {f(sig['val_unigram_loss'])}  "
+                     f"per-position {f(sig['val_position_unigram_loss'])}  masked acc {f(sig['val_masked_accuracy'])}")
+    return "\n".join(lines)
 
 
 def _run(args) -> int:
