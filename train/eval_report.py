@@ -73,10 +73,15 @@ def run_real(work: Path, steps: int, finetune_steps: int, seeds=(0, 1, 2), pretr
         if not (data / f).is_file():
             raise FileNotFoundError(f"real-data run: {data / f} missing (the ../shared/data checkout)")
     store = str(work / "pbmc_pretrain_store")
-    if not Path(store, "manifest.json").exists() and not Path(store).exists():
+    if not Path(store).exists():
         rep = ingest_paths(store, [str(data / f) for f in (SOUPX, KANG, SCIRPY)], progress=False)
         if not rep.ok and not rep.skipped:
             raise RuntimeError(f"ingest failed: {rep.to_dict()}")
+    try:  # an interrupted earlier run may have stopped between ingest and stats
+        from atlasflow.store import open_store
+
+        open_store(store).gene_stats()
+    except LookupError:
         compute_gene_stats(store)
     pres = []
     for s in list(seeds)[:max(1, pretrain_seeds)]:
