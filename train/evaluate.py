@@ -414,7 +414,7 @@ def _assemble(cfg, ckpts, sources, es, tr, te, test_groups, unseen_label, ytr, y
     rows = agg["transfer"] + [{**r, **det} for r in brows] + [{**mrow, **det}]
     return {
         "format_version": EVAL_FORMAT_VERSION, "checkpoint": ckpts[0], "checkpoints": ckpts, "seeds": list(cfg.seeds),
-        "pretraining_seeds": len(ckpts), "sources": [_source_name(s) for s in sources], "label": cfg.label,
+        "pretraining_seeds": len(set(ckpts)), "sources": [_source_name(s) for s in sources], "label": cfg.label,
         "split_by": cfg.split_by, "train_groups": sorted(set(es.groups[tr].tolist())),
         "test_groups": sorted(test_groups), "n_train": int(len(tr)), "n_test": int(len(te)),
         "test_cells_dropped_unseen_label": int(unseen_label.sum()), "cells_dropped_unlabelled": es.dropped_unlabelled,
