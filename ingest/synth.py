@@ -39,14 +39,14 @@ from . import synth_vocab as vocab
 
 SYNTH_FORMAT_VERSION = 2  # bump when the same (seed, sizes) would produce different data
 TYPE_PROGRAM_SHARE = 0.5  # non-marker genes each cell type's broad program moves
-TYPE_PROGRAM_LOG_SD = 2.0
+TYPE_PROGRAM_LOG_SD = 3.0
 N_MODULES = 16  # shared co-expression modules
 MODULE_GENES = 0.03  # share of genes loading on each module
 MODULE_LOG_SD = 1.5  # spread of a cell's module activity (log scale)
 LAYOUTS = ("h5ad", "census", "store")
 ZIPF_EXPONENT = 1.1
 REF_GENES = 20_000  # library sizes are calibrated at this many genes and scale linearly with G
-BASE_LIBRARY = 10_000.0  # median UMIs per cell at REF_GENES before assay factors (~1.4k nonzeros)
+BASE_LIBRARY = 30_000.0  # median UMIs per cell at REF_GENES before assay factors (~1.4k nonzeros)
 GENE_LOG_SD = 1.8  # spread of baseline log expression across genes (heavy-tailed, Zipf-like)
 BATCH_LOG_SD = 0.15  # per-dataset, per-gene multiplicative shift: mild
 _WALK_STEPS = 4_000  # inverse-CDF steps before falling back to rejection (never reached in practice)

@@ -79,3 +79,37 @@ def test_gpu_preset_flops_per_cell_matches_docs():
     d, ff, L = 256, 1024, 2048
     fwd_layer = 2 * (4 * d * d + 2 * d * ff) + 4 * L * d
     assert flops_per_token(gpu.model, context=L, n_tokens=0) == 3 * 6 * fwd_layer
+
+
+def test_learning_signal_and_depth_keys():
+    small = load_preset("cpu-small")
+    assert small.data.max_len >= 1024 and load_preset("debug").data.max_len >= 1024
+    assert 2048 <= load_preset("gpu").data.max_len <= 4096
+    for name in ("cpu-small", "debug", "gpu"):
+        p = load_preset(name)
+        assert p.data.thin_range == (0.1, 1.0) and p.data.thin_prob == 0.5 and p.data.expressed_only
+    assert small.data.split == "train" and small.train.eval_every > 0 and small.train.eval_cells > 0
+    cfg = small.with_overrides(["data.thin_range=[]", "train.eval_every=0"])
+    assert cfg.data.thin_range == () and cfg.train.eval_every == 0
+    assert Config.from_dict(cfg.to_dict()) == cfg and Config.from_dict(small.to_dict()) == small
+    from atlasflow.train.loop import loader_config
+
+    lc = loader_config(small, 0, 1)
+    assert lc.thin_range == (0.1, 1.0) and lc.thin_prob == 0.5
+    assert loader_config(cfg, 0, 1).thin_range is None
+
+
+@pytest.mark.parametrize("override, field", [
+    ("data.thin_range=[0.5]", "data.thin_range"),
+    ("data.thin_range=[0.6, 0.2]", "data.thin_range"),
+    ("data.thin_range=[0.0, 1.0]", "data.thin_range"),
+    ("data.thin_prob=1.5", "data.thin_prob"),
+    ("train.eval_every=-1", "train.eval_every"),
+    ("train.eval_cells=-5", "train.eval_cells"),
+    ("train.baseline_cells=0", "train.baseline_cells"),
+    ("data.expressed_only=1", "data.expressed_only"),
+])
+def test_new_keys_name_the_field(override, field):
+    with pytest.raises(ValueError) as err:
+        load_preset("cpu-small").with_overrides([override])
+    assert str(err.value).startswith(field)
