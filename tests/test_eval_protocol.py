@@ -251,3 +251,18 @@ def test_scib_table_when_installed(setup, tmp_path):
         assert r["total"] == pytest.approx(0.6 * r["bio_conservation"] + 0.4 * r["batch_correction"])
         assert r["bio_conservation"] == pytest.approx(statistics.mean(
             [r[k] for k in ("isolated_labels", "kmeans_nmi", "kmeans_ari", "silhouette_label", "clisi")]))
+
+
+def test_scib_batch_silhouette_undefined_when_no_label_spans_two_batches():
+    pytest.importorskip("scib_metrics", reason="scib-metrics not installed (the 'eval' extra)")
+    import math
+
+    from atlasflow.train.eval_metrics import scib_scores
+
+    rng = np.random.default_rng(0)
+    Z = np.concatenate([rng.normal(0, 1, (30, 4)), rng.normal(5, 1, (30, 4))])
+    labels = np.array(["a"] * 30 + ["b"] * 30)
+    batches = np.array(["x"] * 30 + ["y"] * 30)  # label a only in batch x, b only in y
+    r = scib_scores(Z, labels, batches, n_neighbors=10)
+    assert math.isnan(r["silhouette_batch"])
+    assert r["batch_correction"] == pytest.approx((r["ilisi"] + r["graph_connectivity"]) / 2)

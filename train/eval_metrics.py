@@ -112,9 +112,12 @@ def scib_scores(Z, labels, batches, n_neighbors: int = 90) -> dict:
         bio = {"isolated_labels": float(sm.isolated_labels(Z, lab, bat)), "kmeans_nmi": float(km["nmi"]),
                "kmeans_ari": float(km["ari"]), "silhouette_label": float(sm.silhouette_label(Z, lab)),
                "clisi": float(sm.clisi_knn(nn, lab))}
-        batch = {"silhouette_batch": float(sm.silhouette_batch(Z, lab, bat)), "ilisi": float(sm.ilisi_knn(nn, bat)),
-                 "graph_connectivity": float(sm.graph_connectivity(nn, lab))}
-    b, c = float(np.mean(list(bio.values()))), float(np.mean(list(batch.values())))
+        # scib's batch silhouette is defined per label over the batches that label occurs in; with no
+        # label seen in two batches it has nothing to average (pandas raises): NaN, left out of the mean.
+        shared = any(len(np.unique(bat[lab == c])) > 1 for c in np.unique(lab))
+        batch = {"silhouette_batch": float(sm.silhouette_batch(Z, lab, bat)) if shared else float("nan"),
+                 "ilisi": float(sm.ilisi_knn(nn, bat)), "graph_connectivity": float(sm.graph_connectivity(nn, lab))}
+    b, c = float(np.nanmean(list(bio.values()))), float(np.nanmean(list(batch.values())))
     return {**bio, **batch, "bio_conservation": b, "batch_correction": c, "total": 0.6 * b + 0.4 * c}
 
 
