@@ -7,7 +7,8 @@
         for batch in loader:  # dict of torch tensors, incl. batch["soma_joinid"]
             ...
 
-See plan.py (epoch definition, partitioning, balancing), tokenize.py (token definitions),
+See plan.py (epoch definition, partitioning, balancing), tokenize.py (token definitions and
+truncation), thinning.py (depth augmentation: ``LoaderConfig(thin_range=(0.05, 1.0))``),
 config.py (memory knobs) and state.py (resume).
 """
 
@@ -16,11 +17,12 @@ from .config import LoaderConfig
 from .dataset import CellStream, resolve_rank_world
 from .memory import tune_allocator
 from .split import assign_splits, split_of
+from .thinning import thin_block
 from .tokenize import TokenBlock, Tokenizer, gene_hash
 from .vocab import CLS, EOS, MASK, PAD, SPECIALS, Vocab
 
 __all__ = [
     "AtlasLoader", "CLS", "CellStream", "EOS", "LoaderConfig", "MASK", "PAD", "SPECIALS", "TokenBlock", "Tokenizer",
-    "Vocab", "assign_splits", "gene_hash", "make_loader", "resolve_rank_world", "split_of",
+    "Vocab", "assign_splits", "gene_hash", "make_loader", "resolve_rank_world", "split_of", "thin_block",
     "tune_allocator",
 ]

@@ -50,6 +50,8 @@ def make_loader(store, cfg: LoaderConfig | None = None, *, vocab: Vocab | None =
     or embed on a store the model never saw): genes are matched by Ensembl id, store genes outside it
     are dropped. ``gene_medians`` (rank tokenizer, required with ``vocab``): the medians the model was
     trained with, aligned with ``vocab.gene_feature_ids``; the store's own gene stats are not used.
+    ``thin_range`` / ``thin_prob`` (depth augmentation) apply the same way with or without ``vocab``:
+    every store gene is thinned, then tokenized.
     """
     cfg = cfg or LoaderConfig()
     if overrides:

@@ -26,6 +26,12 @@ Memory knobs (per DataLoader worker process, defaults measured on the 200k x 20k
   length correlates with the dataset: keep it off where batch composition matters; the trainer's
   presets choose their own (or pack rows instead).
 
+Sequence length: ``max_len`` counts the special tokens. ``rank`` keeps a cell's max_len - 2
+highest-ranked genes (largest count / raw_sum / gene median, ties by smaller gene joinid) between
+``<cls>`` and ``<eos>`` and drops the rest (the same genes every epoch unless thinning changes the
+counts); ``bin`` / ``value`` keep a seeded random max_len - 1 of them (new per epoch), in gene order
+(see ``tokenize.py``).
+
 Depth augmentation (off by default):
 
 - ``thin_range`` (None = off): ``(lo, hi)`` with ``0 < lo <= hi <= 1``. A thinned cell keeps each UMI
