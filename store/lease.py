@@ -228,7 +228,7 @@ def lease_location(store_uri: str) -> str:
     if uri.startswith("file://"):
         uri = uri[len("file://"):]
     if "://" not in uri:
-        uri = os.path.abspath(uri)
+        uri = os.path.realpath(uri)  # two spellings (relative, via a symlink) of one store: one lease
     return uri + LEASE_SUFFIX
 
 
