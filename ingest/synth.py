@@ -23,6 +23,7 @@ memory is bounded by ``chunk_cells`` x G, never by the number of cells.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -352,7 +353,17 @@ def synthesize(out: str, n_cells: int, n_genes: int, n_datasets: int, seed: int,
     t0 = time.perf_counter()
     model = build_model(cfg)
     plans = plan_datasets(cfg)
-    writer = make_writer(cfg, str(out), model, plans)
+    with contextlib.ExitStack() as stack:
+        lease = None
+        if cfg.layout == "store":  # it may append to an existing store: one writer per store (store/lease.py)
+            from atlasflow.store.lease import writer_lease
+
+            lease = stack.enter_context(writer_lease(str(out), command="atlasflow synth --layout store"))
+        writer = make_writer(cfg, str(out), model, plans, lease=lease)
+        return _run(cfg, writer, model, plans, out, t0)
+
+
+def _run(cfg: SynthConfig, writer, model: Model, plans: list, out, t0: float) -> dict:
     nnz = np.zeros(len(plans), dtype=np.int64)
     raw = np.zeros(len(plans), dtype=np.float64)
     # Generate chunk k+1 while a writer thread writes chunk k (TileDB's C++ write runs without

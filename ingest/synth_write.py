@@ -99,7 +99,7 @@ class _Writer:
         raise NotImplementedError
 
 
-def make_writer(cfg: SynthConfig, out: str, model: Model, plans: list[DatasetPlan]) -> _Writer:
+def make_writer(cfg: SynthConfig, out: str, model: Model, plans: list[DatasetPlan], lease=None) -> _Writer:
     from atlasflow.store import is_store
 
     if not (cfg.layout == "store" and is_store(out)):  # a store layout may append to an existing store
@@ -110,17 +110,19 @@ def make_writer(cfg: SynthConfig, out: str, model: Model, plans: list[DatasetPla
     if cfg.layout == "census":
         from .synth_census import CensusWriter
         return CensusWriter(cfg, out, model, plans)
-    return StoreLayoutWriter(cfg, out, model, plans)
+    return StoreLayoutWriter(cfg, out, model, plans, lease)
 
 
 class StoreLayoutWriter(_Writer):
     """Writes straight into an atlasflow store: one SourceEntry (kind "synthetic") per dataset."""
 
-    def __init__(self, cfg: SynthConfig, out: str, model: Model, plans: list[DatasetPlan]):
+    def __init__(self, cfg: SynthConfig, out: str, model: Model, plans: list[DatasetPlan], lease=None):
         from atlasflow.store import COMPLETE, StoreWriter
+        from atlasflow.store.lease_writer import LeasedStoreWriter
 
         self.cfg, self.out, self.plans = cfg, out, plans
-        self.w = StoreWriter(out, organism=cfg.organism)
+        self.w = StoreWriter(out, organism=cfg.organism) if lease is None else \
+            LeasedStoreWriter(out, lease, organism=cfg.organism)
         # Re-running into the same store resumes: complete datasets are kept (not written twice),
         # pending ones (a run that died) are rewritten into their reserved range.
         self.entries: dict[int, object] = {}

@@ -358,3 +358,13 @@ def test_atlasflow_command_runs_synth(tmp_path, capsys):
     assert rc == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["layout"] == "census" and (out / "census_data" / "homo_sapiens").is_dir()
+
+
+def test_store_layout_writes_under_the_writer_lease(tmp_path):
+    from atlasflow.store.lease import current_holder
+    from atlasflow.store.lease_writer import stored_writer_token
+
+    uri = str(tmp_path / "leased")
+    synthesize(uri, N, G, D, SEED, layout="store", chunk_cells=64)
+    assert stored_writer_token(uri) is not None  # the manifest was written by a lease holder
+    assert current_holder(uri) is None  # and the lease was released
