@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -86,7 +87,9 @@ def run_real(work: Path, steps: int, finetune_steps: int, seeds=(0, 1, 2), pretr
     pres = []
     for s in list(seeds)[:max(1, pretrain_seeds)]:
         pres.append(pretrain(store, work / "runs", f"pbmc_{preset}_L{max_len}_s{s}", steps,
-                             {"data.max_len": max_len, "data.seed": int(s), "run.num_workers": 1}, preset))
+                             {"data.max_len": max_len, "data.seed": int(s), "run.num_workers": 1,
+                              # Ray gives a worker OMP_NUM_THREADS = its CPUs: one worker, every core
+                              "run.cpus_per_worker": float(os.cpu_count() or 1)}, preset))
     out = {"pretraining": {"sources": [SOUPX, KANG, SCIRPY], "preset": preset, "max_len": max_len,
                            "seeds": list(seeds)[:len(pres)], "runs": pres}, "evals": {}}
     cfg = EvalConfig(label="cell_type", split_by="dataset", label_map=LABEL_MAP, finetune_steps=finetune_steps,
