@@ -101,3 +101,22 @@ def test_dockerfile_installs_atlasflow():
     assert "pip install" in text and "atlasflow --help" in text
     for folder in ("store", "ingest", "loader", "train", "infra"):
         assert re.search(rf"^COPY .*\b{folder} {folder}$", text, re.M), folder
+
+
+def test_gpu_check_runs_its_logic_on_cpu(tmp_path):
+    """The prepared GPU script: the gpu preset's packed / varlen path, its baselines, held-out loss and
+    throughput summary, on CPU (fp32, small model): the JSON it prints is the run it made."""
+    import json
+
+    from atlasflow.infra.gpu_check import run_check
+    from atlasflow.train import load_preset, read_part
+
+    rep = run_check(str(tmp_path), steps=12, cells=800, genes=200, datasets=4, cpu=True)
+    assert rep["cpu_logic_check"] and rep["device"] == "cpu" and rep["precision"] == "fp32"
+    assert rep["pack"] is load_preset("gpu").data.pack is True  # the GPU preset's packing path ran
+    assert rep["steps"] == 12 and rep["val_step"] == 12
+    hist = read_part(rep["checkpoint"], "train_state.json")["history"]
+    final = [h for h in hist if h["step"] == 12][-1]
+    assert rep["unigram_loss"] == final["unigram_loss"] and rep["loss"] == final["loss"]
+    assert rep["throughput_rows"] == len({h["step"] for h in hist if h["step"] > 4})
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == rep
