@@ -11,7 +11,7 @@ import sys
 _AREAS = [
     "atlasflow.ingest.cli",
     "atlasflow.store.cli",
-    "atlasflow.loader.cli",
+    "atlasflow.infra.bench.cli",
     "atlasflow.train.cli",
     "atlasflow.train.eval_cli",
     "atlasflow.infra.quickstart",

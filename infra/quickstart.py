@@ -15,7 +15,7 @@ import time
 
 
 PRESET = "cpu-small"  # learns within its budget on this corpus (train/presets/cpu-small.toml)
-FINETUNE_STEPS = 150  # frozen encoder, batch 32: the fine-tuned-classifier row of the table
+FINETUNE_STEPS = 150  # at most (early stopping); full fine-tune, batch 32: the fine-tuned rows of the table
 
 
 def register_cli(sub) -> None:
@@ -38,7 +38,7 @@ def _step(name: str):
 
 def run_quickstart(out: str, cells: int = 6000, genes: int = 2000, datasets: int = 6, seed: int = 0,
                    max_steps: int | None = None, skip_eval: bool = False) -> dict:
-    from atlasflow.infra.ray_env import init_ray
+    from atlasflow.store.ray_env import init_ray
     from atlasflow.ingest import ingest_paths
     from atlasflow.ingest.synth import synthesize
     from atlasflow.store.cli import store_info

@@ -194,7 +194,7 @@ def _ingest_census(store_uri, lease, spec, obs_value_filter, genes, primary_only
                    progress) -> IngestReport:
     import ray
 
-    from atlasflow.infra.ray_env import init_ray
+    from atlasflow.store.ray_env import init_ray
 
     organism = spec.organism
     report = IngestReport()

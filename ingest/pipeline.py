@@ -181,7 +181,7 @@ def _ingest_paths(store_uri, sources, lease, *, organism, allow_normalized, requ
                   progress, resume_pending, duplicate_genes="sum", memory_budget=None) -> IngestReport:
     import ray
 
-    from atlasflow.infra.ray_env import init_ray
+    from atlasflow.store.ray_env import init_ray
     from atlasflow.ingest.h5ad import report_probe
     from atlasflow.ingest.sources import resolve_sources
 

@@ -25,7 +25,7 @@ def ray_session():
     """One local Ray for every test that needs it (start-up costs ~5-10 s)."""
     import ray
 
-    from atlasflow.infra.ray_env import init_ray
+    from atlasflow.store.ray_env import init_ray
 
     started = False
     if not ray.is_initialized():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from atlasflow.loader.bench import BENCH_FORMAT_VERSION, run
+from atlasflow.infra.bench.loader import BENCH_FORMAT_VERSION, run
 
 from test_loader_fixtures import synth_store
 

@@ -164,7 +164,7 @@ def test_other_tokenizers_train_from_the_loader(store, tmp_path, tokenizer):
 
 
 def test_bench_smoke(store):
-    from atlasflow.train.bench import run
+    from atlasflow.infra.bench.train import run
 
     out = run(store, max_len=64, batch_size=8, steps=2, live_workers=(0,))
     lay = out["layouts"]

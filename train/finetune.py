@@ -363,7 +363,7 @@ def _fit(base_checkpoint: str, data, classes: list[str], cfg: FinetuneConfig, n_
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from atlasflow.infra.ray_env import init_ray
+    from atlasflow.store.ray_env import init_ray
 
     init_ray(None)
     trainer = TorchTrainer(

@@ -65,7 +65,7 @@ def run_training(config: Config, plot: bool = True) -> dict:
     """Train (or resume) and return {metrics, checkpoint, loss_png, history, run_dir}."""
     from .checkpoint import read_part
 
-    from atlasflow.infra.ray_env import init_ray
+    from atlasflow.store.ray_env import init_ray
 
     cfg = resolve(config)
     init_ray()  # not TorchTrainer's implicit ray.init: see ray_env for why the State API is pinned

@@ -1,6 +1,6 @@
 """Ingest benchmark (a script, not a test): atlasflow's Ray ingest vs serial tiledbsoma.io.from_h5ad.
 
-    python -m atlasflow.ingest.bench --cells 50000 --genes 20000 --datasets 8 [--workdir DIR]
+    python -m atlasflow.infra.bench.ingest --cells 50000 --genes 20000 --datasets 8 [--workdir DIR]
 
 Prints JSON: environment, cells/s and peak RSS (summed over the process tree, Ray workers included)
 of each method on the same synthetic H5AD inputs, and the ratio atlasflow / from_h5ad.
@@ -49,9 +49,9 @@ def _phase_from_h5ad(inputs: list[str], uri: str) -> dict:
 
 
 def _run_phase(args: list[str]) -> dict:
-    from atlasflow.infra.benchutil import PeakRSS
+    from atlasflow.infra.bench.util import PeakRSS
 
-    proc = subprocess.Popen([sys.executable, "-m", "atlasflow.ingest.bench", *args], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "atlasflow.infra.bench.ingest", *args], stdout=subprocess.PIPE, text=True)
     with PeakRSS(pid=proc.pid) as rss:
         out, _ = proc.communicate()
     if proc.returncode:
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_phase_from_h5ad(a.inputs, a.target)))
         return 0
 
-    from atlasflow.infra.benchutil import environment
+    from atlasflow.infra.bench.util import environment
     from atlasflow.ingest.synth import synthesize
 
     work = a.workdir or tempfile.mkdtemp(prefix="atlasflow-bench-ingest-")

@@ -18,7 +18,7 @@ def _bench_subparsers(subparsers):
 
 
 def register_cli(subparsers) -> None:
-    from .bench import add_arguments, run_cli
+    from .loader import add_arguments, run_cli
 
     p = _bench_subparsers(subparsers).add_parser(
         "loader", help="loader throughput / shuffle quality / memory vs tiledbsoma-ml and a raw scan (JSON)")

@@ -10,7 +10,7 @@ Same model (same initial weights), same cells, same masks; only the batch layout
 Then a live run (loader iterated inside the step loop) measures the share of step time spent
 waiting for the loader, for each loader worker count asked for.
 
-    python -m atlasflow.train.bench --store STORE [--max-len 2048] [--steps 6] [--out bench.json]
+    python -m atlasflow.infra.bench.train --store STORE [--max-len 2048] [--steps 6] [--out bench.json]
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import time
 
 import torch
 
-from .config import load_preset
-from .masking import mask_batch, masking_generator
-from .model import N_SPECIAL, CellEncoder
-from .objective import MLMObjective
-from .pack import model_inputs
+from atlasflow.train.config import load_preset
+from atlasflow.train.masking import mask_batch, masking_generator
+from atlasflow.train.model import N_SPECIAL, CellEncoder
+from atlasflow.train.objective import MLMObjective
+from atlasflow.train.pack import model_inputs
 
 
 def _train_interleaved(cfg, n_tokens, layouts: dict, repeats: int = 1) -> dict:
@@ -68,7 +68,7 @@ def _live(cfg, store: str, steps: int, num_workers: int) -> dict:
     """Loader iterated inside the loop: time blocked in next(loader) over total step time."""
     from atlasflow.loader import make_loader
 
-    from .loop import loader_config
+    from atlasflow.train.loop import loader_config
 
     lc = loader_config(cfg.with_overrides({"data.num_workers": num_workers}), 0, 1)
     loader = make_loader(store, lc)
@@ -104,7 +104,7 @@ def _sample(cfg, store: str, n: int) -> tuple[list[dict], int]:
     """The first n batches of epoch 0 and the model's token count."""
     from atlasflow.loader import make_loader
 
-    from .loop import loader_config
+    from atlasflow.train.loop import loader_config
 
     loader = make_loader(store, loader_config(cfg, 0, 1))
     loader.dataset.set_epoch(0)
@@ -148,7 +148,7 @@ def run(store: str, max_len: int = 2048, batch_size: int = 32, steps: int = 6, l
         res[name]["pad_fraction"] = pad[name]
     lengths = torch.cat([b["attention_mask"].sum(1) for b in sample]).float()
     out = {
-        "bench": "atlasflow.train.bench", "format_version": 1, "store": store, "preset": preset,
+        "bench": "atlasflow.infra.bench.train", "format_version": 1, "store": store, "preset": preset,
         "model": {"d_model": cfg.model.d_model, "n_layers": cfg.model.n_layers, "n_heads": cfg.model.n_heads},
         "max_len": max_len, "batch_size": batch_size, "tokenizer": cfg.data.tokenizer,
         "bucket_batches": cfg.data.bucket_batches, "pad_fraction_batches": len(sample),
@@ -166,7 +166,7 @@ def run(store: str, max_len: int = 2048, batch_size: int = 32, steps: int = 6, l
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m atlasflow.train.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m atlasflow.infra.bench.train", description=__doc__.split("\n")[0])
     p.add_argument("--store", required=True)
     p.add_argument("--max-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=32)

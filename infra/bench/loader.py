@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from atlasflow.infra.benchutil import PeakRSS, environment
+from atlasflow.infra.bench.util import PeakRSS, environment
 
 BENCH_FORMAT_VERSION = 3  # 2: two scans (store default, loader read settings); the ceiling is the faster
 # 3: atlasflow's whole-run rate and first batch count from before the loader is built, as tiledbsoma-ml's
@@ -168,7 +168,7 @@ def _child(spec: dict) -> dict:
 
 
 def _run_child(spec: dict, timeout: int = 900) -> dict:
-    cmd = [sys.executable, "-m", "atlasflow.loader.bench", "--child", json.dumps(spec)]
+    cmd = [sys.executable, "-m", "atlasflow.infra.bench.loader", "--child", json.dumps(spec)]
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

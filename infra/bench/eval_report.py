@@ -1,6 +1,6 @@
 """Reproduce the evaluation runs quoted in the README; writes report.json and report.md.
 
-    python -m atlasflow.train.eval_report --work /tmp/atlasflow_eval [--only real|synthetic] [--steps N]
+    python -m atlasflow.infra.bench.eval_report --work /tmp/atlasflow_eval [--only real|synthetic] [--steps N]
         [--seeds 0,1,2] [--pretrain-seeds 3] [--preset debug] [--max-len 1024] [--reverse]
 
 real: pretrain (MLM, CPU, Ray Train) on the unlabelled-or-other PBMC sources of ../shared/data
@@ -23,7 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+# The real datasets: ATLASFLOW_SHARED_DATA, else ../shared/data beside the checkout (--data overrides both).
+SHARED_DATA = Path(os.environ.get("ATLASFLOW_SHARED_DATA")
+                   or Path(__file__).resolve().parents[2].parent / "shared" / "data")
 SOUPX = "soupx_pbmc4k_2170cells_counts.h5ad"
 GARNETT = "garnett_zheng2017_pbmc_800cells_counts.h5ad"
 KANG = "harmony_kang2018_ctrl_stim_2000cells_counts.h5ad"
@@ -63,13 +65,14 @@ def pretrain(store: str, runs: Path, name: str, steps: int, overrides: dict | No
 
 
 def run_real(work: Path, steps: int, finetune_steps: int, seeds=(0, 1, 2), pretrain_seeds: int = 3,
-             preset: str = "debug", max_len: int = 1024, reverse: bool = False, scib: bool = True) -> dict:
+             preset: str = "debug", max_len: int = 1024, reverse: bool = False, scib: bool = True,
+             data_dir: str | None = None) -> dict:
     from atlasflow.ingest import ingest_paths
     from atlasflow.store.stats import compute_gene_stats
 
-    from .evaluate import EvalConfig, run_eval
+    from atlasflow.train.evaluate import EvalConfig, run_eval
 
-    data = SHARED_DATA
+    data = Path(data_dir) if data_dir else SHARED_DATA
     for f in (SOUPX, GARNETT, KANG, SCIRPY):
         if not (data / f).is_file():
             raise FileNotFoundError(f"real-data run: {data / f} missing (the ../shared/data checkout)")
@@ -123,7 +126,7 @@ def run_synthetic(work: Path, steps: int, finetune_steps: int, n_cells: int = 60
     from atlasflow.ingest.synth import synthesize
     from atlasflow.store.stats import compute_gene_stats
 
-    from .evaluate import EvalConfig, run_eval
+    from atlasflow.train.evaluate import EvalConfig, run_eval
 
     store = str(work / "synth_store")
     if not Path(store).exists():
@@ -140,7 +143,7 @@ def run_synthetic(work: Path, steps: int, finetune_steps: int, n_cells: int = 60
 
 
 def report_markdown(out: dict) -> str:
-    from .evaluate import to_markdown
+    from atlasflow.train.evaluate import to_markdown
 
     parts = []
     real = out.get("real")
@@ -160,7 +163,7 @@ def report_markdown(out: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m atlasflow.train.eval_report", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m atlasflow.infra.bench.eval_report", description=__doc__.split("\n")[0])
     p.add_argument("--work", default="./atlasflow_eval_report")
     p.add_argument("--only", choices=("real", "synthetic"))
     p.add_argument("--steps", type=int, default=600, help="pretraining optimizer steps")
@@ -171,6 +174,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-len", type=int, default=1024, help="pretraining context (tokens per cell)")
     p.add_argument("--reverse", action="store_true", help="also garnett -> soupx (test source pretrained on)")
     p.add_argument("--no-scib", action="store_true")
+    p.add_argument("--data", help="folder of the real .h5ad files (default: $ATLASFLOW_SHARED_DATA or ../shared/data)")
     args = p.parse_args(argv)
     seeds = tuple(int(v) for v in args.seeds.split(","))
     work = Path(args.work).resolve()
@@ -178,7 +182,7 @@ def main(argv=None) -> int:
     out = {}
     if args.only in (None, "real"):
         out["real"] = run_real(work, args.steps, args.finetune_steps, seeds, args.pretrain_seeds, args.preset,
-                               args.max_len, args.reverse, not args.no_scib)
+                               args.max_len, args.reverse, not args.no_scib, args.data)
     if args.only in (None, "synthetic"):
         out["synthetic"] = run_synthetic(work, args.steps, args.finetune_steps)
     text = json.dumps(out, indent=1, default=str)

@@ -1,0 +1,8 @@
+"""Benchmarks and report scripts (they import every layer, so they live at the top, in infra):
+
+- ``ingest``: ingest throughput and peak memory of a synthetic atlas (``python -m atlasflow.infra.bench.ingest``)
+- ``loader``: loader throughput / shuffle quality / memory vs tiledbsoma-ml (``atlasflow bench loader``)
+- ``train``: step time per attention path and batch layout (``python -m atlasflow.infra.bench.train``)
+- ``eval_report``: the README's evaluation runs (``python -m atlasflow.infra.bench.eval_report``)
+- ``util``: hardware/version header and the peak RSS of a process tree
+"""
