@@ -282,7 +282,7 @@ def _ingest_census(store_uri, lease, spec, obs_value_filter, genes, primary_only
     finally:
         bar.close()
     if mapping.unmapped:
-        print(f"[atlasflow] {spec.label}: {mapping.summary()}", flush=True)
+        log.info("%s: %s", spec.label, mapping.summary())
     return report
 
 

@@ -240,7 +240,7 @@ def _ingest_paths(store_uri, sources, lease, *, organism, allow_normalized, requ
                 path=os.path.abspath(p.path), n_cells=p.n_cells, counts_field=p.counts_field, normalized=p.normalized,
                 genes_mapped=len(p.feature_ids), genes_unmapped=len(p.unmapped), unmapped_examples=p.unmapped[:10],
                 total_counts=p.total_counts, dropped_counts=p.dropped_counts, genes_report=p.genes_report))
-            print(f"[atlasflow] {report_probe(p, organism)}", file=sys.stderr)
+            log.info("%s", report_probe(p, organism))
             bar.add_total(p.n_cells)
             gj = ray.put(gene_joinids)
             cols = ray.put(p.projection)

@@ -57,7 +57,7 @@ def _store_labels(store: str) -> dict[int, str]:
     return dict(zip(obs["soma_joinid"].astype(int), obs["cell_type"].astype(str)))
 
 
-def test_stream_labels_and_tokens_match_the_store(stores, capsys):
+def test_stream_labels_and_tokens_match_the_store(stores, caplog):
     from atlasflow.store import open_store
     from atlasflow.train.embed import PretrainedModel, iter_input, tokenize
     from atlasflow.train.finetune_data import plan_stream, stream_batches, streamable
@@ -69,8 +69,9 @@ def test_stream_labels_and_tokens_match_the_store(stores, capsys):
     truth = _store_labels(ft)
     present = sorted(set(truth.values()))
     label_map.update({v: v for v in present if v not in label_map and v != present[-1]})  # the last: unlabelled
-    spec = plan_stream(model, ft, "cell_type", label_map)
-    out = capsys.readouterr().out
+    with caplog.at_level("WARNING", logger="atlasflow.train.finetune_data"):
+        spec = plan_stream(model, ft, "cell_type", label_map)
+    out = caplog.text
     var = open_store(ft).var()
     n_unknown = int((~var["feature_id"].isin(vocab.gene_feature_ids)).sum())
     assert n_unknown > 0 and f"{n_unknown} of {len(var)} input genes are not in the checkpoint" in out

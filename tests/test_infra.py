@@ -120,3 +120,26 @@ def test_gpu_check_runs_its_logic_on_cpu(tmp_path):
     assert rep["unigram_loss"] == final["unigram_loss"] and rep["loss"] == final["loss"]
     assert rep["throughput_rows"] == len({h["step"] for h in hist if h["step"] > 4})
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == rep
+
+
+def test_library_messages_go_to_stderr_at_the_cli_level(capsys):
+    """Library modules log (one logger per module under ``atlasflow``); the CLI puts them on stderr,
+    never on stdout where commands print JSON; -q keeps warnings only; handlers are not stacked."""
+    import logging
+
+    from atlasflow.infra.cli import configure_logging
+
+    log = logging.getLogger("atlasflow.train.evaluate")
+    try:
+        configure_logging(logging.INFO)
+        configure_logging(logging.INFO)
+        log.info("tokens over 7 genes")
+        out, err = capsys.readouterr()
+        assert out == "" and err.count("tokens over 7 genes") == 1 and "atlasflow.train.evaluate" in err
+        configure_logging(logging.WARNING)
+        log.info("hidden")
+        log.warning("shown")
+        err = capsys.readouterr().err
+        assert "hidden" not in err and "shown" in err
+    finally:
+        logging.getLogger("atlasflow").setLevel(logging.NOTSET)

@@ -11,6 +11,7 @@ Inputs stream in blocks of cells; each block's embeddings are appended (``embed_
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
@@ -19,6 +20,8 @@ import scipy.sparse as sp
 import torch
 
 from .embed_write import EMBED_FORMAT_VERSION, OBSM_KEY  # noqa: F401  (re-exported)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -202,7 +205,7 @@ def embed(checkpoint: str, source, out_h5ad: str | None = None, out_parquet: str
                 w.close()
     if n == 0:
         raise ValueError(f"embed: input {source!r} has no cells")
-    print(f"[atlasflow embed] {dropped} of {n_genes} input genes are not in the checkpoint vocabulary "
-          f"({len(model.vocab.gene_feature_ids)} genes) and were dropped")
+    log.info("%d of %d input genes are not in the checkpoint vocabulary (%d genes) and were dropped", dropped,
+             n_genes, len(model.vocab.gene_feature_ids))
     return {"n_cells": n, "dim": int(model.encoder.cfg.d_model), "genes_in_input": n_genes,
             "genes_dropped": dropped, "pooling": cfg.pooling, "h5ad": out_h5ad, "parquet": out_parquet}

@@ -29,6 +29,7 @@ the embeddings by label and by split) and ``scores.png`` (bar chart with sd).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+
+log = logging.getLogger(__name__)
 
 EVAL_FORMAT_VERSION = 2  # v2: seeds (mean/sd rows), control rows, cv / clustering / scib tables
 
@@ -264,8 +267,8 @@ def run_eval(checkpoint, store, out: str = "atlasflow_eval", cfg: EvalConfig | N
     shared = np.flatnonzero((np.asarray((Xtr > 0).sum(0)).ravel() > 0) & (np.asarray((Xte > 0).sum(0)).ravel() > 0))
     genes = {es.feature_ids[j] for j in shared} if cfg.shared_genes else None
     n_tok = int(sum(1 for f in (genes if genes is not None else es.feature_ids) if f in model.token_of))
-    print(f"[atlasflow eval] tokens over {n_tok} genes ({len(shared)} detected in both training and test cells, "
-          f"{n_tok} of them in the checkpoint vocabulary of {len(model.vocab.gene_feature_ids)})")
+    log.info("tokens over %d genes (%d detected in both training and test cells, %d of them in the checkpoint "
+             "vocabulary of %d)", n_tok, len(shared), n_tok, len(model.vocab.gene_feature_ids))
     brows, binfo = baseline_rows(Xtr[:, shared], Xte[:, shared], ytr, yte, totals_tr=es.totals[tr],
                                  totals_te=es.totals[te], n_hvg=cfg.n_hvg, n_pcs=cfg.n_pcs, k=cfg.k, seed=cfg.seed)
     # Reference point: what predicting the most frequent training label scores on this test set.
@@ -319,7 +322,7 @@ def _leakage(pre: dict, test_groups: set, seen: set, test_cell_groups) -> dict:
         leakage["warning"] = (f"{len(leaked)} test group(s) were in the pretraining data: {leaked[:5]}; embedding "
                               f"rows may be optimistic")
     if "warning" in leakage:
-        print(f"[atlasflow eval] WARNING: {leakage['warning']}")
+        log.warning("%s", leakage["warning"])
     return leakage
 
 

@@ -420,7 +420,7 @@ def run_finetune(base_checkpoint: str, source, cfg: FinetuneConfig, label_map: d
     genes = None
     if target is not None:
         genes = genes_shared_with(fids, X, target)
-        print(f"[atlasflow finetune] {len(genes)} genes detected in both the training set and the target")
+        log.info("%d genes detected in both the training set and the target", len(genes))
     res = run_finetune_counts(base_checkpoint, X, fids, labels, cfg, groups, genes, model)
     return {**res, "streamed": False, "genes_shared": None if genes is None else len(genes)}
 

@@ -11,11 +11,14 @@ materialized: memory per worker is the loader's window, whatever the store's siz
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+log = logging.getLogger(__name__)
 
 STREAM_SPEC_VERSION = 1
 
@@ -84,8 +87,8 @@ def plan_stream(model, source, label: str, label_map: dict | None = None, val_by
     known = store.var()["feature_id"].astype(str)
     dropped = [f for f, j in zip(known, known.index) if lut[j] < 0]
     if dropped:
-        print(f"[atlasflow finetune] {len(dropped)} of {len(known)} input genes are not in the checkpoint "
-              f"vocabulary and are dropped (e.g. {', '.join(dropped[:5])})")
+        log.warning("%d of %d input genes are not in the checkpoint vocabulary and are dropped (e.g. %s)",
+                    len(dropped), len(known), ", ".join(dropped[:5]))
     med = None
     if model.meta["tokenizer"] == "rank":
         med = np.array([model.medians[f] for f in model.vocab.gene_feature_ids], dtype=np.float64)
@@ -107,12 +110,12 @@ def _stream_val_split(store, val_by: str, fraction: float):
     try:
         values = set(store.obs([val_by])[val_by].astype(str))
     except Exception as exc:  # a column the store lacks: no validation split, said so
-        print(f"[atlasflow finetune] no validation split: obs column {val_by!r} unreadable ({exc})")
+        log.warning("no validation split: obs column %r unreadable (%s)", val_by, exc)
         return None
     sides = {split_of(v, fr) for v in values}
     if not {"train", "val"} <= sides:
-        print(f"[atlasflow finetune] no validation split: the {len(values)} {val_by} group(s) all hash to "
-              f"{sorted(sides)}; training runs every step without early stopping")
+        log.warning("no validation split: the %d %s group(s) all hash to %s; training runs every step without "
+                    "early stopping", len(values), val_by, sorted(sides))
         return None
     return fr
 

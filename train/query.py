@@ -20,12 +20,15 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import scipy.sparse as sp
+
+log = logging.getLogger(__name__)
 
 QUERY_FORMAT_VERSION = 1  # written into outputs (h5ad uns / store source name) so results are traceable
 SOURCES = ("store", "census")
@@ -187,7 +190,7 @@ def select(cfg: QueryConfig) -> Selection:
             raise ValueError(f"QueryConfig.genes: none of the {len(cfg.genes)} genes is in the source's var "
                              f"(e.g. {missing[:3]})")
         if missing:
-            print(f"[atlasflow query] {len(missing)} requested genes not in var, skipped (e.g. {missing[:5]})")
+            log.warning("%d requested genes not in var, skipped (e.g. %s)", len(missing), missing[:5])
         var = var[var["feature_id"].isin(cfg.genes)]
     counts = {} if codes is None else {categories[k]: int(v) for k, v in zip(*np.unique(codes, return_counts=True))}
     return Selection(joinids.astype(np.int64), codes, var, categories, counts, matched)
