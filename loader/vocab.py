@@ -58,10 +58,14 @@ class Vocab:
         lut[self.gene_joinids] = N_SPECIAL + np.arange(len(self.gene_joinids), dtype=np.int32)
         return lut
 
+    def token_of_feature(self) -> dict[str, int]:
+        """Ensembl feature_id -> token id, for every gene of this vocabulary."""
+        return {f: N_SPECIAL + i for i, f in enumerate(self.gene_feature_ids)}
+
     def lookup_table_for_var(self, var) -> np.ndarray:
         """int32 array: gene joinid of ANOTHER store's ``var`` -> token id of this vocabulary, matched by
         Ensembl ``feature_id`` (joinids differ between stores); -1 for genes this vocabulary lacks."""
-        token = {f: N_SPECIAL + i for i, f in enumerate(self.gene_feature_ids)}
+        token = self.token_of_feature()
         j = var.index.to_numpy(np.int64)
         lut = np.full(int(j.max(initial=-1)) + 1, -1, dtype=np.int32)
         lut[j] = [token.get(str(f), -1) for f in var["feature_id"]]

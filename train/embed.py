@@ -57,7 +57,7 @@ class PretrainedModel:
         self.encoder, self.config, self.vocab = load_checkpoint(checkpoint, map_location=str(device))
         self.meta = read_part(checkpoint, "model.json")
         self.device = torch.device(device)
-        self.token_of = {f: 4 + i for i, f in enumerate(self.vocab.gene_feature_ids)}
+        self.token_of = self.vocab.token_of_feature()
         self.medians = self._medians(medians_store) if self.meta["tokenizer"] == "rank" else None
 
     def _medians(self, medians_store: str | None) -> dict[str, float]:

@@ -25,10 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from atlasflow.loader.vocab import CLS, EOS, MASK, N_SPECIAL, PAD  # noqa: F401  (the one definition)
 
-PAD, MASK, CLS, EOS = 0, 1, 2, 3
-N_SPECIAL = 4
+from .config import ModelConfig
 
 
 class Block(nn.Module):
