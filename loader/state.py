@@ -7,6 +7,8 @@ the shard plan is recomputed and the reader restarts at the window holding the n
 
 from __future__ import annotations
 
+from atlasflow.store.schema import check_format
+
 STATE_FORMAT_VERSION = 1
 STREAM_FORMAT = "atlasflow.cellstream_state"
 LOADER_FORMAT = "atlasflow.loader_state"
@@ -19,9 +21,7 @@ _MUST_MATCH = ("seed", "world_size", "rank", "num_workers", "n_cells", "query_fi
 def check_state(saved: dict, current: dict, fmt: str) -> None:
     if not isinstance(saved, dict) or saved.get("format") != fmt:
         raise ValueError(f"load_state_dict: not an {fmt} (format={saved.get('format') if isinstance(saved, dict) else saved!r})")
-    if saved.get("version") != STATE_FORMAT_VERSION:
-        raise ValueError(f"load_state_dict: state version {saved.get('version')!r} unsupported "
-                         f"(this atlasflow reads {STATE_FORMAT_VERSION})")
+    check_format("loader state", saved.get("version"), STATE_FORMAT_VERSION, "load_state_dict")
     for k in _MUST_MATCH:
         if k in current and saved.get(k) != current[k]:
             hint = " (resume with the same number of ranks)" if k == "world_size" else ""

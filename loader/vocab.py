@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from atlasflow.store.schema import check_format
+
 VOCAB_FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 PAD, MASK, CLS, EOS = 0, 1, 2, 3
@@ -80,9 +82,7 @@ class Vocab:
     def from_dict(cls, d: dict) -> "Vocab":
         if d.get("format") != "atlasflow.vocab":
             raise ValueError(f"Vocab.from_dict: not a vocabulary (format={d.get('format')!r})")
-        if d.get("version") not in READABLE_VERSIONS:
-            raise ValueError(f"Vocab.from_dict: version {d.get('version')!r} unsupported "
-                             f"(this atlasflow reads {', '.join(map(str, READABLE_VERSIONS))})")
+        check_format("vocabulary", d.get("version"), READABLE_VERSIONS, "Vocab.from_dict")
         if tuple(d.get("specials", ())) != SPECIALS:
             raise ValueError(f"Vocab.from_dict: specials {d.get('specials')} differ from {list(SPECIALS)}")
         return cls(np.asarray(d["gene_joinids"], dtype=np.int64), tuple(d["gene_feature_ids"]), d.get("gene_filter"),

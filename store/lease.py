@@ -34,6 +34,8 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
+from .schema import check_format
+
 log = logging.getLogger(__name__)
 
 LEASE_FORMAT_VERSION = 1
@@ -127,10 +129,8 @@ class LeaseRecord:
     @classmethod
     def from_bytes(cls, data: bytes, where: str) -> "LeaseRecord":
         d = json.loads(data)
-        if d.get("format_version") != LEASE_FORMAT_VERSION:
-            raise ValueError(f"{where}: lease format_version {d.get('format_version')!r} is not supported "
-                             f"(this atlasflow writes version {LEASE_FORMAT_VERSION}); is a newer atlasflow "
-                             f"writing this store?")
+        check_format("lease", d.get("format_version"), LEASE_FORMAT_VERSION, where,
+                     "; is a newer atlasflow writing this store?")
         return cls(**d)
 
     def same_machine(self) -> bool:

@@ -11,6 +11,8 @@ import json
 import time
 from dataclasses import asdict, dataclass, field
 
+from .schema import check_format
+
 MANIFEST_FORMAT_VERSION = 2  # 2: SourceEntry.path (a later ingest finishes a dead run's source), counts fields
 _READABLE_VERSIONS = (1, MANIFEST_FORMAT_VERSION)  # 1 reads with path "" (not resumable by others)
 
@@ -117,11 +119,7 @@ class Manifest:
     def from_json(cls, text: str, where: str = "store") -> "Manifest":
         d = json.loads(text)
         version = d.get("format_version")
-        if version not in _READABLE_VERSIONS:
-            raise ValueError(
-                f"{where}: manifest format_version {version!r} is not supported "
-                f"(this atlasflow reads versions {', '.join(map(str, _READABLE_VERSIONS))})"
-            )
+        check_format("manifest", version, _READABLE_VERSIONS, where)
         d["format_version"] = MANIFEST_FORMAT_VERSION  # written back as the current version
         sources = {k: SourceEntry(**v) for k, v in d.pop("sources").items()}
         return cls(sources=sources, **d)

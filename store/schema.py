@@ -15,6 +15,20 @@ MEASUREMENT = "RNA"
 X_LAYER = "raw"
 GENE_STATS_KEY = "atlasflow_gene_stats"  # SOMA DataFrame member of the Experiment
 MANIFEST_KEY = "atlasflow.manifest"  # Experiment metadata (JSON)
+def check_format(what: str, found, readable, where: str, hint: str = "") -> None:
+    """The one version check of every versioned artifact (store, manifest, lease, gene stats, loader
+    state, vocabulary, config, baselines, checkpoint, fine-tuned head): ``found`` must be among
+    ``readable`` (an int or a collection of ints); else a ValueError naming the place and the field."""
+    ok = tuple(readable) if isinstance(readable, (tuple, list, set, frozenset)) else (readable,)
+    try:
+        known = int(found) in ok
+    except (TypeError, ValueError):
+        known = False
+    if not known:
+        raise ValueError(f"{where}: {what} format_version {found!r} unsupported (this atlasflow reads "
+                         f"{', '.join(map(str, sorted(ok)))}){hint}")
+
+
 FORMAT_KEY = "atlasflow.store_format_version"
 ORGANISM_KEY = "atlasflow.organism"
 

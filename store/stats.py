@@ -23,6 +23,7 @@ import pyarrow as pa
 import tiledbsoma as soma
 
 from . import schema
+from .schema import check_format
 from .lease import DEFAULT_WAIT_S, writer_lease
 from .store import Store, open_store, soma_context
 
@@ -154,9 +155,8 @@ def read_gene_stats(store: Store) -> pd.DataFrame:
     meta = stats_metadata(store)
     if meta is None:
         raise LookupError(f"{store.uri}: no gene statistics; run `atlasflow store stats {store.uri}`")
-    if meta.get("format_version") != STATS_FORMAT_VERSION:
-        raise ValueError(f"{store.uri}: gene stats format_version {meta.get('format_version')!r} unsupported "
-                         f"(expected {STATS_FORMAT_VERSION}); rerun `atlasflow store stats {store.uri}`")
+    check_format("gene stats", meta.get("format_version"), STATS_FORMAT_VERSION, store.uri,
+                 f"; rerun `atlasflow store stats {store.uri}`")
     current = sorted(s.source_id for s in store.manifest.complete())
     if meta["sources"] != current or meta["n_genes"] != store.n_genes:
         raise LookupError(f"{store.uri}: gene statistics are stale (computed over {len(meta['sources'])} sources, "

@@ -109,9 +109,7 @@ class Store:
                 version = exp.metadata.get(schema.FORMAT_KEY)
                 if version is None:
                     raise ValueError(f"{uri}: not an atlasflow store (no {schema.FORMAT_KEY} metadata)")
-                if int(version) != schema.STORE_FORMAT_VERSION:
-                    raise ValueError(f"{uri}: store format version {version} unsupported "
-                                     f"(this atlasflow reads {schema.STORE_FORMAT_VERSION})")
+                schema.check_format("store", version, schema.STORE_FORMAT_VERSION, str(uri))
                 self.manifest = Manifest.from_json(exp.metadata[schema.MANIFEST_KEY], where=str(uri))
                 self.n_genes = int(exp.ms[schema.MEASUREMENT].var.count)
         except Exception as exc:

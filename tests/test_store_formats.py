@@ -39,7 +39,7 @@ def test_reader_refuses_unknown_store_version_and_non_stores(tmp_path):
     assert open_store(uri).n_cells == 0
     with soma.Experiment.open(uri, "w") as exp:
         exp.metadata[schema.FORMAT_KEY] = schema.STORE_FORMAT_VERSION + 1
-    with pytest.raises(ValueError, match="store format version"):
+    with pytest.raises(ValueError, match="store format_version"):
         open_store(uri)
     other = str(tmp_path / "plain")
     soma.Experiment.create(other).close()
@@ -52,3 +52,26 @@ def test_stats_absent_is_a_clear_error(tmp_path):
     StoreWriter(uri)
     with pytest.raises(LookupError, match="atlasflow store stats"):
         open_store(uri).gene_stats()
+
+
+def test_one_version_check_for_every_artifact():
+    """store/schema.check_format is the single check: it names the place and the artifact, accepts the
+    readable versions only, and every versioned reader goes through it (no hand-written comparisons)."""
+    import re
+    from pathlib import Path
+
+    from atlasflow.store.schema import check_format
+
+    check_format("manifest", 2, (1, 2), "S")
+    for bad in (3, None, "x"):
+        with pytest.raises(ValueError, match=r"^S: manifest format_version .* unsupported \(this atlasflow reads 1, 2\)"):
+            check_format("manifest", bad, (1, 2), "S")
+    root = Path(__file__).resolve().parents[1]
+    hand = [f"{p.relative_to(root)}:{i}" for pkg in ("store", "ingest", "loader", "train")
+            for p in (root / pkg).rglob("*.py") for i, line in enumerate(p.read_text().splitlines(), 1)
+            if re.search(r"(FORMAT_VERSION|format_version|\"version\"|\.version)\W*(!=|not in)", line)]
+    assert hand == []
+    users = {p.name for pkg in ("store", "loader", "train") for p in (root / pkg).rglob("*.py")
+             if "check_format(" in p.read_text()}
+    assert {"store.py", "manifest.py", "lease.py", "stats.py", "state.py", "vocab.py", "config.py", "signals.py",
+            "checkpoint.py", "finetune.py", "finetune_data.py"} <= users

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from atlasflow.store.schema import check_format
+
 from .config import Config
 from .model import CellEncoder
 
@@ -74,9 +76,7 @@ def checkpoint_format(path: str | Path) -> dict:
     meta = json.loads(f.read_text())
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: format.json format is {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-    if meta.get("format_version") != CHECKPOINT_FORMAT_VERSION:
-        raise ValueError(f"{path}: checkpoint format_version {meta.get('format_version')!r} unsupported "
-                         f"(this atlasflow reads {CHECKPOINT_FORMAT_VERSION})")
+    check_format("checkpoint", meta.get("format_version"), CHECKPOINT_FORMAT_VERSION, str(path))
     return meta
 
 

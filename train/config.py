@@ -15,6 +15,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from atlasflow.store.schema import check_format
+
 CONFIG_FORMAT_VERSION = 1
 TOKENIZERS = ("rank", "bin", "value")
 
@@ -203,9 +205,7 @@ class Config:
     def from_dict(cls, d: dict) -> "Config":
         d = dict(d)
         version = d.pop("format_version", CONFIG_FORMAT_VERSION)
-        if version != CONFIG_FORMAT_VERSION:
-            raise ValueError(f"format_version: config format {version!r} unsupported "
-                             f"(this atlasflow reads {CONFIG_FORMAT_VERSION})")
+        check_format("config", version, CONFIG_FORMAT_VERSION, "format_version")
         unknown = sorted(set(d) - set(SECTIONS))
         if unknown:
             raise ValueError(f"{unknown[0]}: unknown config section (known: {', '.join(SECTIONS)})")

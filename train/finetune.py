@@ -32,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from atlasflow.store.schema import check_format
+
 log = logging.getLogger(__name__)
 
 FINETUNE_FORMAT = "atlasflow.finetune"
@@ -433,9 +435,9 @@ def load_classifier(path: str, map_location="cpu") -> tuple[CellClassifier, list
     if not meta_f.is_file():
         raise FileNotFoundError(f"{path}: not a fine-tuned checkpoint (no finetune.json)")
     meta = json.loads(meta_f.read_text())
-    if meta.get("format") != FINETUNE_FORMAT or meta.get("format_version") != FINETUNE_FORMAT_VERSION:
-        raise ValueError(f"{path}: finetune.json format {meta.get('format')!r} v{meta.get('format_version')!r} "
-                         f"unsupported (this atlasflow reads {FINETUNE_FORMAT} v{FINETUNE_FORMAT_VERSION})")
+    if meta.get("format") != FINETUNE_FORMAT:
+        raise ValueError(f"{path}: finetune.json format {meta.get('format')!r}, expected {FINETUNE_FORMAT!r}")
+    check_format("fine-tuned head", meta.get("format_version"), FINETUNE_FORMAT_VERSION, f"{path}/finetune.json")
     encoder, _, _ = load_checkpoint(p, map_location)
     classes = json.loads((p / "classes.json").read_text())
     cfg = FinetuneConfig.from_dict(meta["config"])

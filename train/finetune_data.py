@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from atlasflow.store.schema import check_format
+
 log = logging.getLogger(__name__)
 
 STREAM_SPEC_VERSION = 1
@@ -131,8 +133,7 @@ def stream_loader(spec: StreamSpec, batch_size: int, seed: int, rank: int, world
 
     from atlasflow.loader import LoaderConfig, Vocab, make_loader
 
-    if spec.version != STREAM_SPEC_VERSION:
-        raise ValueError(f"StreamSpec.version: {spec.version} unsupported (this atlasflow reads {STREAM_SPEC_VERSION})")
+    check_format("stream spec", spec.version, STREAM_SPEC_VERSION, "StreamSpec.version")
     extra = {}
     if split is not None and spec.val_fractions:
         extra = {"split": split, "split_by": spec.val_by, "split_fractions": spec.val_fractions}

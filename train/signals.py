@@ -28,6 +28,8 @@ import logging
 
 import torch
 
+from atlasflow.store.schema import check_format
+
 from .model import N_SPECIAL
 
 log = logging.getLogger(__name__)
@@ -78,9 +80,7 @@ class Baselines:
 
     @classmethod
     def from_state_dict(cls, d: dict) -> "Baselines":
-        if d.get("format_version") != BASELINES_FORMAT_VERSION:
-            raise ValueError(f"baselines.pt: format_version {d.get('format_version')!r} unsupported "
-                             f"(this atlasflow reads {BASELINES_FORMAT_VERSION})")
+        check_format("baselines", d.get("format_version"), BASELINES_FORMAT_VERSION, "baselines.pt")
         meta = {k[5:]: v for k, v in d.items() if k.startswith("meta_")}
         return cls(d["tokenizer"], d["uni"], d["cond"], meta)
 
