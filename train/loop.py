@@ -125,23 +125,52 @@ def _gather_objects(obj, world_size: int) -> list:
 def run_worker(cfg: Config, ctx: WorkerContext, loader=None) -> dict:
     """Train on this rank until train.max_steps or train.epochs; returns the final train state.
 
-    ``loader`` defaults to ``make_loader(data.store, ...)`` for this rank/world.
+    ``loader`` defaults to ``make_loader(data.store, ...)`` for this rank/world. The phases are the
+    methods of ``_Trainer``: build (data, baselines, model, optimizer), restore (from the restore
+    directory, while it is open), then fit (steps, reports, checkpoints).
     """
     with ctx.restore_dir() as d:
-        # Every rank, and every restart of the run, must read the same store snapshot: the batch
-        # order is a function of it. The first start pins rank 0's clock; restarts reuse the pin.
+        trainer = _Trainer.build(cfg, ctx, d, loader)
         if d is not None:
-            ts = read_part(d, "config.json")["data"]["timestamp_ms"]
-        else:
-            ts = cfg.data.timestamp_ms or _gather_objects(int(time.time() * 1000), ctx.world_size)[0]
-        if ts != cfg.data.timestamp_ms:
-            cfg = cfg.with_overrides({"data.timestamp_ms": ts})
+            trainer.restore(d)
+    return trainer.fit()
+
+
+def _pinned_snapshot(cfg: Config, ctx: WorkerContext, d) -> Config:
+    """Every rank, and every restart of the run, reads the same store snapshot (the batch order is a
+    function of it): the first start pins rank 0's clock, restarts reuse the pin."""
+    if d is not None:
+        ts = read_part(d, "config.json")["data"]["timestamp_ms"]
+    else:
+        ts = cfg.data.timestamp_ms or _gather_objects(int(time.time() * 1000), ctx.world_size)[0]
+    return cfg if ts == cfg.data.timestamp_ms else cfg.with_overrides({"data.timestamp_ms": ts})
+
+
+class _Trainer:
+    """One rank's training run, one method per phase (as torchtitan's Trainer)."""
+
+    def __init__(self, cfg: Config, ctx: WorkerContext, **parts):
+        self.cfg, self.ctx = cfg, ctx
+        self.vocab, self.loader, self.n_tokens = parts["vocab"], parts["loader"], parts["n_tokens"]
+        self.baselines, self.val_set, self.model_meta = parts["baselines"], parts["val_set"], parts["model_meta"]
+        self.model, self.optimizer, self.scheduler = parts["model"], parts["optimizer"], parts["scheduler"]
+        self.st = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "cells_seen": 0, "tokens_seen": 0, "history": [],
+                   "format_version": 1}
+        self.loader_state = None
+        self.amp = cfg.train.precision == "bf16"
+        self.window = _Window()
+        self.val = None
+
+    # -- build -------------------------------------------------------------------------------
+    @classmethod
+    def build(cls, cfg: Config, ctx: WorkerContext, d, loader=None) -> "_Trainer":
+        """Data (vocabulary, stats, loader), learning-signal baselines, the model and its optimizer."""
+        cfg = _pinned_snapshot(cfg, ctx, d)
         saved_vocab = read_part(d, "vocab.json") if d is not None else None
         vocab = loader.dataset.vocab if loader is not None else S.training_vocab(cfg, saved_vocab)
         medians, gene_nnz = S.vocab_stats(cfg, vocab, need=cfg.data.tokenizer == "rank")
         if loader is None:
             loader = S.make_loader_for(cfg, loader_config(cfg, ctx.rank, ctx.world_size), vocab, medians)
-        ds = loader.dataset
         n_tokens = N_SPECIAL + len(vocab.gene_joinids)
         if d is not None and "baselines.pt" in read_part(d, "format.json")["parts"]:
             baselines = Baselines.from_state_dict(read_part(d, "baselines.pt"))
@@ -161,26 +190,97 @@ def run_worker(cfg: Config, ctx: WorkerContext, loader=None) -> dict:
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                       weight_decay=o.weight_decay, fused=ctx.device.type == "cuda")
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
-        st = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "cells_seen": 0, "tokens_seen": 0, "history": [],
-              "format_version": 1}
-        loader_state = None
-        if d is not None:
-            n_ranks = read_part(d, "format.json")["n_loader_ranks"]
-            if n_ranks != ctx.world_size:
-                raise ValueError(f"run.num_workers: checkpoint {d} was written by {n_ranks} ranks, this run has "
-                                 f"{ctx.world_size}; exact loader resume needs the same world size")
-            _load_state_dicts(model, optimizer, read_part(d, "model.pt"), read_part(d, "optimizer.pt"))
-            scheduler.load_state_dict(read_part(d, "scheduler.pt"))
-            st = read_part(d, "train_state.json")
-            loader_state = read_part(d, f"loader_rank{ctx.rank}.pt")
-    resumed_from = st["step"]
-    bpe = ds.batches_per_epoch
-    accum = o.grad_accum
-    amp = cfg.train.precision == "bf16"
-    trace = _Tracer(cfg, ctx.rank, resumed_from)
-    window = _Window()
+        return cls(cfg, ctx, vocab=vocab, loader=loader, n_tokens=n_tokens, baselines=baselines, val_set=val_set,
+                   model_meta=model_meta, model=model, optimizer=optimizer, scheduler=scheduler)
 
-    def maybe_fail(step: int) -> None:
+    # -- restore -----------------------------------------------------------------------------
+    def restore(self, d) -> None:
+        """Weights, optimizer, scheduler, train state and this rank's loader position."""
+        n_ranks = read_part(d, "format.json")["n_loader_ranks"]
+        if n_ranks != self.ctx.world_size:
+            raise ValueError(f"run.num_workers: checkpoint {d} was written by {n_ranks} ranks, this run has "
+                             f"{self.ctx.world_size}; exact loader resume needs the same world size")
+        _load_state_dicts(self.model, self.optimizer, read_part(d, "model.pt"), read_part(d, "optimizer.pt"))
+        self.scheduler.load_state_dict(read_part(d, "scheduler.pt"))
+        self.st = read_part(d, "train_state.json")
+        self.loader_state = read_part(d, f"loader_rank{self.ctx.rank}.pt")
+
+    # -- fit ---------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, st, ds = self.cfg, self.st, self.loader.dataset
+        self.trace = _Tracer(cfg, self.ctx.rank, st["step"])
+        self.val = {"val_loss": None, "val_masked_accuracy": None, "val_step": None,
+                    **S.val_baselines(self.val_set, self.ctx)}
+        self.model.train()
+        while st["step"] < cfg.train.max_steps and st["epoch"] < cfg.train.epochs:
+            if st["micro_in_epoch"] >= ds.batches_per_epoch:
+                st["epoch"], st["micro_in_epoch"], self.loader_state = st["epoch"] + 1, 0, None
+                continue
+            ds.set_epoch(st["epoch"])
+            if self.loader_state is not None:
+                self.loader.load_state_dict(self.loader_state)
+                self.loader_state = None
+            self._epoch(iter(self.loader), ds.batches_per_epoch)
+            if st["micro_in_epoch"] >= ds.batches_per_epoch:
+                st["epoch"], st["micro_in_epoch"] = st["epoch"] + 1, 0
+        return st
+
+    def _epoch(self, it, bpe: int) -> None:
+        """Micro-batches until the epoch or the step budget ends; an optimizer step every grad_accum."""
+        cfg, st = self.cfg, self.st
+        n_acc = 0
+        while st["micro_in_epoch"] < bpe and st["step"] < cfg.train.max_steps:
+            t0 = time.perf_counter()
+            batch = next(it)
+            wait = time.perf_counter() - t0
+            st["micro_in_epoch"] += 1
+            n_acc += 1
+            boundary = n_acc == cfg.optim.grad_accum or st["micro_in_epoch"] == bpe
+            self._micro_step(batch, wait, sync=boundary)
+            if not boundary:
+                self.window.time(time.perf_counter() - t0)
+                continue
+            n_acc = 0
+            self._optimizer_step()
+            self.window.time(time.perf_counter() - t0)
+            self._maybe_fail(st["step"])
+            last = st["step"] >= cfg.train.max_steps or (st["micro_in_epoch"] >= bpe
+                                                         and st["epoch"] + 1 >= cfg.train.epochs)
+            due = (cfg.train.log_every, cfg.train.ckpt_every) + ((cfg.train.eval_every,) if self.val_set else ())
+            if last or any(st["step"] % k == 0 for k in due):
+                self.report(final=last)
+
+    def _micro_step(self, batch, wait: float, sync: bool) -> None:
+        """Mask, pack, forward and backward one micro-batch (gradients synced only at a boundary)."""
+        cfg, st, ctx, model = self.cfg, self.st, self.ctx, self.model
+        self.trace.log(st, batch)
+        masked = mask_batch(batch, cfg.data.tokenizer, cfg.masking,
+                            masking_generator(cfg.data.seed, st["epoch"], st["micro_in_epoch"], ctx.rank),
+                            self.n_tokens, cfg.data.n_bins)
+        inputs = model_inputs(masked, pack=cfg.data.pack)
+        inputs = {k: v.to(ctx.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        no_sync = not sync and hasattr(model, "no_sync")
+        with model.no_sync() if no_sync else contextlib.nullcontext():
+            with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.amp):
+                loss, stats = model(inputs)
+            (loss / cfg.optim.grad_accum).backward()  # outside autocast: backward ops take the forward's dtypes
+        self.window.add(loss.item(), stats, batch, inputs, wait,
+                        S.batch_baselines(self.baselines, cfg.data.tokenizer, inputs))
+        st["cells_seen"] += int(batch["soma_joinid"].shape[0])
+        st["tokens_seen"] += inputs["n_tokens"]
+
+    def _optimizer_step(self) -> None:
+        clip_at = self.cfg.optim.grad_clip
+        if clip_at > 0:  # FSDP(1) must clip over the full, sharded gradient: its own method
+            clip = getattr(self.model, "clip_grad_norm_", None)
+            clip(clip_at) if clip else torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip_at)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.st["step"] += 1
+
+    def _maybe_fail(self, step: int) -> None:
+        cfg, ctx = self.cfg, self.ctx
         if cfg.run.fail_at_step and step == cfg.run.fail_at_step and ctx.rank == cfg.run.fail_rank:
             marker = Path(cfg.run.trace_dir or os.path.join(cfg.run.storage_path, cfg.run.name))
             marker = marker / f".failure_injected_at_step{step}"
@@ -189,91 +289,39 @@ def run_worker(cfg: Config, ctx: WorkerContext, loader=None) -> dict:
                 marker.write_text(str(time.time()))
                 raise InjectedFailure(f"injected failure at step {step} on rank {ctx.rank} ({FAIL_ENV})")
 
-    val = {"val_loss": None, "val_masked_accuracy": None, "val_step": None, **S.val_baselines(val_set, ctx)}
-
-    def report(final: bool) -> None:
-        metrics = window.metrics(st, optimizer, ctx)
-        if val_set is not None and (final or st["step"] % cfg.train.eval_every == 0):
-            val.update(S.evaluate(model, val_set, ctx, amp), val_step=st["step"])
-        metrics.update(val)
+    # -- report / checkpoint -----------------------------------------------------------------
+    def report(self, final: bool) -> None:
+        cfg, st, ctx = self.cfg, self.st, self.ctx
+        metrics = self.window.metrics(st, self.optimizer, ctx)
+        if self.val_set is not None and (final or st["step"] % cfg.train.eval_every == 0):
+            self.val.update(S.evaluate(self.model, self.val_set, ctx, self.amp), val_step=st["step"])
+        metrics.update(self.val)
         if ctx.rank == 0:
             st["history"].append(metrics)
-        ckpt_due = final or st["step"] % cfg.train.ckpt_every == 0
-        if not ckpt_due:
+        if final or st["step"] % cfg.train.ckpt_every == 0:
+            self.checkpoint(metrics)
+        elif ctx.rank == 0:
             # Not a Ray report: Ray Train V2 keeps one unconsumed report per worker and its controller
             # takes it every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so a report per step blocked each
             # step for up to 2 s (40 of the debug preset's 70 s). Logged metrics go to the history
             # (saved with the next checkpoint) and rank 0's stdout; Ray gets them at checkpoints.
-            if ctx.rank == 0:
-                # not print(): Ray Train patches it into a logger that also echoes it (twice per line)
-                sys.stdout.write(f"atlasflow train: {json.dumps(metrics)}\n")
-                sys.stdout.flush()
-            return
-        msd, osd = _state_dicts(model, optimizer)
-        loader_states = _gather_objects(loader.state_dict(), ctx.world_size)
-        if ctx.rank != 0:
-            ctx.report(metrics, None)
-        else:
-            with tempfile.TemporaryDirectory(prefix="atlasflow-ckpt-") as tmp:
-                save_checkpoint(tmp, model_state=msd, optimizer_state=osd, scheduler_state=scheduler.state_dict(),
-                                loader_states=loader_states, train_state=st, config=cfg, vocab=vocab.to_dict(),
-                                model_meta=model_meta, baselines=baselines.state_dict())
-                ctx.report(metrics, tmp)
+            # not print(): Ray Train patches it into a logger that also echoes it (twice per line)
+            sys.stdout.write(f"atlasflow train: {json.dumps(metrics)}\n")
+            sys.stdout.flush()
 
-    model.train()
-    while st["step"] < cfg.train.max_steps and st["epoch"] < cfg.train.epochs:
-        if st["micro_in_epoch"] >= bpe:
-            st["epoch"], st["micro_in_epoch"], loader_state = st["epoch"] + 1, 0, None
-            continue
-        ds.set_epoch(st["epoch"])
-        if loader_state is not None:
-            loader.load_state_dict(loader_state)
-            loader_state = None
-        it = iter(loader)
-        n_acc = 0
-        while st["micro_in_epoch"] < bpe and st["step"] < cfg.train.max_steps:
-            t0 = time.perf_counter()
-            batch = next(it)
-            t1 = time.perf_counter()
-            st["micro_in_epoch"] += 1
-            trace.log(st, batch)
-            masked = mask_batch(batch, cfg.data.tokenizer, cfg.masking,
-                                masking_generator(cfg.data.seed, st["epoch"], st["micro_in_epoch"], ctx.rank),
-                                n_tokens, cfg.data.n_bins)
-            inputs = model_inputs(masked, pack=cfg.data.pack)
-            inputs = {k: v.to(ctx.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
-            n_acc += 1
-            boundary = n_acc == accum or st["micro_in_epoch"] == bpe
-            sync = boundary or not hasattr(model, "no_sync")
-            with model.no_sync() if not sync else contextlib.nullcontext():
-                with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss, stats = model(inputs)
-                (loss / accum).backward()  # outside autocast: backward ops take the forward's dtypes
-            window.add(loss.item(), stats, batch, inputs, t1 - t0,
-                       S.batch_baselines(baselines, cfg.data.tokenizer, inputs))
-            st["cells_seen"] += int(batch["soma_joinid"].shape[0])
-            st["tokens_seen"] += inputs["n_tokens"]
-            if not boundary:
-                window.time(time.perf_counter() - t0)
-                continue
-            n_acc = 0
-            if o.grad_clip > 0:  # FSDP(1) must clip over the full, sharded gradient: its own method
-                clip = getattr(model, "clip_grad_norm_", None)
-                clip(o.grad_clip) if clip else torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            st["step"] += 1
-            window.time(time.perf_counter() - t0)
-            maybe_fail(st["step"])
-            last = st["step"] >= cfg.train.max_steps or (st["micro_in_epoch"] >= bpe
-                                                         and st["epoch"] + 1 >= cfg.train.epochs)
-            due = (cfg.train.log_every, cfg.train.ckpt_every) + ((cfg.train.eval_every,) if val_set else ())
-            if last or any(st["step"] % k == 0 for k in due):
-                report(final=last)
-        if st["micro_in_epoch"] >= bpe:
-            st["epoch"], st["micro_in_epoch"] = st["epoch"] + 1, 0
-    return st
+    def checkpoint(self, metrics: dict) -> None:
+        """Rank 0 writes the named parts (every rank's loader state gathered to it); every rank reports."""
+        msd, osd = _state_dicts(self.model, self.optimizer)
+        loader_states = _gather_objects(self.loader.state_dict(), self.ctx.world_size)
+        if self.ctx.rank != 0:
+            self.ctx.report(metrics, None)
+            return
+        with tempfile.TemporaryDirectory(prefix="atlasflow-ckpt-") as tmp:
+            save_checkpoint(tmp, model_state=msd, optimizer_state=osd, scheduler_state=self.scheduler.state_dict(),
+                            loader_states=loader_states, train_state=self.st, config=self.cfg,
+                            vocab=self.vocab.to_dict(), model_meta=self.model_meta,
+                            baselines=self.baselines.state_dict())
+            self.ctx.report(metrics, tmp)
 
 
 class _Window:
