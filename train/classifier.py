@@ -1,5 +1,5 @@
 """The classifier a fine-tune trains: a pretrained encoder, a pooling, and a LayerNorm head; its
-optimizer groups (head / blocks / embeddings) and batch prediction."""
+optimizer groups (head / blocks / embeddings), validation loss, early stopping and batch prediction."""
 
 from __future__ import annotations
 
@@ -64,6 +64,44 @@ def param_groups(clf: CellClassifier, cfg) -> list[dict]:
     rest = [p for p in enc.parameters() if p.requires_grad and id(p) not in seen]
     groups.append({"params": rest, "lr": cfg.encoder_lr * cfg.layer_decay ** n, "name": "embeddings"})
     return [g for g in groups if g["params"]]
+
+
+@torch.no_grad()
+def validation_loss(model, batches, loss_fn, device) -> tuple[float, float]:
+    """(mean class-weighted cross-entropy, accuracy) over fixed validation batches."""
+    was = model.training
+    model.eval()
+    num = den = correct = n = 0.0
+    for batch, y in batches:
+        logits = model({k: v.to(device) for k, v in batch.items()})
+        y = y.to(device)
+        w = loss_fn.weight[y] if loss_fn.weight is not None else torch.ones_like(y, dtype=torch.float32)
+        num += float((nn.functional.cross_entropy(logits, y, reduction="none") * w).sum())
+        den += float(w.sum())
+        correct += float((logits.argmax(1) == y).sum())
+        n += len(y)
+    model.train(was)
+    return num / max(den, 1e-12), correct / max(n, 1)
+
+
+class EarlyStopping:
+    """Keeps the weights of the best validation loss; ``stop`` after ``patience`` evaluations without one."""
+
+    def __init__(self, patience: int):
+        self.patience, self.since_best = patience, 0
+        self.step, self.val_loss, self.val_accuracy, self.state = 0, float("inf"), None, None
+
+    def offer(self, step: int, val_loss: float, val_accuracy: float, model) -> None:
+        if val_loss < self.val_loss:
+            self.step, self.val_loss, self.val_accuracy = step, val_loss, val_accuracy
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            self.since_best = 0
+        else:
+            self.since_best += 1
+
+    @property
+    def stop(self) -> bool:
+        return self.since_best >= self.patience
 
 
 @torch.no_grad()

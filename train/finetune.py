@@ -34,7 +34,8 @@ import torch.nn as nn
 
 from atlasflow.store.schema import check_format
 
-from .classifier import CellClassifier, make_head, param_groups, predict  # noqa: F401  (re-exported)
+from .classifier import (CellClassifier, EarlyStopping, make_head, param_groups, predict,  # noqa: F401
+                         validation_loss)  # (make_head, predict: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -126,24 +127,6 @@ def _lr_scale(step: int, warmup: int) -> float:
     return min(1.0, step / warmup) if warmup else 1.0
 
 
-@torch.no_grad()
-def validation_loss(model, batches, loss_fn, device) -> tuple[float, float]:
-    """(mean class-weighted cross-entropy, accuracy) over fixed validation batches."""
-    was = model.training
-    model.eval()
-    num = den = correct = n = 0.0
-    for batch, y in batches:
-        logits = model({k: v.to(device) for k, v in batch.items()})
-        y = y.to(device)
-        w = loss_fn.weight[y] if loss_fn.weight is not None else torch.ones_like(y, dtype=torch.float32)
-        num += float((nn.functional.cross_entropy(logits, y, reduction="none") * w).sum())
-        den += float(w.sum())
-        correct += float((logits.argmax(1) == y).sum())
-        n += len(y)
-    model.train(was)
-    return num / max(den, 1e-12), correct / max(n, 1)
-
-
 def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data, classes: list[str], ctx) -> dict:
     """Train the head (and encoder in full mode) on this rank's share of the cells; early-stop on
     the validation split (every rank scores all of it, so all ranks take the same decision) and
@@ -152,9 +135,7 @@ def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data, classes: li
     ``data``: a memory set (``finetune_data.memory_set``) or a ``StreamSpec`` (this rank streams
     its partition of a store).
     """
-    from .checkpoint import load_checkpoint, read_part, save_checkpoint
-    from .finetune_data import (StreamSpec, make_tokenizer, memory_batches, stream_batches, stream_validation,
-                                validation_batches)
+    from .checkpoint import load_checkpoint
 
     torch.manual_seed(cfg.seed)
     encoder, tcfg, vocab = load_checkpoint(base_checkpoint)
@@ -165,90 +146,101 @@ def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data, classes: li
     base_lrs = [g["lr"] for g in opt.param_groups]
     model.train()
     model = ctx.wrap(model, "ddp")
-    thinned = cfg.thin is not None
-    if isinstance(data, StreamSpec):
-        if list(data.classes) != list(classes):
-            raise ValueError(f"finetune: stream classes {list(data.classes)} differ from {classes}")
-        counts = np.asarray(data.counts, dtype=np.float64)
-        batches = stream_batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size, cfg.thin)
-        val = stream_validation(data)
-        split_how = f"loader hash split by {data.val_by}" if data.val_fractions else "none"
-    else:
-        counts = np.bincount(data["y"][data["train_idx"]], minlength=len(classes)).astype(np.float64)
-        tok = make_tokenizer(data["tok"], *(cfg.thin or (None,)))
-        if tok is None:
-            log.warning("finetune: this loader has no depth augmentation (thinning); training without it")
-            tok, thinned = make_tokenizer(data["tok"]), False
-        batches = memory_batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size, tok)
-        val = validation_batches(data, make_tokenizer(data["tok"]))
-        split_how = data["split_how"]
+    counts, batches, val, split_how, thinned = _training_data(cfg, data, classes, ctx)
     # Class-balanced loss: fine-tuning sets are often dominated by one or two cell types.
     weight = torch.as_tensor(np.where(counts > 0, counts.sum() / np.maximum(counts, 1) / len(classes), 0.0),
                              dtype=torch.float32, device=ctx.device)
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     core = _core(model)
     history, n_seen = [], 0
-    best = {"step": 0, "val_loss": float("inf"), "state": None}
+    stopper = EarlyStopping(cfg.patience)
     if val:
         vl, va = validation_loss(core, val, loss_fn, ctx.device)
-        best = {"step": 0, "val_loss": vl, "val_accuracy": va,
-                "state": {k: v.detach().clone() for k, v in core.state_dict().items()}}
+        stopper.offer(0, vl, va, core)
         history.append({"step": 0, "val_loss": vl, "val_accuracy": va})
-    since_best, step = 0, 0
+    step = 0
     for step in range(1, cfg.steps + 1):
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * _lr_scale(step, cfg.warmup_steps)
         batch, y = next(batches)
-        labelled = y >= 0
-        batch = {k: v.to(ctx.device) for k, v in batch.items()}
-        logits = model(batch)
-        if labelled.any():
-            loss = loss_fn(logits[labelled.to(ctx.device)], y[labelled].to(ctx.device))
-        else:  # every rank must still take part in the step's gradient all-reduce
-            loss = logits.sum() * 0.0
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        n_seen += int(labelled.sum())
-        acc = float((logits.argmax(1).cpu()[labelled] == y[labelled]).float().mean()) if labelled.any() else 0.0
-        m = None
+        loss, acc, labelled = _train_step(model, opt, loss_fn, batch, y, ctx.device)
+        n_seen += labelled
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            m = {"step": step, "loss": float(loss.item()), "batch_accuracy": acc, "cells_seen": n_seen}
+            m = {"step": step, "loss": loss, "batch_accuracy": acc, "cells_seen": n_seen}
             if val:
                 m["val_loss"], m["val_accuracy"] = validation_loss(core, val, loss_fn, ctx.device)
-                if m["val_loss"] < best["val_loss"]:
-                    best = {"step": step, "val_loss": m["val_loss"], "val_accuracy": m["val_accuracy"],
-                            "state": {k: v.detach().clone() for k, v in core.state_dict().items()}}
-                    since_best = 0
-                else:
-                    since_best += 1
+                stopper.offer(step, m["val_loss"], m["val_accuracy"], core)
             history.append(m)
-            if val and since_best >= cfg.patience:
+            if val and stopper.stop:
                 break
             if step < cfg.steps:
                 ctx.report(m, None)
-    if best["state"] is not None:
-        core.load_state_dict(best["state"])
-    summary = {"best_step": best["step"] if val else step, "best_val_loss": best["val_loss"] if val else None,
-               "best_val_accuracy": best.get("val_accuracy"), "stopped_at": step, "validation": split_how,
+    if stopper.state is not None:
+        core.load_state_dict(stopper.state)
+    summary = {"best_step": stopper.step if val else step, "best_val_loss": stopper.val_loss if val else None,
+               "best_val_accuracy": stopper.val_accuracy, "stopped_at": step, "validation": split_how,
                "n_val": int(sum(len(y) for _, y in val)), "thinning": thinned}
     final = {**history[-1], **{k: v for k, v in summary.items() if k != "validation"}}
-    n_cells = int(sum(counts))
     if ctx.rank == 0:
         with tempfile.TemporaryDirectory(prefix="atlasflow-ft-") as tmp:
-            meta = read_part(base_checkpoint, "model.json")
-            save_checkpoint(tmp, model_state={k: v.cpu() for k, v in core.encoder.state_dict().items()},
-                            config=tcfg, vocab=vocab.to_dict(), model_meta=meta,
-                            train_state={"step": summary["best_step"], "history": history, "format_version": 1})
-            torch.save({k: v.cpu() for k, v in core.head.state_dict().items()}, Path(tmp) / "classifier.pt")
-            (Path(tmp) / "classes.json").write_text(json.dumps(classes))
-            (Path(tmp) / "finetune.json").write_text(json.dumps(
-                {"format": FINETUNE_FORMAT, "format_version": FINETUNE_FORMAT_VERSION, "config": asdict(cfg),
-                 "base_checkpoint": str(base_checkpoint), "n_cells": n_cells, **summary}, indent=1))
+            _save_finetuned(tmp, cfg, core, classes, base_checkpoint, tcfg, vocab, history, summary, int(sum(counts)))
             ctx.report(final, tmp)
     else:
         ctx.report(final, None)
     return {"history": history, **summary}
+
+
+def _training_data(cfg: FinetuneConfig, data, classes: list[str], ctx) -> tuple:
+    """(class counts, this rank's training batches, validation batches, how the split was made, thinning on)."""
+    from .finetune_data import (StreamSpec, make_tokenizer, memory_batches, stream_batches, stream_validation,
+                                validation_batches)
+
+    thinned = cfg.thin is not None
+    if isinstance(data, StreamSpec):
+        if list(data.classes) != list(classes):
+            raise ValueError(f"finetune: stream classes {list(data.classes)} differ from {classes}")
+        counts = np.asarray(data.counts, dtype=np.float64)
+        batches = stream_batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size, cfg.thin)
+        split_how = f"loader hash split by {data.val_by}" if data.val_fractions else "none"
+        return counts, batches, stream_validation(data), split_how, thinned
+    counts = np.bincount(data["y"][data["train_idx"]], minlength=len(classes)).astype(np.float64)
+    tok = make_tokenizer(data["tok"], *(cfg.thin or (None,)))
+    if tok is None:
+        log.warning("finetune: this loader has no depth augmentation (thinning); training without it")
+        tok, thinned = make_tokenizer(data["tok"]), False
+    batches = memory_batches(data, cfg.batch_size, cfg.seed, ctx.rank, ctx.world_size, tok)
+    return counts, batches, validation_batches(data, make_tokenizer(data["tok"])), data["split_how"], thinned
+
+
+def _train_step(model, opt, loss_fn, batch, y, device) -> tuple[float, float, int]:
+    """One optimizer step on the labelled cells of a batch: (loss, batch accuracy, labelled cells)."""
+    labelled = y >= 0
+    logits = model({k: v.to(device) for k, v in batch.items()})
+    if labelled.any():
+        loss = loss_fn(logits[labelled.to(device)], y[labelled].to(device))
+    else:  # every rank must still take part in the step's gradient all-reduce
+        loss = logits.sum() * 0.0
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    acc = float((logits.argmax(1).cpu()[labelled] == y[labelled]).float().mean()) if labelled.any() else 0.0
+    return float(loss.item()), acc, int(labelled.sum())
+
+
+def _save_finetuned(tmp: str, cfg: FinetuneConfig, core, classes, base_checkpoint, tcfg, vocab, history, summary,
+                    n_cells: int) -> None:
+    """The fine-tuned checkpoint: the encoder as a checkpoint, plus classifier.pt, classes.json, finetune.json."""
+    from .checkpoint import read_part, save_checkpoint
+
+    meta = read_part(base_checkpoint, "model.json")
+    save_checkpoint(tmp, model_state={k: v.cpu() for k, v in core.encoder.state_dict().items()},
+                    config=tcfg, vocab=vocab.to_dict(), model_meta=meta,
+                    train_state={"step": summary["best_step"], "history": history, "format_version": 1})
+    torch.save({k: v.cpu() for k, v in core.head.state_dict().items()}, Path(tmp) / "classifier.pt")
+    (Path(tmp) / "classes.json").write_text(json.dumps(classes))
+    (Path(tmp) / "finetune.json").write_text(json.dumps(
+        {"format": FINETUNE_FORMAT, "format_version": FINETUNE_FORMAT_VERSION, "config": asdict(cfg),
+         "base_checkpoint": str(base_checkpoint), "n_cells": n_cells, **summary}, indent=1))
 
 
 def _core(model):
