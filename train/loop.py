@@ -35,6 +35,7 @@ from .model import N_SPECIAL, CellEncoder
 from .objective import MLMObjective
 from .pack import model_inputs
 from .signals import Baselines
+from .step_metrics import Tracer, Window
 
 FAIL_ENV = "ATLASFLOW_FAIL_AT_STEP"
 
@@ -107,13 +108,6 @@ def _load_state_dicts(model, optimizer, msd: dict, osd: dict) -> None:
     set_optimizer_state_dict(model, optimizer, osd, options=opts)
 
 
-def _allreduce(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 def _gather_objects(obj, world_size: int) -> list:
     if world_size == 1 or not (dist.is_available() and dist.is_initialized()):
         return [obj]
@@ -158,7 +152,7 @@ class _Trainer:
                    "format_version": 1}
         self.loader_state = None
         self.amp = cfg.train.precision == "bf16"
-        self.window = _Window()
+        self.window = Window()
         self.val = None
 
     # -- build -------------------------------------------------------------------------------
@@ -208,7 +202,7 @@ class _Trainer:
     # -- fit ---------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, st, ds = self.cfg, self.st, self.loader.dataset
-        self.trace = _Tracer(cfg, self.ctx.rank, st["step"])
+        self.trace = Tracer(cfg, self.ctx.rank, st["step"])
         self.val = {"val_loss": None, "val_masked_accuracy": None, "val_step": None,
                     **S.val_baselines(self.val_set, self.ctx)}
         self.model.train()
@@ -322,67 +316,6 @@ class _Trainer:
                             vocab=self.vocab.to_dict(), model_meta=self.model_meta,
                             baselines=self.baselines.state_dict())
             self.ctx.report(metrics, tmp)
-
-
-class _Window:
-    """Metrics accumulated between two reports (summed over ranks when reported)."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self):
-        self.loss = self.n_loss = self.cells = self.tokens = self.slots = self.wait = self.busy = 0.0
-        self.masked = self.correct = self.uni = self.cond = 0.0
-        self.t_start = time.perf_counter()
-
-    def add(self, loss, stats, batch, inputs, wait, base: tuple[float, float]):
-        self.loss += loss
-        self.uni += base[0]  # per-batch means like the loss, so all three weigh batches alike
-        self.cond += base[1]
-        self.n_loss += 1
-        self.cells += batch["soma_joinid"].shape[0]
-        self.tokens += inputs["n_tokens"]
-        self.slots += inputs["segment_ids"].numel()
-        self.wait += wait
-        self.masked += stats["n_masked"]
-        self.correct += stats["n_correct"]
-
-    def time(self, dt):
-        self.busy += dt
-
-    def metrics(self, st, optimizer, ctx) -> dict:
-        wall = max(time.perf_counter() - self.t_start, 1e-9)
-        loss, n, cells, tokens, slots, wait, busy, masked, correct, wall_sum, seen, tok_seen, uni, cond = _allreduce(
-            [self.loss, self.n_loss, self.cells, self.tokens, self.slots, self.wait, self.busy, self.masked,
-             self.correct, wall, st["cells_seen"], st["tokens_seen"], self.uni, self.cond], ctx.device)
-        walls = wall_sum / ctx.world_size
-        m = {"step": st["step"], "epoch": st["epoch"], "loss": loss / max(n, 1),
-             "unigram_loss": uni / max(n, 1), "position_unigram_loss": cond / max(n, 1),
-             "lr": optimizer.param_groups[0]["lr"], "cells_per_s": cells / walls, "tokens_per_s": tokens / walls,
-             "pad_fraction": 1 - tokens / max(slots, 1), "loader_wait_share": wait / max(busy, 1e-9),
-             "masked_accuracy": correct / max(masked, 1), "cells_seen": int(seen),
-             "tokens_seen": int(tok_seen)}
-        self.reset()
-        return m
-
-
-class _Tracer:
-    """Appends the soma_joinids of every micro-batch to trace_dir/rank{r}.jsonl (run.trace_dir)."""
-
-    def __init__(self, cfg: Config, rank: int, resumed_from: int):
-        self.path = Path(cfg.run.trace_dir) / f"rank{rank}.jsonl" if cfg.run.trace_dir else None
-        self.attempt = f"{os.getpid()}-{time.time_ns()}"
-        self.resumed_from = resumed_from
-        if self.path:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(self, st, batch) -> None:
-        if self.path is None:
-            return
-        rec = {"attempt": self.attempt, "resumed_from": self.resumed_from, "epoch": st["epoch"],
-               "micro": st["micro_in_epoch"], "step": st["step"], "joinids": batch["soma_joinid"].tolist()}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
 
 
 def train_loop_per_worker(config: dict) -> None:
