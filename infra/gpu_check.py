@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import statistics
 import sys
 import time
 
-log = logging.getLogger("atlasflow.infra")
-
+GPU_CHECK_FORMAT_VERSION = 1  # gpu_check.json
 
 def overrides(store: str, runs: str, steps: int, cpu: bool) -> dict:
     """Preset settings changed for a brief single-worker check (the rest is the gpu preset as shipped)."""
@@ -44,24 +42,18 @@ def overrides(store: str, runs: str, steps: int, cpu: bool) -> dict:
 
 
 def summarize(history: list[dict], steps: int, seconds: float) -> dict:
-    """Loss vs baselines at the end; throughput medians past the first third of the logged rows."""
+    """The quickstart's learning signals (loss vs baselines, held-out loss) at the end; throughput
+    medians past the first third of the logged rows."""
+    from atlasflow.infra.quickstart import learning_signals
     from atlasflow.train.plot import dedupe_history
 
     hist = dedupe_history(history)
-    last = hist[-1]
     steady = [h for h in hist if h["step"] > steps / 3] or hist
-    val = [h for h in hist if h.get("val_loss") is not None]
-    out = {"steps": last["step"], "loss": last["loss"], "unigram_loss": last["unigram_loss"],
-           "position_unigram_loss": last["position_unigram_loss"],
-           "below_unigram": last["unigram_loss"] - last["loss"], "masked_accuracy": last["masked_accuracy"],
-           "tokens_per_s_median": statistics.median(h["tokens_per_s"] for h in steady),
-           "cells_per_s_median": statistics.median(h["cells_per_s"] for h in steady),
-           "throughput_rows": len(steady), "seconds": round(seconds, 1)}
-    if val:
-        v = val[-1]
-        out.update({"val_step": v["val_step"], "val_loss": v["val_loss"], "val_unigram_loss": v["val_unigram_loss"],
-                    "val_below_unigram": v["val_unigram_loss"] - v["val_loss"]})
-    return out
+    sig = learning_signals(history)
+    return {"steps": sig.pop("step"), **sig,
+            "tokens_per_s_median": statistics.median(h["tokens_per_s"] for h in steady),
+            "cells_per_s_median": statistics.median(h["cells_per_s"] for h in steady),
+            "throughput_rows": len(steady), "seconds": round(seconds, 1)}
 
 
 def device_info() -> dict:
@@ -87,7 +79,8 @@ def run_check(out: str, steps: int = 300, cells: int = 20000, genes: int = 2000,
     cfg = load_preset("gpu").with_overrides(overrides(store, os.path.join(out, "runs"), steps, cpu))
     t0 = time.time()
     res = run_training(cfg)
-    report = {"preset": "gpu", "cpu_logic_check": cpu, **device_info(), "cells": cells, "genes": genes,
+    report = {"format_version": GPU_CHECK_FORMAT_VERSION, "preset": "gpu", "cpu_logic_check": cpu, **device_info(),
+              "cells": cells, "genes": genes,
               "max_len": cfg.data.max_len, "batch_size": cfg.data.batch_size, "precision": cfg.train.precision,
               "compile": cfg.train.compile, "pack": cfg.data.pack,
               **summarize(res["history"], steps, time.time() - t0), "checkpoint": res["checkpoint"],
@@ -106,7 +99,11 @@ def main(argv=None) -> int:
     p.add_argument("--datasets", type=int, default=8)
     p.add_argument("--cpu", action="store_true", help="logic check on CPU (fp32, small model, no compile)")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    import logging
+
+    from atlasflow.infra.cli import configure_logging
+
+    configure_logging(logging.INFO)
     print(json.dumps(run_check(a.out, a.steps, a.cells, a.genes, a.datasets, a.cpu), indent=1))
     return 0
 

@@ -18,8 +18,8 @@ BELOW = {"store": set(), "ingest": {"store"}, "loader": {"store"}, "train": {"st
          "infra": {"store", "ingest", "loader", "train"}}
 
 
-def _module(path: Path) -> str:
-    rel = path.relative_to(ROOT).with_suffix("")
+def _module(path: Path, root: Path = ROOT) -> str:
+    rel = path.relative_to(root).with_suffix("")
     parts = list(rel.parts[:-1]) if rel.name == "__init__" else list(rel.parts)
     return ".".join(parts)
 
@@ -28,13 +28,14 @@ def _is_package(path: Path) -> bool:
     return path.name == "__init__.py"
 
 
-def imports(path: Path, top_level_only: bool = False, modules: set | None = None) -> list[tuple[str, int]]:
+def imports(path: Path, top_level_only: bool = False, modules: set | None = None,
+            root: Path = ROOT) -> list[tuple[str, int]]:
     """(imported atlasflow module without the 'atlasflow.' prefix, line) for every import in the file.
 
     ``from pkg import name``: the dependency is ``pkg.name`` where that is a module (given
     ``modules``), else ``pkg`` itself.
     """
-    mod = _module(path)
+    mod = _module(path, root)
     tree = ast.parse(path.read_text(), filename=str(path))
     nodes = tree.body if top_level_only else ast.walk(tree)
     out = []
@@ -60,20 +61,20 @@ def sources() -> list[Path]:
     return sorted(p for pkg in BELOW for p in (ROOT / pkg).rglob("*.py"))
 
 
-def upward_imports(files: list[Path]) -> list[str]:
+def upward_imports(files: list[Path], root: Path = ROOT) -> list[str]:
     bad = []
     for f in files:
-        layer = f.relative_to(ROOT).parts[0]
-        for target, line in imports(f):
+        layer = f.relative_to(root).parts[0]
+        for target, line in imports(f, root=root):
             top = target.split(".")[0]
             if top in BELOW and top != layer and top not in BELOW[layer]:
-                bad.append(f"{f.relative_to(ROOT)}:{line} ({layer}) imports atlasflow.{target} ({top})")
+                bad.append(f"{f.relative_to(root)}:{line} ({layer}) imports atlasflow.{target} ({top})")
     return bad
 
 
-def module_cycles(files: list[Path]) -> list[list[str]]:
-    known = {_module(f) for f in files}
-    graph = {_module(f): {t for t, _ in imports(f, True, known) if t in known and t != _module(f)}
+def module_cycles(files: list[Path], root: Path = ROOT) -> list[list[str]]:
+    known = {_module(f, root) for f in files}
+    graph = {_module(f, root): {t for t, _ in imports(f, True, known, root) if t in known and t != _module(f, root)}
              for f in files}
     cycles, state = [], {}
 
@@ -111,24 +112,19 @@ def test_no_module_level_import_cycle():
     ("train", "from atlasflow.loader import make_loader", False),
     ("store", "from .schema import X", False),
 ])
-def test_the_check_catches_an_upward_import(tmp_path, monkeypatch, layer, line, expect):
-    """The checker itself, on a planted file inside the tree (removed afterwards)."""
-    planted = ROOT / layer / "_layer_probe.py"
+def test_the_check_catches_an_upward_import(tmp_path, layer, line, expect):
+    """The checker itself, on a planted file in a tree of the same shape (the checkout is not touched)."""
+    planted = tmp_path / layer / "_layer_probe.py"
+    planted.parent.mkdir()
     planted.write_text(f"def f():\n    pass\n\n\n{line}\n" if not line.startswith(" ") else f"def f():\n{line}\n")
-    try:
-        bad = upward_imports([planted])
-    finally:
-        planted.unlink()
+    bad = upward_imports([planted], root=tmp_path)
     assert bool(bad) is expect, bad
 
 
 def test_the_check_catches_a_cycle(tmp_path):
-    a, b = ROOT / "store" / "_cycle_a.py", ROOT / "store" / "_cycle_b.py"
+    (tmp_path / "store").mkdir()
+    a, b = tmp_path / "store" / "_cycle_a.py", tmp_path / "store" / "_cycle_b.py"
     a.write_text("from . import _cycle_b\n")
     b.write_text("from atlasflow.store import _cycle_a\n")
-    try:
-        cyc = module_cycles([a, b])
-    finally:
-        a.unlink()
-        b.unlink()
+    cyc = module_cycles([a, b], root=tmp_path)
     assert cyc and set(cyc[0]) == {"store._cycle_a", "store._cycle_b"}
