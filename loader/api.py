@@ -5,28 +5,42 @@ from __future__ import annotations
 import multiprocessing
 
 import numpy as np
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import DataLoader
 
 from .config import LoaderConfig
 from .dataset import CellStream
-from .state import LOADER_FORMAT, STATE_FORMAT_VERSION, check_state
+from .state import LOADER_FORMAT
 from .vocab import Vocab
 
 
-class AtlasLoader(StatefulDataLoader):
-    """A torchdata StatefulDataLoader over a CellStream whose state is versioned and checked."""
+class AtlasLoader(DataLoader):
+    """A torch DataLoader over a CellStream with a small, versioned, world-size-free state.
+
+    The state is the epoch's phase plus the number of batches this rank has handed out (to the
+    training loop: batches the workers prefetched but nobody took are not consumed), so a resume
+    on any number of ranks and workers continues the epoch exactly (see ``plan.py``)."""
 
     dataset: CellStream
 
-    def state_dict(self) -> dict:
+    def __init__(self, dataset: CellStream, **kw):
+        super().__init__(dataset, batch_size=None, **kw)
+
+    def __iter__(self):
         ds = self.dataset
-        return {"format": LOADER_FORMAT, "version": STATE_FORMAT_VERSION, **ds._identity(),
-                "epoch": ds.epoch, "dataloader": super().state_dict()}
+        ds.begin()  # before the workers copy the dataset
+        for batch in super().__iter__():
+            if self.num_workers:  # in-process, the dataset counts its own batches
+                ds._position += 1
+            yield batch
+
+    def __len__(self) -> int:
+        return self.dataset.batches_left
+
+    def state_dict(self) -> dict:
+        return self.dataset.state_dict(LOADER_FORMAT)
 
     def load_state_dict(self, state: dict) -> None:
-        check_state(state, self.dataset._identity(), LOADER_FORMAT)
-        self.dataset.set_epoch(int(state["epoch"]))
-        super().load_state_dict(state["dataloader"])
+        self.dataset.load_state_dict(state, LOADER_FORMAT)
 
 
 def _worker_context():
@@ -60,4 +74,4 @@ def make_loader(store, cfg: LoaderConfig | None = None, *, vocab: Vocab | None =
     kw = {}
     if cfg.num_workers > 0:
         kw = {"prefetch_factor": 2, "persistent_workers": False, "multiprocessing_context": _worker_context()}
-    return AtlasLoader(ds, batch_size=None, num_workers=cfg.num_workers, **kw)
+    return AtlasLoader(ds, num_workers=cfg.num_workers, **kw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import logging
 import os
 import sys
 import threading
@@ -25,6 +26,8 @@ from .runs import Runs
 from .state import STATE_FORMAT_VERSION, STREAM_FORMAT, check_state
 from .tokenize import TokenBlock, Tokenizer
 from .vocab import N_SPECIAL, Vocab
+
+_log = logging.getLogger(__name__)
 
 
 def resolve_rank_world(cfg: LoaderConfig) -> tuple[int, int]:
@@ -134,16 +137,13 @@ class CellStream(IterableDataset):
         self._fingerprint = hashlib.blake2b(runs.starts.tobytes() + runs.stops.tobytes(), digest_size=8).hexdigest()
         self.rank, self.world_size = resolve_rank_world(cfg)
         self.epoch = cfg.epoch
-        self._resume_at = 0
-        self._position = 0
         self._shards = self.world_size * max(1, cfg.num_workers)
-        total = runs.n_cells
-        if cfg.remainder == "drop":
-            self._worker_batches = (total // self._shards) // cfg.batch_size
-        else:
-            self._worker_batches = -(-(-(-total // self._shards)) // cfg.batch_size)
-        if self._worker_batches == 0:
-            raise ValueError(f"CellStream: {total} cells cannot give every one of {self._shards} shards "
+        self._resume: tuple[P.Phase, int] | None = None  # set by load_state_dict, used by the next iteration
+        self._current: tuple[P.Phase, int] | None = None  # the iteration being started (travels to workers)
+        self._active: tuple[P.Phase, int] | None = None  # the in-process iteration under way
+        self._position = 0
+        if self._full_phase().n_batches == 0:
+            raise ValueError(f"CellStream: {runs.n_cells} cells cannot give every one of {self._shards} shards "
                              f"(world_size x workers) a batch of {cfg.batch_size}; lower batch_size or use "
                              f"remainder='pad'")
 
@@ -154,53 +154,90 @@ class CellStream(IterableDataset):
 
     @property
     def batches_per_epoch(self) -> int:
-        """Batches each rank yields per epoch (the same on every rank)."""
-        return self._worker_batches * max(1, self.cfg.num_workers)
+        """Batches each rank yields in a whole epoch (the same on every rank)."""
+        return self._full_phase().n_batches * max(1, self.cfg.num_workers)
 
     @property
-    def worker_window_cells(self) -> int:
-        """A rank's shuffle window is shared out among its DataLoader workers, so memory per rank
-        stays about the same whatever the worker count."""
-        return max(self.cfg.batch_size, self.cfg.window_cells // max(1, self.cfg.num_workers))
+    def batches_left(self) -> int:
+        """Batches each rank yields when iterated next: a whole epoch, or what a resume left."""
+        if self._resume is None:
+            return self.batches_per_epoch
+        phase, start = self._resume
+        return phase.n_batches * max(1, self.cfg.num_workers) - start
 
     def __len__(self) -> int:
-        return self.batches_per_epoch
+        return self.batches_left
 
     def set_epoch(self, epoch: int) -> None:
         if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
             raise ValueError(f"set_epoch: epoch must be an int >= 0, got {epoch!r}")
         self.epoch = int(epoch)
-        self._resume_at = 0
+        self._resume = self._active = None
         self._position = 0
 
-    def shard_plan(self, epoch: int, worker: int) -> P.ShardPlan:
+    def epoch_order(self, epoch: int) -> P.EpochOrder:
         cfg = self.cfg
-        shard = self.rank * max(1, cfg.num_workers) + worker
-        shards, n_batches, window = P.plan_epoch(
-            self.runs.n_cells, batch_size=cfg.batch_size, chunk_cells=cfg.chunk_cells,
-            window_cells=self.worker_window_cells, seed=cfg.seed, epoch=epoch, shuffle=cfg.shuffle,
-            n_shards=self._shards, remainder=cfg.remainder, strata=self.strata, groups=self.groups,
-            alpha=cfg.balance_alpha)
-        s, e = shards[shard]
-        return P.ShardPlan(s, e, n_batches, cfg.batch_size, window, cfg.seed, epoch, shard, cfg.shuffle)
+        return P.epoch_order(self.runs.n_cells, batch_size=cfg.batch_size, chunk_cells=cfg.chunk_cells,
+                             window_cells=cfg.window_cells, seed=cfg.seed, epoch=epoch, shuffle=cfg.shuffle,
+                             strata=self.strata, groups=self.groups, alpha=cfg.balance_alpha,
+                             bucket_batches=cfg.bucket_batches)
+
+    def _full_phase(self) -> P.Phase:
+        # balancing keeps an epoch at the query's size, so the slot count needs no plan
+        return P.Phase(np.array([[0, self.runs.n_cells]], dtype=np.int64), self._shards, self.cfg.batch_size,
+                       self.cfg.remainder)
+
+    def begin(self) -> tuple[P.Phase, int]:
+        """Fix what the next iteration streams: (phase, batches this rank already delivered in it)."""
+        self._current = self._active = self._resume or (self._full_phase(), 0)
+        self._resume = None
+        self._position = self._current[1]
+        return self._current
 
     # -- state -------------------------------------------------------------------------------
     def _identity(self) -> dict:
         c = self.cfg
-        return {"seed": c.seed, "world_size": self.world_size, "rank": self.rank, "num_workers": c.num_workers,
+        return {"seed": c.seed, "world_size": self.world_size, "num_workers": c.num_workers,
                 "snapshot_ms": self.locator.tiledb_timestamp_ms, "n_cells": self.runs.n_cells,
-                "query_fingerprint": self._fingerprint,
-                "tokenizer": c.tokenizer, "batch_size": c.batch_size}
+                "query_fingerprint": self._fingerprint, "tokenizer": c.tokenizer, "batch_size": c.batch_size,
+                "order": order_fields(c, self.strata is not None)}
 
-    def state_dict(self) -> dict:
-        info = get_worker_info()
-        return {"format": STREAM_FORMAT, "version": STATE_FORMAT_VERSION, **self._identity(),
-                "epoch": self.epoch, "worker": info.id if info else 0, "position": self._position}
+    def state_for(self, phase: P.Phase, position: int, fmt: str = STREAM_FORMAT) -> dict:
+        return {"format": fmt, "version": STATE_FORMAT_VERSION, **self._identity(), "epoch": self.epoch,
+                "phase": phase.intervals.tolist(), "phase_shards": phase.n_shards, "position": int(position)}
 
-    def load_state_dict(self, state: dict) -> None:
-        check_state(state, self._identity(), STREAM_FORMAT)
+    def state_dict(self, fmt: str = STREAM_FORMAT) -> dict:
+        """The phase under way (or about to start) and the batches this rank delivered in it."""
+        phase = self._active[0] if self._active else (self._resume or (self._full_phase(), 0))[0]
+        return self.state_for(phase, self._position, fmt)
+
+    def load_state_dict(self, state: dict, fmt: str = STREAM_FORMAT) -> None:
+        """Resume: the same world and worker count continue the saved phase batch for batch; any other
+        count streams exactly what the saved phase had not delivered, cut afresh for this world."""
+        check_state(state, self._identity(), fmt)
+        saved = P.Phase(P.as_intervals(state["phase"]), int(state["phase_shards"]), self.cfg.batch_size,
+                        self.cfg.remainder)
+        k, k_workers = int(state["position"]), max(1, int(state["num_workers"]))
+        total = saved.n_batches * k_workers
+        if saved.n_shards != int(state["world_size"]) * k_workers or not 0 <= k <= total:
+            raise ValueError(f"load_state_dict: inconsistent loader state (phase_shards={saved.n_shards}, "
+                             f"world_size={state['world_size']}, num_workers={state['num_workers']}, "
+                             f"position={k} of {total})")
         self.epoch = int(state["epoch"])
-        self._resume_at = self._position = int(state["position"])
+        if k == total:  # the phase ran to its end: the epoch is over (its remainder is skipped)
+            phase, start = P.Phase(np.zeros((0, 2), np.int64), self._shards, self.cfg.batch_size,
+                                   self.cfg.remainder), 0
+        elif saved.n_shards == self._shards and int(state["num_workers"]) == self.cfg.num_workers:
+            phase, start = saved, k
+        else:  # every rank delivered k batches (data-parallel ranks step together)
+            done = [P.worker_batches_done(k, k_workers, w) for _ in range(saved.n_shards // k_workers)
+                    for w in range(k_workers)]
+            phase, start = P.Phase(saved.remaining(done), self._shards, self.cfg.batch_size, self.cfg.remainder), 0
+            _log.info("loader resize: %d shards -> %d, %d cells of epoch %d left, %d batches per rank",
+                      saved.n_shards, self._shards, phase.n_slots, self.epoch,
+                      phase.n_batches * max(1, self.cfg.num_workers))
+        self._resume, self._active = (phase, start), None
+        self._position = start
 
     # -- iteration ---------------------------------------------------------------------------
     def __iter__(self):
@@ -209,38 +246,47 @@ class CellStream(IterableDataset):
         if n_workers != self.cfg.num_workers:
             raise ValueError(f"LoaderConfig.num_workers={self.cfg.num_workers} but the DataLoader runs "
                              f"{n_workers} workers; build the loader with make_loader()")
-        worker = info.id if info else 0
-        start, self._resume_at = self._resume_at, 0
+        phase, start = self._current if self._current is not None else self.begin()
+        self._current, self._active = None, (phase, start)
+        k = max(1, n_workers)
+        # A resumed iteration starts at the rank's start-th batch, but the DataLoader always asks its
+        # worker 0 first: worker i plays the shard of the phase's worker (i + start) % k.
+        worker = ((info.id if info else 0) + start) % k
+        done = P.worker_batches_done(start, k, worker)
         self._position = start
-        return self._stream(self.shard_plan(self.epoch, worker), start)
+        slots = phase.shard_slots(self.rank * k + worker)
+        slots = P.clip_intervals(slots, done * self.cfg.batch_size, phase.n_batches * self.cfg.batch_size)
+        return self._stream(self.epoch_order(self.epoch), slots)
 
-    def _stream(self, sp: P.ShardPlan, start: int):
+    def _stream(self, order: P.EpochOrder, slots: np.ndarray):
         cfg = self.cfg
-        first_window, skip = sp.locate(start)
-        local, readers, slots = threading.local(), [], itertools.count()
+        spans = P.window_spans(slots, order.window_cells)
+        local, readers, slots_ = threading.local(), [], itertools.count()
         tok = Tokenizer(cfg.tokenizer, cfg.max_len, cfg.n_bins, self._lut, self._medians, cfg.seed,
                         thin_range=cfg.thin_range, thin_prob=cfg.thin_prob)
         cum = self.runs.cum()
 
+        seq_cum = np.concatenate([[0], np.cumsum(order.stops - order.starts)])
+
         def tasks():
-            for w in range(first_window, sp.n_windows):
-                reads = P.read_groups(*sp.window(w), cfg.read_cells)
+            for i, (w, _, _) in enumerate(spans):
+                reads = P.read_groups(*order.window_pieces(w, seq_cum), cfg.read_cells)
                 for k, (s, e) in enumerate(reads):
                     ranges = [r for a, b in zip(s.tolist(), e.tolist()) for r in self.runs.to_joinids(a, b, cum)]
-                    yield w, k == len(reads) - 1, ranges
+                    yield i, k == len(reads) - 1, ranges
 
         def read(task):  # one open handle per read thread
             reader = getattr(local, "reader", None)
             if reader is None:
                 reader = local.reader = BlockReader(self.locator, cfg.obs_columns, self.obs_categories,
-                                                    slot=next(slots))
+                                                    slot=next(slots_))
                 readers.append(reader)
             return task, reader.read(task[2])
 
         def tokenize(item):
             task, (ids, indptr, cols, vals, labels) = item
             # One kernel call per read: the kernels' scratch is O(longest cell), not O(block).
-            block = tok(indptr, cols, vals, ids, sp.epoch)
+            block = tok(indptr, cols, vals, ids, order.epoch)
             del cols, vals
             block.labels = labels
             want = np.concatenate([np.arange(a, b) for a, b in task[2]])
@@ -254,24 +300,56 @@ class CellStream(IterableDataset):
         # blocks queue up to a whole window ahead: the next window is read and tokenized while the
         # consumer trains on this one (two windows in memory at most). DataLoader workers overlap
         # with each other and with training already, so each keeps about one window of memory.
-        ahead = -(-sp.window_cells // cfg.read_cells) if cfg.num_workers == 0 else cfg.prefetch_reads
+        ahead = -(-order.window_cells // cfg.read_cells) if cfg.num_workers == 0 else cfg.prefetch_reads
         blocks = Prefetcher(tasks(), lambda task: tokenize(read(task)), max(1, ahead), cfg.threads_per_process)
+        bs, carry = cfg.batch_size, []  # carry: (window, cells) parts of a batch that spans two windows
         try:
-            for (w, last, _), block in blocks:
+            for (i, last, _), block in blocks:
                 pending.append(block)
                 if not last:
                     continue
                 window, pending = TokenWindow(pending), []
                 release_memory()
-                order = sp.window_order(w, len(window))
-                rng = P.rng_for(sp.seed, sp.epoch, sp.shard, w, 0xB0) if cfg.shuffle else None
-                batches = batch_indices(order, window.lengths, sp.batch_size, cfg.bucket_batches, rng)
-                for idx in batches[skip:]:
+                w, lo, hi = spans[i]
+                cells = order.window_order(w, window.lengths)[lo:hi]
+                at = 0
+                if carry:
+                    need = bs - sum(len(c) for _, c in carry)
+                    carry.append((window, cells[:need]))
+                    at = min(need, len(cells))
+                    if at < need:
+                        continue
                     self._position += 1
-                    yield collate(window, idx, cfg.obs_columns)
-                skip = 0
-                window = batches = None  # free before the next window is assembled
+                    yield collate(*join_parts(carry), cfg.obs_columns)
+                    carry = []
+                for j in range(at, len(cells) - bs + 1, bs):
+                    self._position += 1
+                    yield collate(window, cells[j:j + bs], cfg.obs_columns)
+                rest = at + (len(cells) - at) // bs * bs
+                if rest < len(cells):
+                    carry = [(window, cells[rest:])]
+                window = cells = None  # free before the next window is assembled
+            if carry:
+                raise RuntimeError(f"CellStream: a shard's slots are not whole batches ({slots.tolist()})")
         finally:
             blocks.close()
             for reader in readers:
                 reader.close()
+
+
+def join_parts(parts: list[tuple[TokenWindow, np.ndarray]]) -> tuple[TokenWindow, np.ndarray]:
+    """One window over the blocks of several, and the parts' cells re-addressed in it."""
+    blocks, idx, off = [], [], 0
+    for window, cells in parts:
+        blocks.extend(window.blocks)
+        idx.append(np.asarray(cells, dtype=np.int64) + off)
+        off += len(window)
+    return TokenWindow(blocks), np.concatenate(idx)
+
+
+def order_fields(cfg: LoaderConfig, stratified: bool) -> dict:
+    """The LoaderConfig fields the epoch order depends on (besides seed, query and batch size)."""
+    return {"chunk_cells": cfg.chunk_cells, "window_cells": cfg.window_cells, "shuffle": cfg.shuffle,
+            "balance_by": cfg.balance_by, "balance_alpha": float(cfg.balance_alpha),
+            "stratify_by": cfg.stratify_by if stratified else None, "bucket_batches": cfg.bucket_batches,
+            "remainder": cfg.remainder, "max_len": cfg.max_len, "n_bins": cfg.n_bins}

@@ -1,4 +1,5 @@
-"""The epoch plan: a pure function of (config, epoch, shard, query snapshot) -> ordered cell ranges.
+"""The epoch order: a pure function of (config, epoch, query snapshot), independent of the number of
+ranks and DataLoader workers; ranks and workers only take contiguous slices of it.
 
 Cells are addressed by query position (see ``runs.py``). One epoch:
 
@@ -6,13 +7,24 @@ Cells are addressed by query position (see ``runs.py``). One epoch:
    balance-group boundary when those are given);
 2. with balancing, draw each group's quota of cells (below) as whole chunks;
 3. order the chunks: a stratified random permutation (every stratum, e.g. dataset, is spread
-   evenly over the epoch, so any window of consecutive chunks holds the strata in proportion);
-4. lay the ordered chunks end to end and cut that sequence into ``world_size * num_workers``
-   equal shards of exactly ``n_batches * batch_size`` cells (``remainder="drop"``: the tail of each
-   shard, < batch_size + 1 cells per shard, is skipped this epoch; ``"pad"``: each shard is
-   topped up with its own first cells);
-5. each shard is cut into windows of ``window_batches * batch_size`` cells; a window is read in
-   groups of ``read_cells`` and permuted as a whole (batches never straddle windows).
+   evenly over the epoch, so any stretch of consecutive chunks holds the strata in proportion);
+4. lay the ordered chunks end to end (the epoch's *sequence*, N cells) and cut it into windows of
+   U = ``window_batches * batch_size`` cells (the last one shorter). Window w is read and tokenized
+   as a whole and permuted by a generator seeded with (seed, epoch, w) alone; with length bucketing
+   its batches are cut from that permutation by the same seeded rule. That permuted window is the
+   window's *order*, and the epoch order is the windows' orders laid end to end: N *slots*, slot p
+   being the cell at place p - wU of window w = p // U's order.
+
+Nothing of this depends on the world size or the worker count. A *phase* (one run of the loader on
+S = world_size x num_workers shards) takes a sorted list of disjoint slot intervals (the whole epoch
+[0, N) at first; after a resume, what the previous phase left), lays them end to end (M slots) and
+gives shard s = rank * num_workers + worker the contiguous slots [s*T, (s+1)*T) with
+T = n_batches * batch_size: with ``remainder="drop"`` n_batches = (M // S) // batch_size and the last
+M - S*T slots (< S * batch_size + S) are skipped if the phase runs to the end; with ``"pad"`` shard s
+gets [sM/S, (s+1)M/S) topped up with its own first slots. A shard's batches are consecutive runs of
+batch_size slots, so after k batches a shard has consumed exactly its first k * batch_size slots: the
+loader state is that count (one integer per rank, equal on every rank in data-parallel training),
+and what is left of the epoch is again a list of slot intervals, ready to be cut for any S.
 
 Balancing (``balance_by``, ``alpha``): an epoch still has N cells (the query size). Group g gets
 round(N * n_g^alpha / sum_h n_h^alpha) cells (largest remainder): whole passes over its shuffled
@@ -20,9 +32,8 @@ chunks, then a random subset of chunks for the rest. alpha=1 reproduces natural 
 alpha=0 gives every group the same number of cells per epoch (small groups repeat, large
 groups are subsampled, with a fresh subset every epoch).
 
-Index memory is O(chunks), never O(cells). Measured at 100M cells (chunk_cells=512, 1000 datasets,
-16 shards): planning an epoch takes 0.6 s and 13.5 MB transient in each worker, which then keeps
-0.19 MB (its shard's pieces). The query itself is held as runs (16 bytes per run, see runs.py).
+Index memory is O(chunks), never O(cells): at 100M cells and chunk_cells=512 the epoch's sequence
+is 195k pieces (3 MB), computed in each worker; a phase is a handful of intervals per resize.
 """
 
 from __future__ import annotations
@@ -31,9 +42,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .batching import batch_indices
 from .runs import Labels
 
-_TAG_CHUNKS, _TAG_BALANCE, _TAG_WINDOW = 0xC4, 0xBA, 0x5E
+_TAG_CHUNKS, _TAG_BALANCE, _TAG_WINDOW, _TAG_BUCKET = 0xC4, 0xBA, 0x5E, 0xB0
 
 
 def rng_for(*key: int) -> np.random.Generator:
@@ -119,62 +131,48 @@ def clip_pieces(starts: np.ndarray, stops: np.ndarray, lo: int, hi: int, cum: np
 
 
 @dataclass(frozen=True)
-class ShardPlan:
-    """One shard's (rank x worker) cells for one epoch, as ordered query-position pieces."""
+class EpochOrder:
+    """The epoch's sequence of cells (query-position pieces laid end to end) and its windows."""
 
     starts: np.ndarray
     stops: np.ndarray
-    n_batches: int
+    window_cells: int  # U, a multiple of batch_size
     batch_size: int
-    window_cells: int  # multiple of batch_size
+    bucket_batches: int
     seed: int
     epoch: int
-    shard: int
     shuffle: bool
 
     @property
-    def n_cells(self) -> int:
-        return self.n_batches * self.batch_size
-
-    @property
-    def first_window_cells(self) -> int:
-        """The first window is a quarter size: the first batch comes after a quarter of the fill
-        time (on 2 cores: 0.5 -> 0.3 s), at a small cost in mixing for its batches only."""
-        return max(self.batch_size, (self.window_cells // 4) // self.batch_size * self.batch_size)
+    def n_slots(self) -> int:
+        return int((self.stops - self.starts).sum())
 
     @property
     def n_windows(self) -> int:
-        f = self.first_window_cells
-        return 1 if self.n_cells <= f else 1 + -(-(self.n_cells - f) // self.window_cells)
+        return -(-self.n_slots // self.window_cells)
 
-    def window_range(self, w: int) -> tuple[int, int]:
-        """Cell positions [lo, hi) of window ``w`` within the shard."""
-        f = self.first_window_cells
-        lo = 0 if w == 0 else f + (w - 1) * self.window_cells
-        hi = f if w == 0 else lo + self.window_cells
-        return lo, min(self.n_cells, hi)
+    def window_pieces(self, w: int, cum: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Query-position pieces of window ``w``, in sequence order (the order they are read in)."""
+        lo = w * self.window_cells
+        return clip_pieces(self.starts, self.stops, lo, min(self.n_slots, lo + self.window_cells), cum)
 
-    def window(self, w: int) -> tuple[np.ndarray, np.ndarray]:
-        return clip_pieces(self.starts, self.stops, *self.window_range(w))
-
-    def locate(self, batch: int) -> tuple[int, int]:
-        """(window, batches to skip in it) of the shard's ``batch``-th batch (resume position)."""
-        cell, f = batch * self.batch_size, self.first_window_cells
-        if cell < f:
-            return 0, batch
-        w = 1 + (cell - f) // self.window_cells
-        return w, (cell - self.window_range(w)[0]) // self.batch_size
-
-    def window_order(self, w: int, n: int) -> np.ndarray:
+    def window_order(self, w: int, lengths: np.ndarray) -> np.ndarray:
+        """Window ``w``'s order: indices into its cells as read. Seeded by (seed, epoch, w) only;
+        with bucketing, also a function of the cells' token counts (which do not depend on who reads)."""
+        n = len(lengths)
         if not self.shuffle:
             return np.arange(n, dtype=np.int64)
-        return rng_for(self.seed, self.epoch, self.shard, w, _TAG_WINDOW).permutation(n)
+        perm = rng_for(self.seed, self.epoch, w, _TAG_WINDOW).permutation(n)
+        if self.bucket_batches <= 1:
+            return perm
+        batches = batch_indices(perm, lengths, self.batch_size, self.bucket_batches,
+                                rng_for(self.seed, self.epoch, w, _TAG_BUCKET))
+        return np.concatenate(batches) if batches else perm
 
 
-def plan_epoch(n_cells: int, *, batch_size: int, chunk_cells: int, window_cells: int, seed: int, epoch: int,
-               shuffle: bool, n_shards: int, remainder: str, strata: Labels | None = None,
-               groups: Labels | None = None, alpha: float = 1.0):
-    """All shards' plans for one epoch: list of (starts, stops) per shard and n_batches (same for all)."""
+def epoch_order(n_cells: int, *, batch_size: int, chunk_cells: int, window_cells: int, seed: int, epoch: int,
+                shuffle: bool, strata: Labels | None = None, groups: Labels | None = None, alpha: float = 1.0,
+                bucket_batches: int = 0) -> EpochOrder:
     labels = groups if groups is not None else strata
     starts, stops, codes = chunk_pieces(n_cells, chunk_cells, labels)
     if groups is not None:
@@ -186,32 +184,110 @@ def plan_epoch(n_cells: int, *, batch_size: int, chunk_cells: int, window_cells:
     elif groups is not None:
         order = np.lexsort((starts,))
         starts, stops = starts[order], stops[order]
-    total = int((stops - starts).sum())
-    if remainder == "drop":
-        n_batches = (total // n_shards) // batch_size
-    else:
-        n_batches = -(-(-(-total // n_shards)) // batch_size)
-    cum = np.concatenate([[0], np.cumsum(stops - starts)])
-    shards = []
-    T = n_batches * batch_size
-    for s in range(n_shards):
-        lo, hi = (s * total) // n_shards, ((s + 1) * total) // n_shards
-        if remainder == "drop":
-            shards.append(clip_pieces(starts, stops, lo, lo + T, cum))
-            continue
-        ps, pe = clip_pieces(starts, stops, lo, hi, cum)
-        have = hi - lo
-        if have == 0 and T > 0:
-            raise ValueError(f"remainder='pad': {total} cells cannot fill {n_shards} shards")
-        parts_s, parts_e = [ps], [pe]
-        while have < T:  # top up with the shard's own first cells
-            take = min(T - have, hi - lo)
-            a, b = clip_pieces(ps, pe, 0, take)
-            parts_s.append(a), parts_e.append(b)
-            have += take
-        shards.append((np.concatenate(parts_s), np.concatenate(parts_e)))
     window = max(1, window_cells // batch_size) * batch_size
-    return shards, n_batches, window
+    return EpochOrder(starts, stops, window, batch_size, bucket_batches, seed, epoch, shuffle)
+
+
+def as_intervals(x) -> np.ndarray:
+    arr = np.asarray(x, dtype=np.int64).reshape(-1, 2)
+    arr = arr[arr[:, 1] > arr[:, 0]]
+    if len(arr) > 1 and np.any(arr[1:, 0] < arr[:-1, 1]):
+        raise ValueError("slot intervals must be sorted and disjoint")
+    return arr
+
+
+def merge_intervals(arr: np.ndarray) -> np.ndarray:
+    """Sorted, disjoint intervals with touching neighbours joined."""
+    arr = as_intervals(arr)
+    if len(arr) < 2:
+        return arr
+    brk = np.flatnonzero(arr[1:, 0] != arr[:-1, 1]) + 1
+    return np.stack([arr[np.concatenate([[0], brk]), 0], arr[np.concatenate([brk - 1, [len(arr) - 1]]), 1]], axis=1)
+
+
+def clip_intervals(arr: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """Slots [lo, hi) of the sequence formed by the intervals laid end to end, as intervals."""
+    s, e = clip_pieces(arr[:, 0], arr[:, 1], lo, hi) if len(arr) else (arr[:, 0], arr[:, 1])
+    return np.stack([s, e], axis=1).reshape(-1, 2)
+
+
+@dataclass(frozen=True)
+class Phase:
+    """The part of an epoch one loader run (S shards) streams: slot intervals cut into S shards."""
+
+    intervals: np.ndarray  # (m, 2) sorted, disjoint slot intervals
+    n_shards: int
+    batch_size: int
+    remainder: str
+
+    @property
+    def n_slots(self) -> int:
+        return int((self.intervals[:, 1] - self.intervals[:, 0]).sum())
+
+    @property
+    def n_batches(self) -> int:
+        """Batches per shard (the same for every shard)."""
+        M, S, bs = self.n_slots, self.n_shards, self.batch_size
+        return (M // S) // bs if self.remainder == "drop" else -(-(-(-M // S)) // bs)
+
+    def _own(self, s: int) -> tuple[int, int]:
+        if self.remainder == "drop":
+            T = self.n_batches * self.batch_size
+            return s * T, (s + 1) * T
+        return (s * self.n_slots) // self.n_shards, ((s + 1) * self.n_slots) // self.n_shards
+
+    def shard_slots(self, s: int) -> np.ndarray:
+        """Shard ``s``'s slots in streaming order (n_batches * batch_size of them), as intervals."""
+        lo, hi = self._own(s)
+        own = clip_intervals(self.intervals, lo, hi)
+        T = self.n_batches * self.batch_size
+        if self.remainder == "drop" or T == 0:
+            return own
+        if hi == lo:
+            raise ValueError(f"remainder='pad': {self.n_slots} cells cannot fill {self.n_shards} shards")
+        parts, have = [own], hi - lo
+        while have < T:  # top up with the shard's own first slots
+            take = min(T - have, hi - lo)
+            parts.append(clip_intervals(own, 0, take))
+            have += take
+        return np.concatenate(parts)
+
+    def remaining(self, consumed_batches: list[int]) -> np.ndarray:
+        """Slots not yet consumed when shard s has delivered ``consumed_batches[s]`` batches: the
+        unconsumed rest of every shard, plus (drop) the tail the phase would have skipped."""
+        if len(consumed_batches) != self.n_shards:
+            raise ValueError(f"remaining: {len(consumed_batches)} shard positions for {self.n_shards} shards")
+        parts = []
+        for s, k in enumerate(consumed_batches):
+            lo, hi = self._own(s)
+            parts.append(clip_intervals(self.intervals, min(hi, lo + int(k) * self.batch_size), hi))
+        if self.remainder == "drop":
+            parts.append(clip_intervals(self.intervals, self._own(self.n_shards - 1)[1], self.n_slots))
+        return merge_intervals(np.concatenate(parts))
+
+
+def window_spans(slots: np.ndarray, window_cells: int) -> list[tuple[int, int, int]]:
+    """(window, lo, hi) spans, in order: the places [lo, hi) of each window's order that ``slots``
+    (intervals) cover; neighbouring spans of one window are joined."""
+    out: list[list[int]] = []
+    for a, b in slots.tolist():
+        while a < b:
+            w = a // window_cells
+            end = min(b, (w + 1) * window_cells)
+            lo, hi = a - w * window_cells, end - w * window_cells
+            if out and out[-1][0] == w and out[-1][2] == lo:
+                out[-1][2] = hi
+            else:
+                out.append([w, lo, hi])
+            a = end
+    return [tuple(x) for x in out]
+
+
+def worker_batches_done(rank_batches: int, num_workers: int, worker: int) -> int:
+    """Batches DataLoader worker ``worker`` delivered when its rank delivered ``rank_batches``
+    (torch's DataLoader takes batches from its workers in turn)."""
+    k = max(1, num_workers)
+    return max(0, -(-(rank_batches - worker) // k))
 
 
 def read_groups(starts: np.ndarray, stops: np.ndarray, read_cells: int) -> list[tuple[np.ndarray, np.ndarray]]:
