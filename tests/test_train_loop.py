@@ -137,18 +137,21 @@ def test_checkpoint_loads_for_embedding(store, tmp_path):
     assert enc.n_tokens == 4 + len(vocab.gene_joinids) == 4 + int((stats["nnz"] > 0).sum())
 
 
-def test_world_size_mismatch_is_refused(store, tmp_path):
+def test_a_checkpoint_from_before_elastic_resume_is_refused_by_name(store, tmp_path):
     cfg = config(store, **{"train.max_steps": 2})
     ctx, _ = local_context(tmp_path / "run")
     run_worker(cfg, ctx)
-    # pretend the checkpoint came from a 2-rank run
-    fmt = tmp_path / "run" / "ckpt_2" / "format.json"
-    meta = json.loads(fmt.read_text())
-    meta["n_loader_ranks"] = 2
-    fmt.write_text(json.dumps(meta))
+    # what a version-1 checkpoint holds: per-rank loader parts, no loader.pt
+    ck = tmp_path / "run" / "ckpt_2"
+    meta = json.loads((ck / "format.json").read_text())
+    meta["parts"] = [p if p != "loader.pt" else "loader_rank0.pt" for p in meta["parts"]]
+    meta["format_version"] = 1
+    (ck / "format.json").write_text(json.dumps(meta))
     ctx, _ = local_context(tmp_path / "run")
-    with pytest.raises(ValueError, match="run.num_workers"):
+    with pytest.raises(ValueError, match="before elastic resume"):
         run_worker(config(store, **{"train.max_steps": 4}), ctx)
+    enc, _, _ = load_checkpoint(ck)  # its weights still load (embed / fine-tune)
+    assert enc.n_tokens > 4
 
 
 @pytest.mark.parametrize("tokenizer", ["bin", "value"])

@@ -189,7 +189,7 @@ def _save(tmp_path, enc, cfg):
     return save_checkpoint(tmp_path / "ck", model_state=enc.state_dict(), config=cfg,
                            vocab=_vocab().to_dict(),
                            model_meta={"tokenizer": "rank", "n_tokens": N_TOKENS, "max_len": 32, "n_bins": 51},
-                           train_state={"step": 7}, loader_states=[{"pos": 3}, {"pos": 4}])
+                           train_state={"step": 7}, loader_state={"position": 4})
 
 
 def test_checkpoint_roundtrip_and_safety(tmp_path):
@@ -202,7 +202,7 @@ def test_checkpoint_roundtrip_and_safety(tmp_path):
     assert len(vocab) == N_TOKENS == loaded.n_tokens
     batch = contract_batch([6, 4])
     torch.testing.assert_close(loaded.embed(batch), enc.embed(batch), atol=0, rtol=0)
-    assert read_part(path, "loader_rank1.pt") == {"pos": 4}
+    assert read_part(path, "loader.pt") == {"position": 4}
     assert read_part(path, "train_state.json") == {"step": 7}
     with pytest.raises(KeyError, match="optimizer.pt"):
         read_part(path, "optimizer.pt")

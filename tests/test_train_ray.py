@@ -95,4 +95,5 @@ def test_fault_injection_restart_and_rerun_resume(tmp_path, ray_session):
     steps = [h["step"] for h in state["history"]]
     assert steps[-1] == 8 and set(range(1, 9)) <= set(steps)
     assert all(0 <= h["pad_fraction"] < 1 and h["tokens_per_s"] > 0 for h in state["history"])
-    assert read_part(ckpts[-1], "format.json")["n_loader_ranks"] == 2
+    assert read_part(ckpts[-1], "loader.pt")["world_size"] == 2
+    assert read_part(ckpts[-1], "format.json")["format_version"] == 2

@@ -4,7 +4,8 @@
     model.pt           encoder state dict (tensors only)
     optimizer.pt       optimizer state (tensors + plain numbers)
     scheduler.pt       LR scheduler state
-    loader_rank{r}.pt  loader state of rank r (one per rank: each rank streams its own partition)
+    loader.pt          loader state (the epoch's phase and the batches every rank delivered; one for all
+                       ranks, so a run resumes on any world size)
     train_state.json   step, epoch, cells/tokens seen, logged metric history
     config.json        the full training Config
     vocab.json         the vocabulary (loader's Vocab.to_dict())
@@ -29,12 +30,13 @@ from .config import Config
 from .model import CellEncoder
 
 CHECKPOINT_FORMAT = "atlasflow.train.checkpoint"
-CHECKPOINT_FORMAT_VERSION = 1
+CHECKPOINT_FORMAT_VERSION = 2  # 2: one loader.pt instead of loader_rank{r}.pt
+READABLE_VERSIONS = (1, 2)  # weights, vocabulary and config of a version-1 checkpoint are read as ever
 
 
 def save_checkpoint(path: str | Path, *, model_state: dict, config: Config, vocab: dict, model_meta: dict,
                     train_state: dict, optimizer_state: dict | None = None, scheduler_state: dict | None = None,
-                    loader_states: list | None = None, baselines: dict | None = None) -> Path:
+                    loader_state: dict | None = None, baselines: dict | None = None) -> Path:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     parts = []
@@ -54,8 +56,8 @@ def save_checkpoint(path: str | Path, *, model_state: dict, config: Config, voca
         put_pt("optimizer.pt", optimizer_state)
     if scheduler_state is not None:
         put_pt("scheduler.pt", scheduler_state)
-    for rank, state in enumerate(loader_states or []):
-        put_pt(f"loader_rank{rank}.pt", state)
+    if loader_state is not None:
+        put_pt("loader.pt", loader_state)
     if baselines is not None:
         put_pt("baselines.pt", baselines)
     put_json("train_state.json", train_state)
@@ -64,7 +66,7 @@ def save_checkpoint(path: str | Path, *, model_state: dict, config: Config, voca
     put_json("model.json", model_meta)
     # Written last: a directory without format.json is an incomplete checkpoint.
     put_json("format.json", {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
-                             "parts": parts + ["format.json"], "n_loader_ranks": len(loader_states or [])})
+                             "parts": parts + ["format.json"]})
     return path
 
 
@@ -76,7 +78,7 @@ def checkpoint_format(path: str | Path) -> dict:
     meta = json.loads(f.read_text())
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: format.json format is {meta.get('format')!r}, expected {CHECKPOINT_FORMAT!r}")
-    check_format("checkpoint", meta.get("format_version"), CHECKPOINT_FORMAT_VERSION, str(path))
+    check_format("checkpoint", meta.get("format_version"), READABLE_VERSIONS, str(path))
     return meta
 
 

@@ -155,7 +155,10 @@ class ScheduleConfig:
 class RunConfig:
     name: str = "atlasflow-pretrain"
     storage_path: str = "./atlasflow_runs"
-    num_workers: int = 2
+    # Ray Train workers: an int, or an elastic range "min-max" (stored as min_workers + num_workers):
+    # Ray Train restarts a failed run on as many workers as fit, at least min_workers (see trainer.py)
+    num_workers: int | str = 2
+    min_workers: int = 0  # 0 = num_workers (not elastic)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0  # 0 with use_gpu -> 1 GPU per worker
@@ -171,7 +174,10 @@ class RunConfig:
         _check(bool(self.name) and "/" not in self.name, "run.name", f"must be a non-empty name without '/', "
                f"got {self.name!r}")
         _check(bool(self.storage_path), "run.storage_path", "must not be empty")
+        _parse_workers(self)
         _check(self.num_workers >= 1, "run.num_workers", f"must be >= 1, got {self.num_workers}")
+        _check(1 <= self.min_workers <= self.num_workers, "run.min_workers",
+               f"must be in [1, run.num_workers={self.num_workers}], got {self.min_workers}")
         _check(self.cpus_per_worker > 0, "run.cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}")
         _check(self.gpus_per_worker >= 0, "run.gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}")
         _check(self.max_failures >= -1, "run.max_failures", f"must be >= -1, got {self.max_failures}")
@@ -179,6 +185,22 @@ class RunConfig:
         _check(self.fail_at_step >= 0, "run.fail_at_step", f"must be >= 0, got {self.fail_at_step}")
         _check(0 <= self.fail_rank < self.num_workers, "run.fail_rank",
                f"must be in [0, run.num_workers), got {self.fail_rank}")
+
+
+def _parse_workers(r) -> None:
+    n = r.num_workers
+    if isinstance(n, str):
+        lo, sep, hi = n.partition("-")
+        try:
+            lo_i, hi_i = (int(lo), int(hi)) if sep else (int(n), int(n))
+        except ValueError:
+            raise ValueError(f"run.num_workers: expected an integer or a range like \"2-8\", got {n!r}") from None
+        object.__setattr__(r, "num_workers", hi_i)
+        object.__setattr__(r, "min_workers", lo_i if sep else r.min_workers)
+    elif isinstance(n, bool) or not isinstance(n, int):
+        raise ValueError(f"run.num_workers: expected an integer or a range like \"2-8\", got {n!r}")
+    if not r.min_workers:
+        object.__setattr__(r, "min_workers", r.num_workers)
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "masking": MaskingConfig, "optim": OptimConfig,
@@ -198,6 +220,8 @@ class Config:
         d = dataclasses.asdict(self)
         d["optim"]["betas"] = list(d["optim"]["betas"])
         d["data"]["thin_range"] = list(d["data"]["thin_range"])
+        if d["run"]["min_workers"] == d["run"]["num_workers"]:
+            d["run"]["min_workers"] = 0  # not elastic: an override of num_workers alone stays fixed
         d["format_version"] = CONFIG_FORMAT_VERSION
         return d
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import sys
@@ -27,6 +28,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from atlasflow.store.schema import check_format
+
 from .checkpoint import read_part, save_checkpoint
 from .config import Config
 from . import signals as S
@@ -38,6 +41,8 @@ from .signals import Baselines
 from .step_metrics import Tracer, Window
 
 FAIL_ENV = "ATLASFLOW_FAIL_AT_STEP"
+TRAIN_STATE_VERSION = 2  # 2: world0 / rank_steps (the schedule's clock across resizes)
+_log = logging.getLogger(__name__)
 
 
 class InjectedFailure(RuntimeError):
@@ -79,8 +84,9 @@ def parallel_kwargs(strategy: str) -> dict | None:
     return {"auto_wrap_policy": ModuleWrapPolicy({Block}), "use_orig_params": True}
 
 
-def lr_factor(cfg: Config, step: int) -> float:
-    """Linear warmup to 1, then cosine down to min_lr_ratio at train.max_steps."""
+def lr_factor(cfg: Config, step: float) -> float:
+    """Linear warmup to 1, then cosine down to min_lr_ratio at train.max_steps. ``step`` is the run's
+    progress in steps of its first world size (see ``_Trainer.progress``): a float after a resize."""
     o, total = cfg.optim, cfg.train.max_steps
     if step < o.warmup_steps:
         return (step + 1) / o.warmup_steps
@@ -147,9 +153,12 @@ class _Trainer:
         self.cfg, self.ctx = cfg, ctx
         self.vocab, self.loader, self.n_tokens = parts["vocab"], parts["loader"], parts["n_tokens"]
         self.baselines, self.val_set, self.model_meta = parts["baselines"], parts["val_set"], parts["model_meta"]
-        self.model, self.optimizer, self.scheduler = parts["model"], parts["optimizer"], parts["scheduler"]
+        self.model, self.optimizer = parts["model"], parts["optimizer"]
+        # world0: the world size of the run's first start; rank_steps: optimizer steps x ranks
         self.st = {"step": 0, "epoch": 0, "micro_in_epoch": 0, "cells_seen": 0, "tokens_seen": 0, "history": [],
-                   "format_version": 1}
+                   "world0": ctx.world_size, "rank_steps": 0, "format_version": TRAIN_STATE_VERSION}
+        # The schedule's clock is the progress, not the scheduler's own step count (see progress)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda _: lr_factor(cfg, self.progress))
         self.loader_state = None
         self.amp = cfg.train.precision == "bf16"
         self.window = Window()
@@ -183,21 +192,36 @@ class _Trainer:
         o = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                       weight_decay=o.weight_decay, fused=ctx.device.type == "cuda")
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
         return cls(cfg, ctx, vocab=vocab, loader=loader, n_tokens=n_tokens, baselines=baselines, val_set=val_set,
-                   model_meta=model_meta, model=model, optimizer=optimizer, scheduler=scheduler)
+                   model_meta=model_meta, model=model, optimizer=optimizer)
+
+    @property
+    def progress(self) -> float:
+        """Optimizer steps in units of the first start's global batch. A resized restart keeps the
+        per-rank batch (the loader's order depends on it), so a step of W ranks moves the schedule
+        by W / world0 steps: the LR at a given number of cells trained, and the run's total cells
+        (train.max_steps steps of the original global batch), do not depend on resizes."""
+        return self.st["rank_steps"] / self.st["world0"]
+
+    def _budget_spent(self) -> bool:
+        return self.st["rank_steps"] >= self.cfg.train.max_steps * self.st["world0"]
 
     # -- restore -----------------------------------------------------------------------------
     def restore(self, d) -> None:
-        """Weights, optimizer, scheduler, train state and this rank's loader position."""
-        n_ranks = read_part(d, "format.json")["n_loader_ranks"]
-        if n_ranks != self.ctx.world_size:
-            raise ValueError(f"run.num_workers: checkpoint {d} was written by {n_ranks} ranks, this run has "
-                             f"{self.ctx.world_size}; exact loader resume needs the same world size")
+        """Weights, optimizer, scheduler, train state and the loader's position, on any world size."""
+        parts = read_part(d, "format.json")["parts"]
+        if "loader.pt" not in parts:
+            raise ValueError(f"{d}: a checkpoint from before elastic resume (per-rank loader positions); "
+                             f"this atlasflow cannot continue its epoch: start a new run (its weights can "
+                             f"still be fine-tuned or embedded)")
         _load_state_dicts(self.model, self.optimizer, read_part(d, "model.pt"), read_part(d, "optimizer.pt"))
         self.scheduler.load_state_dict(read_part(d, "scheduler.pt"))
         self.st = read_part(d, "train_state.json")
-        self.loader_state = read_part(d, f"loader_rank{self.ctx.rank}.pt")
+        check_format("train state", self.st.get("format_version"), TRAIN_STATE_VERSION, f"{d}/train_state.json")
+        self.loader_state = read_part(d, "loader.pt")
+        if self.st["world0"] != self.ctx.world_size or self.loader_state["world_size"] != self.ctx.world_size:
+            _log.info("resuming step %d on %d ranks (checkpoint from %d, run started on %d)", self.st["step"],
+                      self.ctx.world_size, self.loader_state["world_size"], self.st["world0"])
 
     # -- fit ---------------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -206,30 +230,29 @@ class _Trainer:
         self.val = {"val_loss": None, "val_masked_accuracy": None, "val_step": None,
                     **S.val_baselines(self.val_set, self.ctx)}
         self.model.train()
-        while st["step"] < cfg.train.max_steps and st["epoch"] < cfg.train.epochs:
-            if st["micro_in_epoch"] >= ds.batches_per_epoch:
-                st["epoch"], st["micro_in_epoch"], self.loader_state = st["epoch"] + 1, 0, None
-                continue
+        while not self._budget_spent() and st["epoch"] < cfg.train.epochs:
             ds.set_epoch(st["epoch"])
-            if self.loader_state is not None:
+            if self.loader_state is not None:  # the epoch's rest, re-cut for this world if it changed
                 self.loader.load_state_dict(self.loader_state)
                 self.loader_state = None
-            self._epoch(iter(self.loader), ds.batches_per_epoch)
-            if st["micro_in_epoch"] >= ds.batches_per_epoch:
-                st["epoch"], st["micro_in_epoch"] = st["epoch"] + 1, 0
+            left = ds.batches_left  # the same on every rank
+            if left and not self._epoch(iter(self.loader), left):
+                break  # the step budget ended inside the epoch
+            st["epoch"], st["micro_in_epoch"] = st["epoch"] + 1, 0
         return st
 
-    def _epoch(self, it, bpe: int) -> None:
-        """Micro-batches until the epoch or the step budget ends; an optimizer step every grad_accum."""
+    def _epoch(self, it, left: int) -> bool:
+        """Micro-batches until the epoch (``left`` more) or the step budget ends; an optimizer step
+        every grad_accum. True when the epoch ended."""
         cfg, st = self.cfg, self.st
-        n_acc = 0
-        while st["micro_in_epoch"] < bpe and st["step"] < cfg.train.max_steps:
+        n_acc = n_done = 0
+        while n_done < left and not self._budget_spent():
             t0 = time.perf_counter()
             batch = next(it)
             wait = time.perf_counter() - t0
             st["micro_in_epoch"] += 1
-            n_acc += 1
-            boundary = n_acc == cfg.optim.grad_accum or st["micro_in_epoch"] == bpe
+            n_acc, n_done = n_acc + 1, n_done + 1
+            boundary = n_acc == cfg.optim.grad_accum or n_done == left
             self._micro_step(batch, wait, sync=boundary)
             if not boundary:
                 self.window.time(time.perf_counter() - t0)
@@ -238,11 +261,11 @@ class _Trainer:
             self._optimizer_step()
             self.window.time(time.perf_counter() - t0)
             self._maybe_fail(st["step"])
-            last = st["step"] >= cfg.train.max_steps or (st["micro_in_epoch"] >= bpe
-                                                         and st["epoch"] + 1 >= cfg.train.epochs)
+            last = self._budget_spent() or (n_done == left and st["epoch"] + 1 >= cfg.train.epochs)
             due = (cfg.train.log_every, cfg.train.ckpt_every) + ((cfg.train.eval_every,) if self.val_set else ())
             if last or any(st["step"] % k == 0 for k in due):
                 self.report(final=last)
+        return n_done == left
 
     def _micro_step(self, batch, wait: float, sync: bool) -> None:
         """Mask, pack, forward and backward one micro-batch (gradients synced only at a boundary)."""
@@ -269,9 +292,10 @@ class _Trainer:
             clip = getattr(self.model, "clip_grad_norm_", None)
             clip(clip_at) if clip else torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip_at)
         self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.st["step"] += 1
+        self.st["rank_steps"] += self.ctx.world_size
+        self.scheduler.step()  # the LR for the next step, at the new progress
+        self.optimizer.zero_grad(set_to_none=True)
 
     def _maybe_fail(self, step: int) -> None:
         cfg, ctx = self.cfg, self.ctx
@@ -304,15 +328,20 @@ class _Trainer:
             sys.stdout.flush()
 
     def checkpoint(self, metrics: dict) -> None:
-        """Rank 0 writes the named parts (every rank's loader state gathered to it); every rank reports."""
+        """Rank 0 writes the named parts; every rank reports. The loader state is one for all ranks
+        (the epoch's phase and the batches each rank delivered: equal, since ranks step together)."""
         msd, osd = _state_dicts(self.model, self.optimizer)
         loader_states = _gather_objects(self.loader.state_dict(), self.ctx.world_size)
+        positions = {s["position"] for s in loader_states}
+        if len(positions) != 1:
+            raise RuntimeError(f"checkpoint: ranks delivered different batch counts {sorted(positions)}; "
+                               f"the loader state would not be exact")
         if self.ctx.rank != 0:
             self.ctx.report(metrics, None)
             return
         with tempfile.TemporaryDirectory(prefix="atlasflow-ckpt-") as tmp:
             save_checkpoint(tmp, model_state=msd, optimizer_state=osd, scheduler_state=self.scheduler.state_dict(),
-                            loader_states=loader_states, train_state=self.st, config=self.cfg,
+                            loader_state=loader_states[0], train_state=self.st, config=self.cfg,
                             vocab=self.vocab.to_dict(), model_meta=self.model_meta,
                             baselines=self.baselines.state_dict())
             self.ctx.report(metrics, tmp)

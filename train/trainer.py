@@ -53,7 +53,10 @@ def build_trainer(cfg: Config):
     resources = {"CPU": r.cpus_per_worker}
     if r.use_gpu:
         resources["GPU"] = r.gpus_per_worker or 1.0
-    scaling = ScalingConfig(num_workers=r.num_workers, use_gpu=r.use_gpu, resources_per_worker=resources)
+    # Elastic (min < max): Ray Train starts, and after a failure restarts, as many workers as the
+    # cluster can place, at least min_workers; the loop resumes the epoch exactly on the new count.
+    workers = (r.min_workers, r.num_workers) if r.min_workers < r.num_workers else r.num_workers
+    scaling = ScalingConfig(num_workers=workers, use_gpu=r.use_gpu, resources_per_worker=resources)
     run_config = RunConfig(name=r.name, storage_path=r.storage_path,
                            checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep),
                            failure_config=FailureConfig(max_failures=r.max_failures))
