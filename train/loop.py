@@ -226,7 +226,8 @@ class _Trainer:
     # -- fit ---------------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, st, ds = self.cfg, self.st, self.loader.dataset
-        self.trace = Tracer(cfg, self.ctx.rank, st["step"])
+        self.trace = Tracer(cfg, self.ctx.rank, st["step"], self.ctx.world_size,
+                            share=lambda a: _gather_objects(a, self.ctx.world_size)[0])
         self.val = {"val_loss": None, "val_masked_accuracy": None, "val_step": None,
                     **S.val_baselines(self.val_set, self.ctx)}
         self.model.train()

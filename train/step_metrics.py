@@ -67,17 +67,20 @@ class Window:
 class Tracer:
     """Appends the soma_joinids of every micro-batch to trace_dir/rank{r}.jsonl (run.trace_dir)."""
 
-    def __init__(self, cfg: Config, rank: int, resumed_from: int):
+    def __init__(self, cfg: Config, rank: int, resumed_from: int, world_size: int = 1,
+                 share=lambda attempt: attempt):
         self.path = Path(cfg.run.trace_dir) / f"rank{rank}.jsonl" if cfg.run.trace_dir else None
-        self.attempt = f"{os.getpid()}-{time.time_ns()}"
-        self.resumed_from = resumed_from
+        # one id per (re)start of the whole worker group, rank 0's: "<start time ns>-<pid>"
+        self.attempt = share(f"{time.time_ns()}-{os.getpid()}") if self.path else ""
+        self.resumed_from, self.world_size = resumed_from, world_size
         if self.path:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def log(self, st, batch) -> None:
         if self.path is None:
             return
-        rec = {"attempt": self.attempt, "resumed_from": self.resumed_from, "epoch": st["epoch"],
+        rec = {"attempt": self.attempt, "resumed_from": self.resumed_from, "world_size": self.world_size,
+               "epoch": st["epoch"],
                "micro": st["micro_in_epoch"], "step": st["step"], "joinids": batch["soma_joinid"].tolist()}
         with open(self.path, "a") as f:
             f.write(json.dumps(rec) + "\n")
