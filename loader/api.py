@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from .config import LoaderConfig
@@ -74,4 +75,7 @@ def make_loader(store, cfg: LoaderConfig | None = None, *, vocab: Vocab | None =
     kw = {}
     if cfg.num_workers > 0:
         kw = {"prefetch_factor": 2, "persistent_workers": False, "multiprocessing_context": _worker_context()}
-    return AtlasLoader(ds, num_workers=cfg.num_workers, **kw)
+    # Its own generator: torch's DataLoader otherwise draws a worker base seed from the global RNG at
+    # every iter(), which would shift the caller's dropout masks by where an epoch (or a resume) starts.
+    gen = torch.Generator().manual_seed(cfg.seed)
+    return AtlasLoader(ds, num_workers=cfg.num_workers, generator=gen, **kw)

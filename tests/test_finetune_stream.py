@@ -165,3 +165,86 @@ def test_stream_from_a_census_mirror_in_place(tmp_path):
             assert spec.classes[int(y[r])] == truth[j]
             seen.add(j)
     assert seen == set(truth)
+
+
+def _ctx(root, fail_at=None):
+    """A one-process WorkerContext keeping checkpoints under root/<step> (what Ray Train does); its
+    report raises at step ``fail_at`` (a crash after the last checkpoint)."""
+    from atlasflow.train.loop import WorkerContext
+
+    root.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def restore():
+        ckpts = sorted((p for p in root.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+        yield ckpts[-1] if ckpts else None
+
+    def report(metrics, d):
+        if fail_at is not None and metrics.get("step") == fail_at:
+            raise RuntimeError(f"crash at step {fail_at}")
+        if d:
+            shutil.copytree(d, root / str(metrics.get("step", 10**6) if "best_step" not in metrics else 10**6))
+
+    return WorkerContext(0, 1, torch.device("cpu"), restore, report)
+
+
+def test_a_restarted_finetune_continues_exactly(stores, tmp_path):
+    """Crash after the step-4 resume checkpoint, restart: the result equals an uninterrupted run's."""
+    from atlasflow.train.checkpoint import read_part
+    from atlasflow.train.embed import PretrainedModel
+    from atlasflow.train.finetune import FinetuneConfig, finetune_worker
+    from atlasflow.train.finetune_data import plan_stream
+
+    ft, ckpt, _ = stores
+    spec = plan_stream(PretrainedModel(ckpt), ft, "cell_type")
+    cfg = FinetuneConfig(steps=8, batch_size=16, eval_every=2, ckpt_every=4, patience=100, head_dropout=0.2)
+    whole = finetune_worker(cfg, ckpt, spec, list(spec.classes), _ctx(tmp_path / "a"))
+    with pytest.raises(RuntimeError, match="crash at step 6"):
+        finetune_worker(cfg, ckpt, spec, list(spec.classes), _ctx(tmp_path / "b", fail_at=6))
+    assert (tmp_path / "b" / "4" / "finetune_resume.json").is_file()
+    again = finetune_worker(cfg, ckpt, spec, list(spec.classes), _ctx(tmp_path / "b"))
+    assert again["history"] == whole["history"]  # same losses, same cells, every step
+    a, b = tmp_path / "a" / str(10**6), tmp_path / "b" / str(10**6)
+    for part in ("classifier.pt", "model.pt"):
+        x, y = torch.load(a / part, weights_only=True), torch.load(b / part, weights_only=True)
+        assert all(torch.equal(x[k], y[k]) for k in x), part
+    assert read_part(b, "train_state.json")["step"] == whole["best_step"]
+
+
+def test_a_finetune_stream_resumes_on_another_world_size(stores):
+    """2 workers take 3 batches each, save; 3 workers stream the epoch's rest: every training cell
+    of the epoch at least once (remainder="pad" repeats a few to even the shards), and no cell that
+    was consumed before the resize comes back unless it is padding."""
+    from atlasflow.train.embed import PretrainedModel
+    from atlasflow.train.finetune_data import plan_stream, stream_batches
+
+    ft, ckpt, _ = stores
+    spec = plan_stream(PretrainedModel(ckpt), ft, "cell_type")
+    first, states = [], []
+    for rank in range(2):
+        it = stream_batches(spec, 8, 0, rank, 2)
+        n_epoch = len(it.loader)
+        first += [j for _ in range(3) for j in next(it)[0]["soma_joinid"].tolist()]
+        states.append(it.state_dict())
+    assert states[0]["loader"]["position"] == states[1]["loader"]["position"] == 3
+    rest, lens = [], []
+    for rank in range(3):
+        it = stream_batches(spec, 8, 0, rank, 3)
+        it.load_state_dict(states[0])
+        lens.append(len(it.loader))
+        rest += [j for _ in range(lens[-1]) for j in next(it)[0]["soma_joinid"].tolist()]
+        assert it.epoch == 0
+        next(it)  # the next batch starts epoch 1
+        assert it.epoch == 1
+    assert len(set(lens)) == 1 and lens[0] < n_epoch
+    train_cells = set(j for r in range(1) for j in _epoch_cells(spec))
+    assert set(first) | set(rest) == train_cells
+    assert len(set(first)) == len(first)
+    assert len(set(first) & set(rest)) <= 3 * 8  # only the new phase's padding can repeat a cell
+
+
+def _epoch_cells(spec):
+    from atlasflow.train.finetune_data import stream_loader
+
+    loader = stream_loader(spec, 8, 0, 0, 1, split="train")
+    return [j for b in loader for j in b["soma_joinid"].tolist()]

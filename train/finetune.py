@@ -67,6 +67,9 @@ class FinetuneConfig:
     patience: int = 6  # evaluations without a better validation loss before stopping
     seed: int = 0
     num_workers: int = 1  # Ray Train workers
+    min_workers: int = 0  # < num_workers: elastic (Ray Train restarts on as many as fit, at least this)
+    ckpt_every: int = 0  # steps between resume checkpoints (a multiple of eval_every; 0 = only the final)
+    max_failures: int = 0  # Ray Train restarts from the last resume checkpoint
     use_gpu: bool = False
     in_process: bool = False  # one worker in this process (no Ray): quick evaluations
     storage_path: str = "./atlasflow_runs"
@@ -82,7 +85,8 @@ class FinetuneConfig:
         if not self.label:
             raise ValueError("FinetuneConfig.label: name the obs column holding the labels")
         for name, lo in (("steps", 1), ("batch_size", 1), ("num_workers", 1), ("warmup_steps", 0),
-                         ("eval_every", 1), ("patience", 1), ("seed", 0)):
+                         ("eval_every", 1), ("patience", 1), ("seed", 0), ("min_workers", 0), ("ckpt_every", 0),
+                         ("max_failures", -1)):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"FinetuneConfig.{name}: must be an int >= {lo}, got {v!r}")
@@ -104,6 +108,12 @@ class FinetuneConfig:
                                  f"got {self.thin_range}")
         if not 0 <= self.thin_prob <= 1:
             raise ValueError(f"FinetuneConfig.thin_prob: must lie in [0, 1], got {self.thin_prob}")
+        if self.min_workers > self.num_workers:
+            raise ValueError(f"FinetuneConfig.min_workers: {self.min_workers} is more than num_workers "
+                             f"{self.num_workers}")
+        if self.ckpt_every % self.eval_every:
+            raise ValueError(f"FinetuneConfig.ckpt_every: {self.ckpt_every} must be a multiple of eval_every "
+                             f"{self.eval_every} (checkpoints are taken at evaluations)")
         if self.in_process and self.num_workers != 1:
             raise ValueError("FinetuneConfig.in_process: runs one worker; set num_workers=1")
         if not self.name or "/" in self.name:
@@ -152,14 +162,23 @@ def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data, classes: li
                              dtype=torch.float32, device=ctx.device)
     loss_fn = nn.CrossEntropyLoss(weight=weight)
     core = _core(model)
-    history, n_seen = [], 0
+    history, n_seen, step = [], 0, 0
     stopper = EarlyStopping(cfg.patience)
-    if val:
+    with ctx.restore_dir() as d:
+        resume = _read_resume(d) if d is not None else None
+    if resume is not None:  # a restart: weights, optimizer, early stopping, stream position, RNG
+        core.load_state_dict(resume["model"])
+        opt.load_state_dict(resume["optimizer"])
+        stopper.__dict__.update(resume["stopper"])
+        batches.load_state_dict(resume["batches"])
+        torch.set_rng_state(resume["rng"])
+        step, n_seen, history = resume["step"], resume["cells_seen"], resume["history"]
+        log.info("finetune: resuming at step %d on %d workers", step, ctx.world_size)
+    elif val:
         vl, va = validation_loss(core, val, loss_fn, ctx.device)
         stopper.offer(0, vl, va, core)
         history.append({"step": 0, "val_loss": vl, "val_accuracy": va})
-    step = 0
-    for step in range(1, cfg.steps + 1):
+    for step in range(step + 1, cfg.steps + 1):
         for g, lr in zip(opt.param_groups, base_lrs):
             g["lr"] = lr * _lr_scale(step, cfg.warmup_steps)
         batch, y = next(batches)
@@ -173,7 +192,12 @@ def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data, classes: li
             history.append(m)
             if val and stopper.stop:
                 break
-            if step < cfg.steps:
+            if step < cfg.steps and cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                _checkpoint_resume(ctx, m, {"model": core.state_dict(), "optimizer": opt.state_dict(),
+                                            "stopper": dict(stopper.__dict__), "batches": batches.state_dict(),
+                                            "rng": torch.get_rng_state(), "step": step, "cells_seen": n_seen,
+                                            "history": history})
+            elif step < cfg.steps:
                 ctx.report(m, None)
     if stopper.state is not None:
         core.load_state_dict(stopper.state)
@@ -188,6 +212,36 @@ def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data, classes: li
     else:
         ctx.report(final, None)
     return {"history": history, **summary}
+
+
+RESUME_FORMAT, RESUME_FORMAT_VERSION = "atlasflow.finetune_resume", 1
+
+
+def _checkpoint_resume(ctx, metrics: dict, state: dict) -> None:
+    """Rank 0 writes the resume checkpoint (every rank's stream is at the same position); all report."""
+    from .loop import _gather_objects
+
+    positions = {str(b.get("loader", {}).get("position", b.get("drawn")))
+                 for b in _gather_objects(state["batches"], ctx.world_size)}
+    if len(positions) != 1:
+        raise RuntimeError(f"finetune: ranks' streams are at different positions {sorted(positions)}")
+    if ctx.rank != 0:
+        ctx.report(metrics, None)
+        return
+    with tempfile.TemporaryDirectory(prefix="atlasflow-ft-resume-") as tmp:
+        torch.save(state, Path(tmp) / "resume.pt")
+        (Path(tmp) / "finetune_resume.json").write_text(json.dumps(
+            {"format": RESUME_FORMAT, "format_version": RESUME_FORMAT_VERSION, "step": state["step"]}))
+        ctx.report(metrics, tmp)
+
+
+def _read_resume(d) -> dict | None:
+    meta_path = Path(d) / "finetune_resume.json"
+    if not meta_path.is_file():
+        return None
+    meta = json.loads(meta_path.read_text())
+    check_format("fine-tuning resume checkpoint", meta.get("format_version"), RESUME_FORMAT_VERSION, str(meta_path))
+    return torch.load(Path(d) / "resume.pt", map_location="cpu", weights_only=True)
 
 
 def _training_data(cfg: FinetuneConfig, data, classes: list[str], ctx) -> tuple:
@@ -252,7 +306,7 @@ def _ray_loop(config: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from .loop import WorkerContext
+    from .loop import WorkerContext, ray_restore_dir
 
     rc = ray.train.get_context()
 
@@ -263,7 +317,7 @@ def _ray_loop(config: dict) -> None:
         return ray.train.torch.prepare_model(m) if rc.get_world_size() > 1 else m.to(ray.train.torch.get_device())
 
     ctx = WorkerContext(rc.get_world_rank(), rc.get_world_size(), ray.train.torch.get_device(),
-                        lambda: contextlib.nullcontext(None), report, wrap)
+                        ray_restore_dir, report, wrap)
     data = ray.get(config["data_ref"])
     finetune_worker(FinetuneConfig(**config["cfg"]), config["base"], data, config["classes"], ctx)
 
@@ -300,18 +354,20 @@ def _fit(base_checkpoint: str, data, classes: list[str], cfg: FinetuneConfig, n_
     if cfg.in_process:
         return _fit_here(base_checkpoint, data, classes, cfg, n_cells, Path(storage) / cfg.name)
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from atlasflow.store.ray_env import init_ray
 
     init_ray(None)
+    elastic = 0 < cfg.min_workers < cfg.num_workers
+    workers = (cfg.min_workers, cfg.num_workers) if elastic else cfg.num_workers
     trainer = TorchTrainer(
         _ray_loop,
         train_loop_config={"cfg": asdict(cfg), "base": str(Path(base_checkpoint).resolve()),
                            "classes": classes, "data_ref": ray.put(data)},
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu),
-        run_config=RunConfig(name=cfg.name, storage_path=storage))
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu),
+        run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(cfg.max_failures)))
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"finetune {cfg.name}: finished without a checkpoint (error: {result.error})")

@@ -181,17 +181,47 @@ def stream_validation(spec: StreamSpec, batch_size: int = 128, max_cells: int = 
     return out
 
 
+class StreamBatches:
+    """Endless (batch, class index) pairs, epoch after epoch; unlabelled cells have class -1.
+
+    ``state_dict()`` is the epoch plus the loader's state, so a restarted fine-tune continues the
+    epoch exactly, on the same or another number of workers (the loader re-cuts what is left)."""
+
+    def __init__(self, spec: StreamSpec, batch_size: int, seed: int, rank: int, world_size: int,
+                 thin: tuple | None = None):
+        self.loader = stream_loader(spec, batch_size, seed, rank, world_size, split="train", thin=thin)
+        self.class_of, self.label = _class_of(self.loader, spec), spec.label
+        self.epoch, self._it, self._resumed = 0, None, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        while True:
+            if self._it is None:
+                if not self._resumed:
+                    self.loader.dataset.set_epoch(self.epoch)
+                self._resumed, self._it = False, iter(self.loader)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                self._it, self.epoch = None, self.epoch + 1
+                continue
+            return batch, self.class_of[batch[f"obs.{self.label}"]]
+
+    def state_dict(self) -> dict:
+        return {"kind": "stream", "epoch": self.epoch, "loader": self.loader.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self.loader.dataset.set_epoch(self.epoch)
+        self.loader.load_state_dict(state["loader"])
+        self._it, self._resumed = None, True
+
+
 def stream_batches(spec: StreamSpec, batch_size: int, seed: int, rank: int, world_size: int,
-                   thin: tuple | None = None):
-    """Endless (batch, class index) pairs, epoch after epoch; unlabelled cells have class -1."""
-    loader = stream_loader(spec, batch_size, seed, rank, world_size, split="train", thin=thin)
-    class_of = _class_of(loader, spec)
-    epoch = 0
-    while True:
-        loader.dataset.set_epoch(epoch)
-        for batch in loader:
-            yield batch, class_of[batch[f"obs.{spec.label}"]]
-        epoch += 1
+                   thin: tuple | None = None) -> StreamBatches:
+    return StreamBatches(spec, batch_size, seed, rank, world_size, thin)
 
 
 # -- in-memory sets: counts kept, tokenized batch by batch (so depth augmentation can thin them) --
@@ -278,24 +308,57 @@ def tokenize_rows(tok, data: dict, rows: np.ndarray, epoch: int):
     return tok(sub_ip, ind[take], val[take], data["joinids"][rows], epoch)
 
 
-def memory_batches(data: dict, batch_size: int, seed: int, rank: int, world_size: int, tok):
+class MemoryBatches:
     """Endless (batch, class index) pairs over this rank's training cells r, r + world, ...; each
-    batch is tokenized when drawn (``tok`` may thin counts: a new depth per cell every epoch)."""
-    from atlasflow.loader.batching import collate
+    batch is tokenized when drawn (``tok`` may thin counts: a new depth per cell every epoch).
 
-    y_all = torch.tensor(np.asarray(data["y"]), dtype=torch.long)  # ray.get arrays are read-only
-    mine = np.asarray(data["train_idx"])[rank::world_size]
-    if len(mine) == 0:
-        raise ValueError(f"finetune: {len(data['train_idx'])} training cells cannot feed {world_size} workers")
-    rng = np.random.default_rng([seed, rank])
-    epoch = 0
-    while True:
-        order = rng.permutation(mine)
-        for a in range(0, len(order) - batch_size + 1 if len(order) >= batch_size else 1, batch_size):
-            idx = order[a:a + batch_size]
-            blk = tokenize_rows(tok, data, idx, epoch)
-            yield collate(blk, np.arange(len(idx))), y_all[idx]
-        epoch += 1
+    The state is the number of batches drawn: a restart on the same world size replays the seeded
+    order to that point (permutations only, nothing is tokenized); on another world size the rank's
+    cells differ, so it starts a fresh order (logged)."""
+
+    def __init__(self, data: dict, batch_size: int, seed: int, rank: int, world_size: int, tok):
+        self.y_all = torch.tensor(np.asarray(data["y"]), dtype=torch.long)  # ray.get arrays are read-only
+        self.mine = np.asarray(data["train_idx"])[rank::world_size]
+        if len(self.mine) == 0:
+            raise ValueError(f"finetune: {len(data['train_idx'])} training cells cannot feed {world_size} workers")
+        self.data, self.tok, self.batch_size, self.world_size = data, tok, batch_size, world_size
+        self.rng = np.random.default_rng([seed, rank])
+        self.drawn, self._batches = 0, self._order()
+
+    def _order(self):
+        bs, epoch = self.batch_size, 0
+        while True:
+            order = self.rng.permutation(self.mine)
+            for a in range(0, len(order) - bs + 1 if len(order) >= bs else 1, bs):
+                yield epoch, order[a:a + bs]
+            epoch += 1
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        from atlasflow.loader.batching import collate
+
+        epoch, idx = next(self._batches)
+        self.drawn += 1
+        blk = tokenize_rows(self.tok, self.data, idx, epoch)
+        return collate(blk, np.arange(len(idx))), self.y_all[idx]
+
+    def state_dict(self) -> dict:
+        return {"kind": "memory", "drawn": self.drawn, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["world_size"] != self.world_size:
+            log.warning("finetune: in-memory set resumed on %d workers (saved on %d): a fresh order",
+                        self.world_size, state["world_size"])
+            return
+        for _ in range(int(state["drawn"])):
+            next(self._batches)
+        self.drawn = int(state["drawn"])
+
+
+def memory_batches(data: dict, batch_size: int, seed: int, rank: int, world_size: int, tok) -> MemoryBatches:
+    return MemoryBatches(data, batch_size, seed, rank, world_size, tok)
 
 
 def validation_batches(data: dict, tok, batch_size: int = 128) -> list:

@@ -348,6 +348,19 @@ class _Trainer:
             self.ctx.report(metrics, tmp)
 
 
+@contextlib.contextmanager
+def ray_restore_dir():
+    """The latest committed Ray Train checkpoint of this run as a local directory, or None."""
+    import ray.train
+
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is None:
+        yield None
+    else:
+        with ckpt.as_directory() as d:
+            yield d
+
+
 def train_loop_per_worker(config: dict) -> None:
     """Ray Train entry point (TorchTrainer(train_loop_per_worker, train_loop_config=cfg.to_dict()))."""
     import ray.train
@@ -355,15 +368,6 @@ def train_loop_per_worker(config: dict) -> None:
 
     cfg = Config.from_dict(config)
     rc = ray.train.get_context()
-
-    @contextlib.contextmanager
-    def restore_dir():
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            yield None
-        else:
-            with ckpt.as_directory() as d:
-                yield d
 
     def report(metrics: dict, ckpt_dir: str | None) -> None:
         ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
@@ -376,5 +380,5 @@ def train_loop_per_worker(config: dict) -> None:
                                              parallel_strategy_kwargs=parallel_kwargs(strategy))
 
     ctx = WorkerContext(rank=rc.get_world_rank(), world_size=rc.get_world_size(),
-                        device=ray.train.torch.get_device(), restore_dir=restore_dir, report=report, wrap=wrap)
+                        device=ray.train.torch.get_device(), restore_dir=ray_restore_dir, report=report, wrap=wrap)
     run_worker(cfg, ctx)

@@ -186,7 +186,7 @@ def run(store: str, cells: int = 60_000, batch_size: int = 32, tokenizers=("rank
     s = open_store(store)
     out = {"bench_format_version": BENCH_FORMAT_VERSION, "store": store, "n_cells": s.n_cells, "n_genes": s.n_genes,
            "cells_per_run": cells, "cpu_count": os.cpu_count(), "load_avg_start": os.getloadavg()[0],
-           "environment": {**environment(), **_versions("numba", "tiledbsoma_ml", "torchdata")}, "runs": []}
+           "environment": {**environment(), **_versions("numba", "tiledbsoma_ml")}, "runs": []}
 
     def add(spec):
         r = _run_child(dict(spec))
