@@ -36,6 +36,7 @@ from atlasflow.store.schema import check_format
 
 from .classifier import (CellClassifier, EarlyStopping, make_head, param_groups, predict,  # noqa: F401
                          validation_loss)  # (make_head, predict: re-exported)
+from .finetune_resume import checkpoint_resume, read_resume
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,7 @@ def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data, classes: li
     history, n_seen, step = [], 0, 0
     stopper = EarlyStopping(cfg.patience)
     with ctx.restore_dir() as d:
-        resume = _read_resume(d) if d is not None else None
+        resume = read_resume(d) if d is not None else None
     if resume is not None:  # a restart: weights, optimizer, early stopping, stream position, RNG
         core.load_state_dict(resume["model"])
         opt.load_state_dict(resume["optimizer"])
@@ -193,7 +194,7 @@ def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data, classes: li
             if val and stopper.stop:
                 break
             if step < cfg.steps and cfg.ckpt_every and step % cfg.ckpt_every == 0:
-                _checkpoint_resume(ctx, m, {"model": core.state_dict(), "optimizer": opt.state_dict(),
+                checkpoint_resume(ctx, m, {"model": core.state_dict(), "optimizer": opt.state_dict(),
                                             "stopper": dict(stopper.__dict__), "batches": batches.state_dict(),
                                             "rng": torch.get_rng_state(), "step": step, "cells_seen": n_seen,
                                             "history": history})
@@ -212,36 +213,6 @@ def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data, classes: li
     else:
         ctx.report(final, None)
     return {"history": history, **summary}
-
-
-RESUME_FORMAT, RESUME_FORMAT_VERSION = "atlasflow.finetune_resume", 1
-
-
-def _checkpoint_resume(ctx, metrics: dict, state: dict) -> None:
-    """Rank 0 writes the resume checkpoint (every rank's stream is at the same position); all report."""
-    from .loop import _gather_objects
-
-    positions = {str(b.get("loader", {}).get("position", b.get("drawn")))
-                 for b in _gather_objects(state["batches"], ctx.world_size)}
-    if len(positions) != 1:
-        raise RuntimeError(f"finetune: ranks' streams are at different positions {sorted(positions)}")
-    if ctx.rank != 0:
-        ctx.report(metrics, None)
-        return
-    with tempfile.TemporaryDirectory(prefix="atlasflow-ft-resume-") as tmp:
-        torch.save(state, Path(tmp) / "resume.pt")
-        (Path(tmp) / "finetune_resume.json").write_text(json.dumps(
-            {"format": RESUME_FORMAT, "format_version": RESUME_FORMAT_VERSION, "step": state["step"]}))
-        ctx.report(metrics, tmp)
-
-
-def _read_resume(d) -> dict | None:
-    meta_path = Path(d) / "finetune_resume.json"
-    if not meta_path.is_file():
-        return None
-    meta = json.loads(meta_path.read_text())
-    check_format("fine-tuning resume checkpoint", meta.get("format_version"), RESUME_FORMAT_VERSION, str(meta_path))
-    return torch.load(Path(d) / "resume.pt", map_location="cpu", weights_only=True)
 
 
 def _training_data(cfg: FinetuneConfig, data, classes: list[str], ctx) -> tuple:
