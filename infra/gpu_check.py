@@ -6,11 +6,17 @@
 It synthesizes a store (learnable programs, several datasets), computes its gene stats and runs the
 ``gpu`` preset (bf16 autocast, packed rows, varlen attention, torch.compile, thinning, max_len 2048) on
 ONE worker for ``--steps`` steps with a short warmup, the held-out (val-split) loss every ``steps/3``
-steps. The JSON reports what the issue asks a GPU session to record: the MLM loss next to its unigram
-baselines at the end, the held-out loss, and throughput (median tokens/s and cells/s over the logged
-rows after the first third, which holds compilation and warmup) and the device.
-``--cpu`` swaps only what a CPU cannot run (fp32, no compile, no GPU, a 2 x 64 model, max_len 512)
-so the script's logic is tested without a GPU; its numbers say nothing about a GPU.
+steps; then the comparison variants for ``--variant-steps`` steps each: without ``torch.compile``, the
+padded SDPA path (unpacked, length-bucketed batches), and FSDP on one rank. Per run the JSON has
+median tokens/s and cells/s over the logged rows after the first third (compilation, warmup), MFU
+(``model.flops_per_token`` at the run's mean cell length over the device's dense bf16 peak), the
+loader-wait share of step time and the peak GPU memory; for the main run also the MLM loss next to
+its unigram baselines and the held-out loss. Then: the max difference of the varlen path's outputs
+from the padded SDPA reference on the same batch (same weights, same autocast), and the loader bench
+with 1, 2, 4 and 8 DataLoader workers on the machine's cores.
+``--cpu`` swaps only what a CPU cannot run (fp32, no compile, no GPU, a 2 x 64 model, max_len 512,
+loader workers 0 and 1) so the script's logic is tested without a GPU; its numbers say nothing about
+a GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +28,15 @@ import statistics
 import sys
 import time
 
-GPU_CHECK_FORMAT_VERSION = 1  # gpu_check.json
+GPU_CHECK_FORMAT_VERSION = 2  # gpu_check.json; 2: variants, MFU, GPU memory, varlen diff, loader workers
+
+# dense bf16 peak FLOP/s by device name (vendor datasheets; no sparsity)
+PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
+VARIANTS = {  # name -> settings changed from the main run
+    "no_compile": {"train.compile": False},
+    "sdpa_padded": {"data.pack": False, "model.attention": "sdpa", "data.bucket_batches": 8},
+    "fsdp_1rank": {"train.strategy": "fsdp"},
+}
 
 def overrides(store: str, runs: str, steps: int, cpu: bool) -> dict:
     """Preset settings changed for a brief single-worker check (the rest is the gpu preset as shipped)."""
@@ -42,18 +56,78 @@ def overrides(store: str, runs: str, steps: int, cpu: bool) -> dict:
 
 
 def summarize(history: list[dict], steps: int, seconds: float) -> dict:
-    """The quickstart's learning signals (loss vs baselines, held-out loss) at the end; throughput
-    medians past the first third of the logged rows."""
+    """The quickstart's learning signals (loss vs baselines, held-out loss) at the end; throughput,
+    loader wait and GPU memory past the first third of the logged rows."""
     from atlasflow.infra.quickstart import learning_signals
     from atlasflow.train.plot import dedupe_history
 
     hist = dedupe_history(history)
     steady = [h for h in hist if h["step"] > steps / 3] or hist
     sig = learning_signals(history)
+    mem = [h["gpu_mem_peak_gb"] for h in hist if h.get("gpu_mem_peak_gb") is not None]
     return {"steps": sig.pop("step"), **sig,
             "tokens_per_s_median": statistics.median(h["tokens_per_s"] for h in steady),
             "cells_per_s_median": statistics.median(h["cells_per_s"] for h in steady),
+            "loader_wait_share_median": statistics.median(h["loader_wait_share"] for h in steady),
+            "gpu_mem_peak_gb": max(mem) if mem else None,
             "throughput_rows": len(steady), "seconds": round(seconds, 1)}
+
+
+def mfu(summary: dict, cfg, n_tokens: int, device: str) -> float | None:
+    """Model FLOPs utilisation: achieved training FLOP/s over the device's dense bf16 peak."""
+    from atlasflow.train.model import flops_per_token
+
+    peak = next((v for k, v in PEAK_BF16.items() if k in device), None)
+    if peak is None or not summary["cells_per_s_median"]:
+        return None
+    context = summary["tokens_per_s_median"] / summary["cells_per_s_median"]  # mean tokens per cell
+    return summary["tokens_per_s_median"] * flops_per_token(cfg.model, context, n_tokens) / peak
+
+
+def varlen_max_diff(cfg) -> dict:
+    """The varlen path's hidden states vs the padded SDPA reference for one loader batch (same weights,
+    same precision): max |difference| over every real token, and which kernel ran."""
+    import dataclasses
+
+    import torch
+
+    from atlasflow.train import signals as S
+    from atlasflow.train.loop import loader_config
+    from atlasflow.train.model import CellEncoder, varlen_kernel
+    from atlasflow.train.pack import model_inputs
+
+    dev = torch.device("cuda" if torch.cuda.is_available() and cfg.run.use_gpu else "cpu")
+    vocab = S.training_vocab(cfg, None)
+    medians, _ = S.vocab_stats(cfg, vocab, need=cfg.data.tokenizer == "rank")
+    lcfg = dataclasses.replace(loader_config(cfg, 0, 1), num_workers=0, thin_range=None)
+    batch = next(iter(S.make_loader_for(cfg, lcfg, vocab, medians)))
+    n_tokens = 4 + len(vocab.gene_joinids)
+    torch.manual_seed(0)
+    encs = [CellEncoder(dataclasses.replace(cfg.model, attention=a), cfg.data.tokenizer, n_tokens,
+                        cfg.data.max_len, cfg.data.n_bins).to(dev).eval() for a in ("varlen", "sdpa")]
+    encs[1].load_state_dict(encs[0].state_dict())
+    amp = cfg.train.precision == "bf16" and dev.type == "cuda"
+    to = lambda d: {k: v.to(dev) if torch.is_tensor(v) else v for k, v in d.items()}  # noqa: E731
+    packed, padded = to(model_inputs(batch, pack=True)), to(model_inputs(batch, pack=False))
+    with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=amp):
+        hv, hr = encs[0](packed).float(), encs[1](padded).float()
+        kernel = varlen_kernel(hv.to(torch.bfloat16) if amp else hv)
+    lens = batch["lengths"].tolist()
+    diff = max(float((hv[r, c:c + n] - hr[b, :n]).abs().max())
+               for b, ((r, c), n) in enumerate(zip(packed["cell_pos"].tolist(), lens)))
+    name = "none (per-cell SDPA)" if kernel is None else f"{kernel.__module__}.{getattr(kernel, '__name__', 'kernel')}"
+    return {"max_abs_diff": diff, "ref_max_abs": float(hr.abs().max()), "kernel": name, "cells": len(lens),
+            "device": dev.type, "autocast_bf16": amp}
+
+
+def loader_workers(store: str, cfg, workers: tuple[int, ...], cells: int) -> list[dict]:
+    """The loader bench (tokenized, shuffled cells/s, first batch, peak RSS) per DataLoader worker count."""
+    from atlasflow.infra.bench.loader import measure_atlasflow
+
+    return [{k: r[k] for k in ("workers", "cells", "cells_per_s", "steady_cells_per_s", "first_batch_s",
+                               "entropy_ratio") if k in r} | {"peak_rss_gb": r.get("peak_rss_gb")}
+            for r in (measure_atlasflow(store, cfg.data.tokenizer, w, cells, cfg.data.batch_size,
+                                        max_len=cfg.data.max_len) for w in workers)]
 
 
 def device_info() -> dict:
@@ -66,25 +140,36 @@ def device_info() -> dict:
 
 
 def run_check(out: str, steps: int = 300, cells: int = 20000, genes: int = 2000, datasets: int = 8,
-              cpu: bool = False) -> dict:
+              cpu: bool = False, variants: tuple[str, ...] = tuple(VARIANTS), variant_steps: int = 100,
+              loader_cells: int = 20000) -> dict:
     from atlasflow.ingest.synth import synthesize
     from atlasflow.store.stats import compute_gene_stats
-    from atlasflow.train import load_preset, run_training
+    from atlasflow.train import load_preset, read_part, run_training
 
     out = os.path.abspath(out)
     store = os.path.join(out, "store")
     if not os.path.isdir(store):
         synthesize(store, cells, genes, datasets, seed=0, layout="store")
         compute_gene_stats(store)
-    cfg = load_preset("gpu").with_overrides(overrides(store, os.path.join(out, "runs"), steps, cpu))
-    t0 = time.time()
-    res = run_training(cfg)
-    report = {"format_version": GPU_CHECK_FORMAT_VERSION, "preset": "gpu", "cpu_logic_check": cpu, **device_info(),
-              "cells": cells, "genes": genes,
-              "max_len": cfg.data.max_len, "batch_size": cfg.data.batch_size, "precision": cfg.train.precision,
-              "compile": cfg.train.compile, "pack": cfg.data.pack,
-              **summarize(res["history"], steps, time.time() - t0), "checkpoint": res["checkpoint"],
-              "loss_png": res["loss_png"]}
+    base = load_preset("gpu").with_overrides(overrides(store, os.path.join(out, "runs"), steps, cpu))
+    dev = device_info()
+    runs = {}
+    for name in ("main", *variants):
+        n = steps if name == "main" else variant_steps
+        cfg = base if name == "main" else base.with_overrides(
+            {**overrides(store, os.path.join(out, "runs"), n, cpu), **VARIANTS[name], "run.name": f"gpu_check_{name}"})
+        t0 = time.time()
+        res = run_training(cfg, plot=name == "main")
+        summary = summarize(res["history"], n, time.time() - t0)
+        summary["mfu"] = mfu(summary, cfg, read_part(res["checkpoint"], "model.json")["n_tokens"], dev["device"])
+        runs[name] = {"compile": cfg.train.compile, "pack": cfg.data.pack, "attention": cfg.model.attention,
+                      "strategy": cfg.train.strategy, **summary, "checkpoint": res["checkpoint"],
+                      "loss_png": res["loss_png"]}
+    report = {"format_version": GPU_CHECK_FORMAT_VERSION, "preset": "gpu", "cpu_logic_check": cpu, **dev,
+              "cells": cells, "genes": genes, "max_len": base.data.max_len, "batch_size": base.data.batch_size,
+              "precision": base.train.precision, "runs": runs, "varlen_vs_reference": varlen_max_diff(base),
+              "loader_workers": loader_workers(store, base, (0, 1) if cpu else (1, 2, 4, 8), loader_cells),
+              "cpu_count": os.cpu_count()}
     with open(os.path.join(out, "gpu_check.json"), "w") as fh:
         json.dump(report, fh, indent=1)
     return report
@@ -98,13 +183,21 @@ def main(argv=None) -> int:
     p.add_argument("--genes", type=int, default=2000)
     p.add_argument("--datasets", type=int, default=8)
     p.add_argument("--cpu", action="store_true", help="logic check on CPU (fp32, small model, no compile)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comparison runs (of {', '.join(VARIANTS)}; '' = none)")
+    p.add_argument("--variant-steps", type=int, default=100)
+    p.add_argument("--loader-cells", type=int, default=20000, help="cells per loader-bench run")
     a = p.parse_args(argv)
     import logging
 
     from atlasflow.infra.cli import configure_logging
 
     configure_logging(logging.INFO)
-    print(json.dumps(run_check(a.out, a.steps, a.cells, a.genes, a.datasets, a.cpu), indent=1))
+    variants = tuple(v for v in a.variants.split(",") if v)
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        p.error(f"--variants: unknown {unknown} (known: {', '.join(VARIANTS)})")
+    print(json.dumps(run_check(a.out, a.steps, a.cells, a.genes, a.datasets, a.cpu, variants, a.variant_steps,
+                               a.loader_cells), indent=1))
     return 0
 
 

@@ -104,21 +104,35 @@ def test_dockerfile_installs_atlasflow():
 
 
 def test_gpu_check_runs_its_logic_on_cpu(tmp_path):
-    """The prepared GPU script: the gpu preset's packed / varlen path, its baselines, held-out loss and
-    throughput summary, on CPU (fp32, small model): the JSON it prints is the run it made."""
+    """The prepared GPU script: the gpu preset's packed path with its baselines, held-out loss and
+    throughput summary, the comparison variants (padded SDPA, FSDP on one rank), the varlen-vs-reference
+    difference and the loader bench per worker count, on CPU (fp32, small model): the JSON it prints is
+    the runs it made."""
     import json
 
     from atlasflow.infra.gpu_check import run_check
     from atlasflow.train import load_preset, read_part
 
-    rep = run_check(str(tmp_path), steps=12, cells=800, genes=200, datasets=4, cpu=True)
+    rep = run_check(str(tmp_path), steps=12, cells=800, genes=200, datasets=4, cpu=True,
+                    variants=("sdpa_padded", "fsdp_1rank"), variant_steps=6, loader_cells=128)
     assert rep["cpu_logic_check"] and rep["device"] == "cpu" and rep["precision"] == "fp32"
-    assert rep["pack"] is load_preset("gpu").data.pack is True  # the GPU preset's packing path ran
-    assert rep["steps"] == 12 and rep["val_step"] == 12
-    hist = read_part(rep["checkpoint"], "train_state.json")["history"]
+    main = rep["runs"]["main"]
+    assert main["pack"] is load_preset("gpu").data.pack is True  # the GPU preset's packing path ran
+    assert main["steps"] == 12 and main["val_step"] == 12
+    hist = read_part(main["checkpoint"], "train_state.json")["history"]
     final = [h for h in hist if h["step"] == 12][-1]
-    assert rep["unigram_loss"] == final["unigram_loss"] and rep["loss"] == final["loss"]
-    assert rep["throughput_rows"] == len({h["step"] for h in hist if h["step"] > 4})
+    assert main["unigram_loss"] == final["unigram_loss"] and main["loss"] == final["loss"]
+    assert main["throughput_rows"] == len({h["step"] for h in hist if h["step"] > 4})
+    assert main["mfu"] is None and main["gpu_mem_peak_gb"] is None  # no peak FLOP/s or GPU memory on a CPU
+    assert 0 <= main["loader_wait_share_median"] <= 1
+    sdpa, fsdp = rep["runs"]["sdpa_padded"], rep["runs"]["fsdp_1rank"]
+    assert (sdpa["pack"], sdpa["attention"], sdpa["steps"]) == (False, "sdpa", 6)
+    assert fsdp["strategy"] == "fsdp" and fsdp["steps"] == 6
+    assert read_part(fsdp["checkpoint"], "config.json")["train"]["strategy"] == "fsdp"
+    diff = rep["varlen_vs_reference"]
+    assert diff["kernel"].startswith("none") and diff["max_abs_diff"] < 1e-4 * max(1.0, diff["ref_max_abs"])
+    assert [r["workers"] for r in rep["loader_workers"]] == [0, 1]
+    assert all(r["cells"] >= 128 and r["cells_per_s"] > 0 for r in rep["loader_workers"])
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == rep
 
 

@@ -374,7 +374,7 @@ def train_loop_per_worker(config: dict) -> None:
         ray.train.report(metrics, checkpoint=ckpt)
 
     def wrap(model, strategy):
-        if rc.get_world_size() == 1:
+        if rc.get_world_size() == 1 and strategy != "fsdp":  # FSDP on one rank: still sharded code paths
             return model
         return ray.train.torch.prepare_model(model, parallel_strategy=strategy,
                                              parallel_strategy_kwargs=parallel_kwargs(strategy))

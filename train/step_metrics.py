@@ -60,6 +60,8 @@ class Window:
              "pad_fraction": 1 - tokens / max(slots, 1), "loader_wait_share": wait / max(busy, 1e-9),
              "masked_accuracy": correct / max(masked, 1), "cells_seen": int(seen),
              "tokens_seen": int(tok_seen)}
+        if ctx.device.type == "cuda":  # this rank's peak since the run started (rank 0's is logged)
+            m["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         self.reset()
         return m
 
