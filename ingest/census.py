@@ -96,7 +96,7 @@ def split_runs(runs: list[tuple[int, int]], block: int):
         yield offset, piece
 
 
-def _scan(spec: CensusSpec, obs_value_filter: str | None, need_primary: bool):
+def _scan(spec: CensusSpec, obs_filter: str | None, need_primary: bool):
     """dataset_id -> (runs of primary cells, runs of non-primary cells), from a streaming obs scan.
 
     Without an ``is_primary_data`` column every cell counts as primary (refused if ``need_primary``).
@@ -111,7 +111,7 @@ def _scan(spec: CensusSpec, obs_value_filter: str | None, need_primary: bool):
             raise ValueError(f"{spec.label}: obs has no is_primary_data column, so primary cells cannot be told "
                              f"apart; ingest all cells with primary_only=False (--all-cells)")
         cols = ["soma_joinid", "dataset_id"] + (["is_primary_data"] if has_flag else [])
-        for tbl in exp.obs.read(value_filter=obs_value_filter, column_names=cols):
+        for tbl in exp.obs.read(value_filter=obs_filter, column_names=cols):
             ids = tbl["soma_joinid"].to_numpy()
             ds = np.asarray(tbl["dataset_id"].to_pylist(), dtype=object)
             prim = (pc.fill_null(tbl["is_primary_data"], False).to_numpy(zero_copy_only=False).astype(bool)
@@ -124,9 +124,9 @@ def _scan(spec: CensusSpec, obs_value_filter: str | None, need_primary: bool):
     return {d: (_merge_runs(p), _merge_runs(n)) for d, (p, n) in sorted(per.items())}
 
 
-def scan_query(spec: CensusSpec, obs_value_filter: str | None) -> dict[str, list[tuple[int, int]]]:
+def scan_query(spec: CensusSpec, obs_filter: str | None) -> dict[str, list[tuple[int, int]]]:
     """dataset_id -> runs of matching Census obs joinids (all cells), from a streaming obs scan."""
-    return {d: _merge_runs(p + n) for d, (p, n) in _scan(spec, obs_value_filter, False).items()}
+    return {d: _merge_runs(p + n) for d, (p, n) in _scan(spec, obs_filter, False).items()}
 
 
 def _n(runs) -> int:
@@ -165,7 +165,7 @@ def _write_census_block(store_uri, spec, runs, joinid_start, var_map, source_id,
 
 
 def ingest_census(store_uri: str, *, census_version: str | None = None, census_uri: str | None = None,
-                  organism: str = "Homo sapiens", obs_value_filter: str | None = None, genes: list[str] = (),
+                  organism: str = "Homo sapiens", obs_filter: str | None = None, genes: list[str] = (),
                   primary_only: bool = True, block_cells: int = 10_000, num_cpus: int | None = None,
                   progress: bool = True, wait_s: float = DEFAULT_WAIT_S) -> IngestReport:
     """Ingest the cells of a Census query (one manifest source per dataset). Idempotent.
@@ -181,7 +181,7 @@ def ingest_census(store_uri: str, *, census_version: str | None = None, census_u
     t0 = time.time()
     with writer_lease(store_uri, wait_s=wait_s) as lease:
         report = _ingest_census(store_uri, lease, CensusSpec(census_version, census_uri, organism),
-                                obs_value_filter, list(genes), primary_only, block_cells, num_cpus, progress)
+                                obs_filter, list(genes), primary_only, block_cells, num_cpus, progress)
         report.lease_generation = lease.generation
     report.seconds = time.time() - t0
     return report
@@ -190,7 +190,7 @@ def ingest_census(store_uri: str, *, census_version: str | None = None, census_u
 _CELLS_LABEL = {"primary": " (primary cells)", "non_primary": " (non-primary cells)", "all": ""}
 
 
-def _ingest_census(store_uri, lease, spec, obs_value_filter, genes, primary_only, block_cells, num_cpus,
+def _ingest_census(store_uri, lease, spec, obs_filter, genes, primary_only, block_cells, num_cpus,
                    progress) -> IngestReport:
     import ray
 
@@ -200,9 +200,9 @@ def _ingest_census(store_uri, lease, spec, obs_value_filter, genes, primary_only
     report = IngestReport()
     writer = LeasedStoreWriter(store_uri, lease, organism=organism_key(organism))
 
-    per_dataset = _scan(spec, obs_value_filter, primary_only)
+    per_dataset = _scan(spec, obs_filter, primary_only)
     if not per_dataset:
-        report.failed.append({"source": spec.label, "error": f"obs_value_filter {obs_value_filter!r} matched no cells"})
+        report.failed.append({"source": spec.label, "error": f"obs_filter {obs_filter!r} matched no cells"})
         return report
     with spec.open() as census:
         var = spec.experiment(census).ms["RNA"].var.read(column_names=["soma_joinid", "feature_id"]).concat()
@@ -223,7 +223,7 @@ def _ingest_census(store_uri, lease, spec, obs_value_filter, genes, primary_only
 
     def fingerprint(dataset_id: str, cells: str) -> str:
         # "all" keeps the key of stores ingested before primary_only existed (they hold all cells).
-        q = {"census": spec.label, "organism": organism_key(organism), "filter": obs_value_filter,
+        q = {"census": spec.label, "organism": organism_key(organism), "filter": obs_filter,
              "genes": sorted(genes), **({} if cells == "all" else {"cells": cells})}
         return hashlib.blake2b(f"{json.dumps(q, sort_keys=True)}|{dataset_id}".encode(), digest_size=16).hexdigest()
 

@@ -75,7 +75,7 @@ def _run_ingest(args) -> int:
         from atlasflow.ingest.census import ingest_census
 
         report = ingest_census(args.store, census_version=args.census_version, census_uri=args.census_uri,
-                               organism=args.organism, obs_value_filter=args.obs_filter,
+                               organism=args.organism, obs_filter=args.obs_filter,
                                genes=[g for g in (args.genes or "").split(",") if g], primary_only=not args.all_cells,
                                block_cells=args.block_cells, num_cpus=args.num_cpus, progress=not args.no_progress,
                                wait_s=args.wait)

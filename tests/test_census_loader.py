@@ -33,7 +33,7 @@ def test_value_tokens_over_a_census_mirror_equal_get_anndata(census):
     row_of = {int(j): i for i, j in enumerate(ref.obs["soma_joinid"])}
     var_joinid = ref.var["soma_joinid"].to_numpy()
     assert 0 < len(row_of) < 300
-    cfg = QueryConfig(source="census", uri=census, organism="Homo sapiens", obs_value_filter=FLT)
+    cfg = QueryConfig(source="census", uri=census, organism="Homo sapiens", obs_filter=FLT)
     loader = to_loader(cfg, LoaderConfig(tokenizer="value", max_len=512, batch_size=8, shuffle=False,
                                          remainder="pad", obs_columns=("cell_type",)))
     cats = loader.dataset.obs_categories["cell_type"]
@@ -57,7 +57,7 @@ def test_value_tokens_over_a_census_mirror_equal_get_anndata(census):
 def test_census_loader_refusals_name_the_field(census):
     from atlasflow.loader import LoaderConfig
 
-    cfg = QueryConfig(source="census", uri=census, organism="Homo sapiens", obs_value_filter=FLT)
+    cfg = QueryConfig(source="census", uri=census, organism="Homo sapiens", obs_filter=FLT)
     with pytest.raises(ValueError, match="LoaderConfig.tokenizer: 'rank' needs per-gene medians"):
         to_loader(cfg, LoaderConfig(tokenizer="rank"))
     with pytest.raises(ValueError, match="QueryConfig.uri: a loader over Census reads a local mirror"):
@@ -65,7 +65,7 @@ def test_census_loader_refusals_name_the_field(census):
     with pytest.raises(ValueError, match="QueryConfig.genes"):
         to_loader(QueryConfig(source="census", uri=census, genes=("ENSG00000000003",)), LoaderConfig(tokenizer="bin"))
     with pytest.raises(ValueError, match="query matches no cells"):
-        to_loader(QueryConfig(source="census", uri=census, obs_value_filter="cell_type == 'no such type'"),
+        to_loader(QueryConfig(source="census", uri=census, obs_filter="cell_type == 'no such type'"),
                   LoaderConfig(tokenizer="bin"))
     from atlasflow.store.census_view import CensusView
 

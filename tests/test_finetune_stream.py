@@ -144,7 +144,7 @@ def test_stream_from_a_census_mirror_in_place(tmp_path):
 
     root = str(tmp_path / "census")
     synthesize(root, 150, 90, 2, 9, layout="census")
-    q = QueryConfig(source="census", uri=root, organism="Homo sapiens", obs_value_filter="cell_type != 'hepatocyte'")
+    q = QueryConfig(source="census", uri=root, organism="Homo sapiens", obs_filter="cell_type != 'hepatocyte'")
     # the checkpoint is pretrained on a store copy of the mirror: same genes, its own joinids and medians
     to_store(QueryConfig(source="census", uri=root), str(tmp_path / "s"))
     ckpt = make_checkpoint(tmp_path / "ckpt", str(tmp_path / "s"))
@@ -152,7 +152,7 @@ def test_stream_from_a_census_mirror_in_place(tmp_path):
     spec = plan_stream(PretrainedModel(ckpt), q, "cell_type")
     assert spec.census_organism == "Homo sapiens" and spec.store == root
     with cellxgene_census.open_soma(uri=root) as c:
-        obs = cellxgene_census.get_obs(c, "Homo sapiens", value_filter=q.obs_value_filter,
+        obs = cellxgene_census.get_obs(c, "Homo sapiens", value_filter=q.obs_filter,
                                        column_names=["soma_joinid", "cell_type"])
     truth = dict(zip(obs["soma_joinid"].astype(int), obs["cell_type"].astype(str)))
     assert 0 < len(truth) < 150 and list(spec.classes) == sorted(set(truth.values()))

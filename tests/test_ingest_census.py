@@ -38,7 +38,7 @@ def test_runs_and_blocks_cover_ids_exactly():
 
 def test_census_slice_equals_get_anndata(census_root, tmp_path, ray_session):
     uri = str(tmp_path / "store")
-    report = ingest_census(uri, census_uri=census_root, organism="Homo sapiens", obs_value_filter=FILTER,
+    report = ingest_census(uri, census_uri=census_root, organism="Homo sapiens", obs_filter=FILTER,
                            primary_only=False, block_cells=60, progress=False)
     assert report.ok and report.cells > 0
 
@@ -71,12 +71,12 @@ def test_census_slice_equals_get_anndata(census_root, tmp_path, ray_session):
     assert X.sum() == expect.sum()  # no counts lost to gene mapping
     # One manifest source per dataset; re-running adds nothing.
     assert len(store.manifest.complete()) == ref.obs.dataset_id.nunique()
-    again = ingest_census(uri, census_uri=census_root, obs_value_filter=FILTER, primary_only=False, progress=False)
+    again = ingest_census(uri, census_uri=census_root, obs_filter=FILTER, primary_only=False, progress=False)
     assert again.added == [] and open_store(uri).n_cells == ref.n_obs
 
 
 def test_census_filter_matching_nothing_is_refused(census_root, tmp_path, ray_session):
-    rep = ingest_census(str(tmp_path / "s"), census_uri=census_root, obs_value_filter="cell_type == 'no such cell'",
+    rep = ingest_census(str(tmp_path / "s"), census_uri=census_root, obs_filter="cell_type == 'no such cell'",
                         progress=False)
     assert not rep.ok and "matched no cells" in rep.failed[0]["error"]
 

@@ -42,7 +42,7 @@ def test_filter_and_cap_match_pandas(store):
 
     obs = open_store(store).obs(["cell_type", "is_primary_data"])
     want = obs[obs["is_primary_data"]]
-    cfg = QueryConfig(uri=store, obs_value_filter="is_primary_data == True", label="cell_type", per_label_cap=10,
+    cfg = QueryConfig(uri=store, obs_filter="is_primary_data == True", label="cell_type", per_label_cap=10,
                       seed=3)
     sel = select(cfg)
     assert sel.matched == len(want)
@@ -74,7 +74,7 @@ def test_h5ad_output_equals_store_counts(store, tmp_path):
 
     s = open_store(store)
     var = s.var()
-    cfg = QueryConfig(uri=store, obs_value_filter="cell_type == 'B cell'", label="cell_type", block_cells=7,
+    cfg = QueryConfig(uri=store, obs_filter="cell_type == 'B cell'", label="cell_type", block_cells=7,
                       obs_columns=("cell_type", "dataset_id"))
     sel = to_h5ad(cfg, str(tmp_path / "q.h5ad"))
     a = ad.read_h5ad(tmp_path / "q.h5ad")
@@ -109,7 +109,7 @@ def test_gene_subset_and_new_store(store, tmp_path):
 
 def test_empty_and_bad_queries_are_refused(store):
     with pytest.raises(ValueError, match="matches no cells"):
-        select(QueryConfig(uri=store, obs_value_filter="cell_type == 'no such cell'"))
+        select(QueryConfig(uri=store, obs_filter="cell_type == 'no such cell'"))
     with pytest.raises(ValueError, match="label / obs_columns.*'nope'"):
         select(QueryConfig(uri=store, label="nope"))
     with pytest.raises(ValueError, match="QueryConfig.per_label_cap"):
@@ -126,7 +126,7 @@ def test_loader_over_query_without_copy(store):
 
     obs = open_store(store).obs(["cell_type"])
     want = set(obs.index[obs["cell_type"] == "B cell"])
-    loader = to_loader(QueryConfig(uri=store, obs_value_filter="cell_type == 'B cell'"),
+    loader = to_loader(QueryConfig(uri=store, obs_filter="cell_type == 'B cell'"),
                        LoaderConfig(batch_size=4, shuffle=False, remainder="pad", max_len=32))
     seen = {int(j) for b in loader for j in b["soma_joinid"]}
     assert seen == want
@@ -142,7 +142,7 @@ def test_census_mirror_matches_get_anndata(tmp_path):
     root = tmp_path / "census"
     synthesize(str(root), 240, 150, 3, 11, layout="census")
     flt = "cell_type == 'B cell' and is_primary_data == True"
-    cfg = QueryConfig(source="census", uri=str(root), organism="Homo sapiens", obs_value_filter=flt,
+    cfg = QueryConfig(source="census", uri=str(root), organism="Homo sapiens", obs_filter=flt,
                       label="cell_type", block_cells=16)
     sel = to_h5ad(cfg, str(tmp_path / "c.h5ad"))
     import anndata as ad
@@ -167,3 +167,14 @@ def test_cli_prints_counts_and_refuses_empty(store, tmp_path, capsys):
     assert rc == 2
     assert "matches no cells" in capsys.readouterr().err
     assert not (tmp_path / "x.h5ad").exists()
+
+
+def test_query_fingerprint_survives_the_obs_filter_rename():
+    """QueryConfig.obs_value_filter became obs_filter (one name across loader, query, ingest and CLI);
+    a store source written by a query is recognised by its fingerprint, so the fingerprint must not
+    change: this value was computed by the pre-rename QueryConfig (commit 037383b) for the same query."""
+    from atlasflow.train.query import QueryConfig
+
+    q = QueryConfig(source="store", uri="/data/atlas", obs_filter="tissue_general == 'lung'", label="cell_type",
+                    seed=3)
+    assert q.key() == "66cb3b7c512bb1d488b57e0c4b553931"

@@ -19,10 +19,15 @@ def register_cli(subparsers) -> None:
     p.add_argument("--store", help="store URI (= data.store)")
     p.add_argument("--storage-path", help="Ray Train storage path, local dir or s3://... (= run.storage_path)")
     p.add_argument("--name", help="run name (= run.name)")
-    p.add_argument("--num-workers", help="Ray Train workers, or an elastic range like 2-8 (= run.num_workers)")
+    p.add_argument("--num-workers", type=_workers, help="Ray Train workers, or an elastic range like 2-8 (= run.num_workers)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config as JSON and exit")
     p.add_argument("--no-plot", action="store_true", help="do not write the loss-curve PNG")
     p.set_defaults(func=_train)
+
+
+def _workers(text: str):
+    """An int, or an elastic range such as "2-8" (validated by RunConfig)."""
+    return int(text) if text.strip().isdigit() else text
 
 
 def config_from_args(args):

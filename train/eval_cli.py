@@ -14,7 +14,7 @@ def _add_source(p, required: bool = True, many: bool = False) -> None:
     g.add_argument("--census-version", help="query CELLxGENE Census (e.g. stable) instead of --input")
     g.add_argument("--census-uri", help="query a local Census mirror (root directory) instead of --input")
     g.add_argument("--organism", default="homo_sapiens")
-    g.add_argument("--filter", default="", help="obs value filter, e.g. \"tissue_general == 'lung'\"")
+    g.add_argument("--obs-filter", "--filter", dest="obs_filter", default="", help="obs value filter, e.g. \"tissue_general == 'lung'\"")
     p.set_defaults(_source_required=required)
 
 
@@ -27,17 +27,17 @@ def _sources(args) -> list:
         raise ValueError("--input: give --input or a Census query (--census-version/--census-uri), not both")
     if census:
         return [QueryConfig(source="census", uri=args.census_uri or "", census_version=args.census_version or "",
-                            organism=args.organism, obs_value_filter=args.filter)]
+                            organism=args.organism, obs_filter=args.obs_filter)]
     if not inputs:
         raise ValueError("--input: no input given (a store, an .h5ad, or --census-version/--census-uri)")
     out = []
     for path in inputs:
         if not Path(path).exists():
             raise FileNotFoundError(f"--input: {path} does not exist")
-        if args.filter and not path.endswith(".h5ad"):
-            out.append(QueryConfig(source="store", uri=path, obs_value_filter=args.filter))
-        elif args.filter:
-            raise ValueError("--filter: obs filters apply to stores and Census, not to .h5ad inputs")
+        if args.obs_filter and not path.endswith(".h5ad"):
+            out.append(QueryConfig(source="store", uri=path, obs_filter=args.obs_filter))
+        elif args.obs_filter:
+            raise ValueError("--obs-filter: obs filters apply to stores and Census, not to .h5ad inputs")
         else:
             out.append(path)
     return out

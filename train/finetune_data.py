@@ -101,7 +101,7 @@ def plan_stream(model, source, label: str, label_map: dict | None = None, val_by
     census = q.organism if q.source == "census" else None
     vfr = _stream_val_split(store, val_by, val_fraction) if val_by and val_fraction > 0 else None
     return StreamSpec(store=q.uri if census else store.uri, timestamp_ms=int(store.timestamp_ms),
-                      obs_filter=q.obs_value_filter or None,
+                      obs_filter=q.obs_filter or None,
                       label=label, classes=tuple(classes), counts=tuple(counts[c] for c in classes),
                       label_map=label_map, vocab=model.vocab.to_dict(), gene_medians=med,
                       tokenizer=model.meta["tokenizer"], max_len=int(model.meta["max_len"]),

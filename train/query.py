@@ -40,7 +40,7 @@ class QueryConfig:
     uri: str = ""  # store path, or Census mirror root (census)
     census_version: str = ""  # census only, when no uri ("stable", "2025-01-30", ...)
     organism: str = "homo_sapiens"
-    obs_value_filter: str = ""  # SOMA value filter on obs; "" = all cells
+    obs_filter: str = ""  # SOMA value filter on obs; "" = all cells
     genes: tuple[str, ...] = ()  # Ensembl ids to keep; () = all genes
     obs_columns: tuple[str, ...] = ()  # obs columns written; () = all
     label: str = ""  # column for per-label counts, caps and stratification
@@ -73,10 +73,15 @@ class QueryConfig:
 
     def describe(self) -> str:
         where = self.uri or f"census {self.census_version}"
-        return f"{self.source}:{where} filter={self.obs_value_filter or 'all'}"
+        return f"{self.source}:{where} filter={self.obs_filter or 'all'}"
 
     def key(self) -> str:
-        return hashlib.blake2b(json.dumps(asdict(self), sort_keys=True).encode(), digest_size=16).hexdigest()
+        """The query's fingerprint (a store source written by this query is recognised by it). Hashed
+        under the field's earlier name, obs_value_filter, so queries written before the rename keep
+        their fingerprints and are never stored twice."""
+        d = asdict(self)
+        d["obs_value_filter"] = d.pop("obs_filter")
+        return hashlib.blake2b(json.dumps(d, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
 @dataclass
@@ -160,15 +165,15 @@ def select(cfg: QueryConfig) -> Selection:
         ids, labs, seen = [], [], {}
         cols = ["soma_joinid"] + ([cfg.label] if cfg.label else [])
         try:
-            for tbl in exp.obs.read(column_names=cols, value_filter=cfg.obs_value_filter or None):
+            for tbl in exp.obs.read(column_names=cols, value_filter=cfg.obs_filter or None):
                 j = tbl["soma_joinid"].to_numpy()
                 keep = np.ones(len(j), bool) if ranges is None else in_ranges(j, ranges)
                 ids.append(j[keep])
                 if cfg.label:
                     labs.append(_codes(tbl[cfg.label].filter(pa.array(keep)), seen))
         except Exception as exc:
-            if cfg.obs_value_filter and any(w in str(exc).lower() for w in ("filter", "parse", "column", "attribute")):
-                raise ValueError(f"QueryConfig.obs_value_filter: {cfg.obs_value_filter!r} is not a valid value "
+            if cfg.obs_filter and any(w in str(exc).lower() for w in ("filter", "parse", "column", "attribute")):
+                raise ValueError(f"QueryConfig.obs_filter: {cfg.obs_filter!r} is not a valid value "
                                  f"filter on obs ({exc})") from exc
             raise
         var = exp.ms["RNA"].var.read().concat().to_pandas().set_index("soma_joinid").sort_index()
@@ -179,7 +184,7 @@ def select(cfg: QueryConfig) -> Selection:
     categories = list(seen)
     matched = len(joinids)
     if matched == 0:
-        raise ValueError(f"query matches no cells ({cfg.describe()}); check obs_value_filter and the source")
+        raise ValueError(f"query matches no cells ({cfg.describe()}); check obs_filter and the source")
     if codes is not None and (cfg.per_label_cap or cfg.fraction < 1.0):
         pos = subsample(np.asarray(categories, dtype=object)[codes], cfg.per_label_cap, float(cfg.fraction),
                         cfg.seed)
@@ -339,7 +344,7 @@ def to_loader(cfg: QueryConfig, loader_cfg=None):
                              "does not have; use 'bin' or 'value', or write the query with to_store (gene "
                              "stats are computed there)")
     select(cfg)  # refuse an empty query with the query's own message
-    obs_filter = cfg.obs_value_filter or None
+    obs_filter = cfg.obs_filter or None
     if loader_cfg.obs_filter and obs_filter:
         obs_filter = f"({loader_cfg.obs_filter}) and ({obs_filter})"
     obs_filter = obs_filter or loader_cfg.obs_filter
