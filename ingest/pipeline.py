@@ -56,9 +56,19 @@ def source_id_for(name: str, fp: str) -> str:
     return f"{stem}-{fp[:10]}"
 
 
+def _obs_blocks(path, bounds):
+    """A source's obs read once, cut into its blocks' rows (one Ray return per block): each block
+    task gets only its slice, so obs is read once per source, not once per block."""
+    from atlasflow.ingest.h5ad import read_obs
+
+    obs = read_obs(path)
+    parts = [obs.iloc[a:b] for a, b in bounds]
+    return parts[0] if len(parts) == 1 else parts
+
+
 def _write_h5ad_block(store_uri, path, counts_field, a, b, joinid_start, source_cols, gene_joinids,
-                      source_id, dataset_id):
-    from atlasflow.ingest.h5ad import open_counts, project_block, read_obs, read_rows
+                      source_id, dataset_id, obs):
+    from atlasflow.ingest.h5ad import open_counts, project_block, read_rows
     from atlasflow.ingest.obs import to_store_obs
 
     f, node = open_counts(path, counts_field)
@@ -68,7 +78,8 @@ def _write_h5ad_block(store_uri, path, counts_field, a, b, joinid_start, source_
     m.eliminate_zeros()
     nnz = np.diff(m.indptr)
     raw_sum = np.asarray(m.sum(axis=1, dtype=np.float64)).ravel()
-    obs = read_obs(path).iloc[a:b]
+    if len(obs) != b - a:
+        raise ValueError(f"{path}: obs has {len(obs)} rows for block [{a}, {b})")
     tbl = to_store_obs(obs, source_id=source_id, source_file=os.path.basename(path),
                        source_rows=np.arange(a, b), nnz=nnz, raw_sum=raw_sum, default_dataset_id=dataset_id)
     write_cells_csr(store_uri, joinid_start, tbl, m, col_map=gene_joinids)
@@ -195,6 +206,7 @@ def _ingest_paths(store_uri, sources, lease, *, organism, allow_normalized, requ
     init_ray(num_cpus)
     probe_task = ray.remote(num_cpus=1, max_retries=0)(_probe)
     write_task = ray.remote(num_cpus=1, max_retries=2)(_write_h5ad_block)
+    obs_task = ray.remote(num_cpus=1, max_retries=2)(_obs_blocks)
     bar = _Progress(progress)
     tracker = BlockTracker(writer, report, bar)
     waiting: dict = {probe_task.remote(p, organism, allow_normalized, list(require_obs), duplicate_genes,
@@ -245,11 +257,12 @@ def _ingest_paths(store_uri, sources, lease, *, organism, allow_normalized, requ
             gj = ray.put(gene_joinids)
             cols = ray.put(p.projection)
             step = p.block_cells or block_cells  # an in-memory or CSC source picks its own blocks
-            refs = []
-            for a in range(0, p.n_cells, step):
-                b = min(p.n_cells, a + step)
-                refs.append(write_task.remote(store_uri, p.path, p.counts_field, a, b, entry.joinid_start + a,
-                                              cols, gj, entry.source_id, os.path.splitext(name)[0]))
+            bounds = [(a, min(p.n_cells, a + step)) for a in range(0, p.n_cells, step)]
+            obs = obs_task.options(num_returns=len(bounds)).remote(p.path, bounds) if bounds else []
+            obs = [obs] if len(bounds) == 1 else obs
+            refs = [write_task.remote(store_uri, p.path, p.counts_field, a, b, entry.joinid_start + a, cols, gj,
+                                      entry.source_id, os.path.splitext(name)[0], o)
+                    for (a, b), o in zip(bounds, obs)]
             tracker.start(entry, refs)
             if not refs:  # an h5ad with zero cells
                 writer.complete(entry.source_id)

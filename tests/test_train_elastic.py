@@ -1,5 +1,5 @@
-"""Elastic training under real Ray Train: 3 CPU workers, rank 2 fails at step 4 as its node is lost,
-the run continues on 2 workers (run.num_workers = "2-3"). Over the committed steps, the traced
+"""Elastic training under real Ray Train: 3 CPU workers; after a checkpoint at step >= 4 is committed,
+the node of one rank is lost (that rank dies mid-step); the run continues on 2 workers (run.num_workers = "2-3"). Over the committed steps, the traced
 soma_joinids cover the epoch's cells exactly once (but for the documented drop of the last phase);
 the final checkpoint has the same parts and format as a fixed-size run's.
 
@@ -20,7 +20,7 @@ import pytest
 from atlasflow.train.checkpoint import read_part
 
 HERE = Path(__file__).resolve().parent
-N_CELLS, BATCH = 240, 8
+N_CELLS, BATCH = 960, 8  # 40 steps on 3 workers: the node is lost well before the end
 
 
 def committed_records(trace: Path) -> list[dict]:
@@ -51,12 +51,12 @@ def test_a_lost_node_shrinks_the_run_and_the_epoch_stays_exact(tmp_path):
                           capture_output=True, text=True, timeout=420, cwd=HERE)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["node_removed"]
+    assert result["node_removed_after_step"] >= 4
 
     recs, attempts = committed_records(trace)
     worlds = [w for _, w, _ in attempts]
     assert worlds[0] == 3 and worlds[-1] == 2, attempts  # started on 3, finished on 2
-    assert attempts[-1][2] > 0  # the final attempt resumed from a checkpoint, not from scratch
+    assert attempts[-1][2] >= 4  # the final attempt resumed from a committed checkpoint, not from scratch
     ids = [j for r in recs for j in r["joinids"]]
     assert all(r["epoch"] == 0 for r in recs)
     assert len(ids) == len(set(ids)), "a cell was trained twice in the epoch"

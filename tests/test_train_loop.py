@@ -192,16 +192,16 @@ def test_cpu_small_leaves_the_unigram_plateau(tmp_path):
     assert {"train", "val"} <= {split_of(d["dataset_id"]) for d in s["datasets"]}
     cfg = load_preset("cpu-small").with_overrides({
         "data.store": uri, "run.num_workers": 1, "model.d_model": 64, "model.n_layers": 2, "model.d_ff": 128,
-        "data.max_len": 256, "train.max_steps": 80, "train.log_every": 10, "train.eval_every": 40,
-        "train.eval_cells": 64, "train.baseline_cells": 256, "data.batch_size": 16, "train.ckpt_every": 80, "optim.warmup_steps": 10})
+        "data.max_len": 256, "train.max_steps": 120, "train.log_every": 10, "train.eval_every": 60,
+        "train.eval_cells": 64, "train.baseline_cells": 256, "data.batch_size": 16, "train.ckpt_every": 120, "optim.warmup_steps": 10})
     ctx, _ = local_context(tmp_path / "run")
     st = run_worker(cfg, ctx)
     hist = st["history"]
     assert all(all(k in h for k in SIGNAL_KEYS) for h in hist)
-    assert [h["val_step"] for h in hist if h["val_step"] == h["step"]] == [40, 80]
+    assert [h["val_step"] for h in hist if h["val_step"] == h["step"]] == [60, 120]
     last = hist[-2:]
     loss = sum(h["loss"] for h in last) / 2
     assert loss < sum(h["unigram_loss"] for h in last) / 2
     assert loss < sum(h["position_unigram_loss"] for h in last) / 2
     assert hist[-1]["val_loss"] < hist[-1]["val_unigram_loss"]
-    assert read_part(tmp_path / "run" / "ckpt_80", "baselines.pt")["tokenizer"] == "rank"
+    assert read_part(tmp_path / "run" / "ckpt_120", "baselines.pt")["tokenizer"] == "rank"
