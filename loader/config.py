@@ -11,10 +11,11 @@ Memory knobs (per DataLoader worker process, defaults measured on the 200k x 20k
   take two passes and a copy; larger buffers are mmap'd afresh and page-faulted on every read:
   measured on 2 cores, 2048-cell reads with 128 MB buffers spent 48 us/cell in the kernel, vs
   ~35 with these defaults, and ~15 once TileDB's per-query malloc_trim was off).
-- ``window_cells`` (16384): cells shuffled together per rank (shared out among the DataLoader
-  workers: each worker shuffles ``window_cells / num_workers``); one window is tokenized and held in memory
-  (about 7 to 14 KB per cell at ~1.7k nonzero genes, i.e. ~110-220 MB) while the next one is read
-  and tokenized ahead of it (so two windows at most).
+- ``window_cells`` (16384): cells shuffled together: a window of the epoch's world-independent order
+  (see ``plan.py``), whichever rank or DataLoader worker reads it, so every worker holds whole windows;
+  one window is tokenized and held in memory (about 7 to 14 KB per cell at ~1.7k nonzero genes, i.e.
+  ~110-220 MB) while the next one is read and tokenized ahead of it (so two windows at most in-process).
+  Part of the epoch order: a resume must use the same value.
 - ``prefetch_reads`` (1): tokenized blocks a DataLoader worker keeps ahead (without workers a
   whole window is kept ahead).
 - ``read_threads`` (None = 2 without DataLoader workers, 1 per worker with them): threads per
@@ -137,7 +138,7 @@ class LoaderConfig:
 
     @property
     def window_batches(self) -> int:
-        """Whole batches per shuffle window (a batch never straddles two windows)."""
+        """Whole batches per shuffle window (a window is whole batches; a shard's batch may span two)."""
         return max(1, self.window_cells // self.batch_size)
 
     def to_dict(self) -> dict:
