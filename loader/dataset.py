@@ -17,7 +17,7 @@ from atlasflow.store import Store, open_store
 
 from . import kernels as K
 from . import plan as P
-from .batching import TokenWindow, batch_indices, collate
+from .batching import TokenWindow, collate
 from .config import LoaderConfig
 from .io import BlockReader, Prefetcher
 from .memory import release_memory

@@ -214,7 +214,8 @@ class StreamBatches:
             return batch, self.class_of[batch[f"obs.{self.label}"]]
 
     def state_dict(self) -> dict:
-        return {"kind": "stream", "epoch": self.epoch, "loader": self.loader.state_dict()}
+        loader = self.loader.state_dict()
+        return {"kind": "stream", "position": [self.epoch, loader["position"]], "epoch": self.epoch, "loader": loader}
 
     def load_state_dict(self, state: dict) -> None:
         self.epoch = int(state["epoch"])

@@ -132,7 +132,7 @@ class MemoryBatches:
         return collate(blk, np.arange(len(idx))), self.y_all[idx]
 
     def state_dict(self) -> dict:
-        return {"kind": "memory", "drawn": self.drawn, "world_size": self.world_size}
+        return {"kind": "memory", "position": self.drawn, "drawn": self.drawn, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict) -> None:
         if state["world_size"] != self.world_size:

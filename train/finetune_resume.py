@@ -23,8 +23,7 @@ def checkpoint_resume(ctx, metrics: dict, state: dict) -> None:
     """Rank 0 writes the resume checkpoint (every rank's stream is at the same position); all report."""
     from .loop import _gather_objects
 
-    positions = {str(b.get("loader", {}).get("position", b.get("drawn")))
-                 for b in _gather_objects(state["batches"], ctx.world_size)}
+    positions = {json.dumps(b["position"]) for b in _gather_objects(state["batches"], ctx.world_size)}
     if len(positions) != 1:
         raise RuntimeError(f"finetune: ranks' streams are at different positions {sorted(positions)}")
     if ctx.rank != 0:
