@@ -51,7 +51,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-TOKENIZERS = ("rank", "bin", "value")
+from .encodings import NAMES as TOKENIZERS, get_encoding  # noqa: E402  (one registry)
 REMAINDERS = ("drop", "pad")
 SPLITS = ("train", "val", "test")
 
@@ -75,6 +75,7 @@ class LoaderConfig:
     rank: int | None = None
     world_size: int | None = None
     n_bins: int = 51
+    bin_width: float = 1.0  # ebin: width of the shared log1p(CP10k) grid (scBERT: 1)
     gene_filter: str | None = None
     # engine knobs
     stratify_by: str | None = "dataset_id"
@@ -107,6 +108,11 @@ class LoaderConfig:
             _int_at_least(self, name, lo)
         if self.read_threads is not None:
             _int_at_least(self, "read_threads", 1)
+        if self.max_len < get_encoding(self.tokenizer).min_len:
+            raise ValueError(f"LoaderConfig.max_len: {self.max_len} is below the {self.tokenizer} encoding's "
+                             f"minimum {get_encoding(self.tokenizer).min_len}")
+        if isinstance(self.bin_width, bool) or not isinstance(self.bin_width, (int, float)) or not self.bin_width > 0:
+            raise ValueError(f"LoaderConfig.bin_width: a positive number, got {self.bin_width!r}")
         if self.n_bins > 32767:
             raise ValueError(f"LoaderConfig.n_bins: at most 32767, got {self.n_bins}")
         if not 0.0 <= float(self.balance_alpha) <= 1.0:

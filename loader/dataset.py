@@ -24,6 +24,8 @@ from .memory import release_memory
 from .query import check_columns, column_labels, obs_labels, query_runs, restrict_to_split
 from .runs import Runs
 from .state import STATE_FORMAT_VERSION, STREAM_FORMAT, check_state
+from .encodings import get_encoding
+from .encodings.uce import column_coordinates
 from .tokenize import TokenBlock, Tokenizer
 from .vocab import N_SPECIAL, Vocab
 
@@ -51,7 +53,7 @@ def _load_medians(store: Store) -> np.ndarray:
     try:
         stats = store.gene_stats()
     except Exception as exc:
-        raise ValueError(f"tokenizer 'rank' needs gene medians, which store {store.uri} does not have "
+        raise ValueError(f"tokenizers rank / rank_value need gene medians, which store {store.uri} does not have "
                          f"({type(exc).__name__}: {exc}); run `atlasflow store stats {store.uri}` first") from exc
     med = np.full(store.n_genes, np.nan)
     idx = stats.index.to_numpy(np.int64)
@@ -62,7 +64,7 @@ def _load_medians(store: Store) -> np.ndarray:
 def _medians_for_vocab(vocab: Vocab, lut: np.ndarray, gene_medians) -> np.ndarray:
     """Store-gene-indexed medians from medians aligned with ``vocab.gene_feature_ids``."""
     if gene_medians is None:
-        raise ValueError("make_loader: gene_medians: the rank tokenizer over a foreign vocabulary needs the "
+        raise ValueError("make_loader: gene_medians: the rank / rank_value tokenizers over a foreign vocabulary needs the "
                          "medians the vocabulary was trained with")
     gene_medians = np.asarray(gene_medians, dtype=np.float64)
     if len(gene_medians) != len(vocab.gene_feature_ids):
@@ -103,7 +105,8 @@ class CellStream(IterableDataset):
         store = store if isinstance(store, Store) else open_store(os.fspath(store), cfg.timestamp_ms)
         self.cfg = cfg
         self.locator = store.locator
-        rank = cfg.tokenizer == "rank"
+        enc = get_encoding(cfg.tokenizer)
+        rank = enc.needs_medians
         if vocab is None:
             self.vocab = Vocab.from_var(store.var(), cfg.gene_filter)
             self._lut = self.vocab.lookup_table(store.n_genes)
@@ -112,6 +115,8 @@ class CellStream(IterableDataset):
             self.vocab = vocab
             self._lut = vocab.lookup_table_for_var(store.var())
             self._medians = _medians_for_vocab(vocab, self._lut, gene_medians) if rank else None
+        self._coordinates = column_coordinates(store.var()) \
+            if enc.needs_coordinates else None
         with store.experiment() as exp:
             check_columns(exp, [cfg.balance_by, cfg.split_by if cfg.split else None, *cfg.obs_columns],
                           "balance_by / split_by / obs_columns")
@@ -263,7 +268,8 @@ class CellStream(IterableDataset):
         spans = P.window_spans(slots, order.window_cells)
         local, readers, slots_ = threading.local(), [], itertools.count()
         tok = Tokenizer(cfg.tokenizer, cfg.max_len, cfg.n_bins, self._lut, self._medians, cfg.seed,
-                        thin_range=cfg.thin_range, thin_prob=cfg.thin_prob)
+                        thin_range=cfg.thin_range, thin_prob=cfg.thin_prob, coordinates=self._coordinates,
+                        n_vocab=len(self.vocab), bin_width=cfg.bin_width)
         cum = self.runs.cum()
 
         seq_cum = np.concatenate([[0], np.cumsum(order.stops - order.starts)])

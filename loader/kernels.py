@@ -217,15 +217,19 @@ def _layout(cnt, limit, specials):
 
 
 @njit(**_OPTS)
-def rank_tokens(indptr, cols, vals, lut, medians, max_len, cls_id, eos_id):
-    """Geneformer rank: y = x / raw_sum * 1e4 / median, descending, ties by ascending gene id."""
+def rank_tokens(indptr, cols, vals, lut, medians, max_len, cls_id, eos_id, want_values=False):
+    """Geneformer rank: y = x / raw_sum * 1e4 / median, descending, ties by ascending gene id.
+    Returns offsets, ids and, with ``want_values``, each token's x / raw_sum * 1e4 (float64, 0 at
+    <cls> / <eos>; the caller applies log1p), else an empty array."""
     n = len(indptr) - 1
     raw_sum, cnt = _keep_counts(indptr, cols, vals, lut)
     limit = max_len - 2
     offsets, width = _layout(cnt, limit, 2)
     ids = np.empty(offsets[n], dtype=np.int32)
+    norm = np.zeros(offsets[n] if want_values else 0, dtype=np.float64)
     nl = len(lut)
     y = np.empty(width, dtype=np.float64)
+    xv = np.empty(width if want_values else 0, dtype=np.float64)
     y32 = np.empty(width, dtype=np.float32)
     u32 = y32.view(np.uint32)
     tok = np.empty(width, dtype=np.int32)
@@ -242,6 +246,8 @@ def rank_tokens(indptr, cols, vals, lut, medians, max_len, cls_id, eos_id):
                 y[m] = yy
                 y32[m] = yy
                 tok[m] = lut[g]
+                if want_values:
+                    xv[m] = np.float64(v) / raw_sum[i] * 1e4
                 m += 1
         for j in range(m):  # descending float32 bits, then position (= ascending gene id)
             keys[j] = ((np.uint64(0xFFFFFFFF) - np.uint64(u32[j])) << np.uint64(32)) | np.uint64(j)
@@ -253,9 +259,12 @@ def rank_tokens(indptr, cols, vals, lut, medians, max_len, cls_id, eos_id):
         ids[o] = cls_id
         take = min(m, limit)
         for j in range(take):
-            ids[o + 1 + j] = tok[ks[j] & np.uint64(0xFFFFFFFF)]
+            src = ks[j] & np.uint64(0xFFFFFFFF)
+            ids[o + 1 + j] = tok[src]
+            if want_values:
+                norm[o + 1 + j] = xv[src]
         ids[o + 1 + take] = eos_id
-    return offsets, ids
+    return offsets, ids, norm
 
 
 HIST_MAX = 65535  # largest count binned through a histogram (beyond it: sort + binary search)
@@ -414,31 +423,36 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def sample_inputs():
+    """A two-gene block (indptr, cols, lut) and its values both writable and read-only (Arrow's
+    buffers are read-only: a separate numba signature), for warming kernels."""
+    ip, cols, lut = np.array([0, 2], dtype=np.int64), np.array([0, 1], dtype=np.int32), np.array([4, 5], dtype=np.int32)
+    return ip, cols, lut, (np.array([1, 2], dtype=np.float32), _readonly(np.array([1, 2], dtype=np.float32)))
+
+
 def warm(tokenizer: str | None = None, thin: bool = False) -> None:
-    """Compile (or load from the cache) the kernels for the arrays the loader passes (read-only ones
-    come straight from Arrow, a separate numba signature): every kernel (``tokenizer`` None: at image
-    build time and in the DataLoader workers' forkserver) or those one tokenizer uses (and the
-    thinning kernel with ``thin``)."""
+    """Compile (or load from the cache) the kernels for the arrays the loader passes: every kernel
+    (``tokenizer`` None: at image build time and in the DataLoader workers' forkserver) or those one
+    encoding uses (its own ``warm``, see ``encodings``), and the thinning kernel with ``thin``."""
+    from .encodings import ENCODINGS
+
     if tokenizer is None or thin:
         from .thinning import warm as warm_thinning  # thinning.py builds on this module's helpers
 
         warm_thinning()
-    ip, cols, lut = np.array([0, 2], dtype=np.int64), np.array([0, 1], dtype=np.int32), np.array([4, 5], dtype=np.int32)
-    for vals in (np.array([1, 2], dtype=np.float32), _readonly(np.array([1, 2], dtype=np.float32))):
-        if tokenizer in (None, "rank"):
-            rank_tokens(ip, cols, vals, lut, np.ones(2), 10, 2, 3)
-        for want_bins in (True, False):
-            if tokenizer is None or tokenizer == ("bin" if want_bins else "value"):
-                seq_tokens(ip, cols, vals, lut, np.zeros(1, dtype=np.int64), np.uint64(1), 10, 2,
-                           np.linspace(0, 1, 50), want_bins)
+    chosen = list(ENCODINGS.values()) if tokenizer is None else [ENCODINGS[tokenizer]]
+    for enc in chosen:
+        enc.warm()
+    ip, cols, _, _ = sample_inputs()
     for dim0 in (np.zeros(2, dtype=np.int64), _readonly(np.zeros(2, dtype=np.int64))):
         csr_from_coo_rows(dim0, np.zeros(1, dtype=np.int64), True)
     cols_sorted_within_rows(ip, cols)
     cells, rows = np.zeros(1, dtype=np.int64), np.zeros(1, dtype=np.int64)
-    fields = [(cols, np.zeros(2, dtype=np.int64))]
-    if tokenizer in (None, "value"):
-        fields.append((np.zeros(2, dtype=np.float32), np.zeros(2, dtype=np.float32)))
-    if tokenizer in (None, "bin"):
-        fields.append((np.zeros(2, dtype=np.int16), np.zeros(2, dtype=np.int64)))
-    for src, out in fields:
+    fields = {"ids": (cols, np.zeros(2, dtype=np.int64))}
+    for side in {enc.side for enc in chosen}:
+        if side == "values":
+            fields[side] = (np.zeros(2, dtype=np.float32), np.zeros(2, dtype=np.float32))
+        elif side == "bins":
+            fields[side] = (np.zeros(2, dtype=np.int16), np.zeros(2, dtype=np.int64))
+    for src, out in fields.values():
         scatter_rows(ip, src, cells, rows, 2, out)

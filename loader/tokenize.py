@@ -1,26 +1,20 @@
-"""Tokenizers over a CSR block of cells: nonzero genes only, vectorized (no per-cell Python loop).
+"""The tokenizer over a CSR block of cells: nonzero genes only, vectorized (no per-cell Python loop).
 
-Definitions (the reference tests recompute these one cell at a time with dense numpy):
+What a sequence is depends on the encoding (``encodings/``: one module each, with its definition and
+the paper it follows): ``rank`` (Geneformer), ``bin`` (scGPT), ``ebin`` (scBERT), ``value``,
+``rank_value`` (GeneCompass), ``uce`` (UCE). Common to all of them:
 
-- raw_sum = sum of the cell's counts over ALL store genes (equals obs ``raw_sum``).
-- ``rank`` (Geneformer): y = x / raw_sum * 1e4 / gene_median in float64, in that order; genes by
-  y descending, ties by ascending gene joinid; ``<cls>``, at most max_len-2 genes, ``<eos>``.
-- ``bin`` (scGPT): edges = ``np.quantile(v, np.linspace(0, 1, n_bins - 1))`` over the cell's
-  nonzero raw counts v (float64, numpy's default linear method), bin = ``np.digitize(x, edges)``,
-  so genes get 1..n_bins-1; ``<cls>`` (bin 0) then genes in ascending joinid order.
-- ``value``: the same gene sequence as ``bin`` with log1p(x / raw_sum * 1e4) as float32.
-- ``bin``/``value`` cells with more than max_len-1 genes keep the max_len-1 genes with the
-  smallest ``gene_hash(seed, epoch, soma_joinid, gene_joinid)`` (a seeded sample without
-  replacement that is the same whatever batch or worker the cell lands in).
-- Truncation of ``rank``: a cell with more than max_len-2 expressed genes keeps its max_len-2
-  highest-ranked ones (largest y = depth-normalized count over the gene's nonzero median; equal y:
-  smaller gene joinid first) and drops the rest; nothing is sampled, so the kept set is the same
-  every epoch for the same counts. Genes outside the vocabulary take no slot.
-- Depth augmentation (``thin_range``, see ``thinning.py``): the block is binomially thinned
-  first, so all of the above (raw_sum included) is computed on the thinned cell.
+- raw_sum = sum of the cell's counts over ALL store genes (equals obs ``raw_sum``); genes outside the
+  vocabulary take no slot; ``max_len`` counts the special tokens.
+- Seeded draws (a sampled subset of genes, UCE's draws) are a pure function of (seed, epoch,
+  soma_joinid, gene or draw index), so a cell's tokens do not depend on the batch, worker, rank or
+  resume position it lands in.
+- Depth augmentation (``thin_range``, see ``thinning.py``): the block is binomially thinned first, so
+  everything (raw_sum included) is computed on the thinned cell.
 
-The per-cell work runs in compiled kernels (``kernels.py``): one pass over the block, a stable
-sort per cell, no Python loop per cell.
+The per-cell work runs in compiled kernels (``kernels.py`` and the encodings' own): one pass over the
+block, a stable sort per cell, no Python loop per cell. Each encoding's tokens are tested against an
+independent one-cell-at-a-time numpy computation.
 """
 
 from __future__ import annotations
@@ -29,9 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import kernels as K
 from .thinning import thin_block
-from .vocab import CLS, EOS
+from .vocab import N_SPECIAL
 
 _U64 = np.uint64
 
@@ -101,14 +94,27 @@ def _gather_index(starts: np.ndarray, lens: np.ndarray, out_offsets: np.ndarray)
     return np.repeat(starts - out_offsets[:-1], lens) + np.arange(total, dtype=np.int64)
 
 
+def epoch_state(seed: int, epoch: int) -> np.uint64:
+    """splitmix64(splitmix64(seed) ^ epoch): the per-epoch state every seeded draw starts from."""
+    return splitmix64(splitmix64(np.array([seed], dtype=np.uint64)) ^ np.array([epoch], dtype=np.uint64))[0]
+
+
 class Tokenizer:
-    """CSR block of raw counts -> TokenBlock. ``lut`` maps a column index to its token (-1: not in the
-    vocabulary); ``medians`` (rank) are indexed by column. ``thin_range`` / ``thin_prob``: depth
-    augmentation as ``LoaderConfig.thin_range`` / ``thin_prob`` (None: off), seeded by (seed, epoch,
-    joinid, column), applied to every block before tokenizing."""
+    """CSR block of raw counts -> TokenBlock, by the encoding ``kind`` (``encodings.NAMES``).
+
+    ``lut`` maps a store column to its token (-1: not in the vocabulary); ``medians`` (encodings that
+    need them) are indexed by column; ``coordinates`` = (chromosome code, start) per column (``uce``);
+    ``n_vocab`` = the vocabulary's size (specials + genes): an encoding's own tokens are numbered from
+    there. ``thin_range`` / ``thin_prob``: depth augmentation as ``LoaderConfig.thin_range`` /
+    ``thin_prob`` (None: off), seeded by (seed, epoch, joinid, column), applied before tokenizing."""
 
     def __init__(self, kind: str, max_len: int, n_bins: int, lut: np.ndarray, medians: np.ndarray | None,
-                 seed: int, *, thin_range: tuple[float, float] | None = None, thin_prob: float = 0.5):
+                 seed: int, *, thin_range: tuple[float, float] | None = None, thin_prob: float = 0.5,
+                 coordinates: tuple[np.ndarray, np.ndarray] | None = None, n_vocab: int | None = None,
+                 bin_width: float = 1.0):
+        from .encodings import get_encoding
+
+        self.encoding = enc = get_encoding(kind)
         if thin_range is not None:
             lo, hi = (float(v) for v in thin_range)
             if not 0.0 < lo <= hi <= 1.0 or not 0.0 <= float(thin_prob) <= 1.0:
@@ -116,15 +122,25 @@ class Tokenizer:
                                  f"thin_range={thin_range!r}, thin_prob={thin_prob!r}")
             thin_range = (lo, hi)
         self.thin_range, self.thin_prob = thin_range, float(thin_prob)
-        if kind == "rank" and medians is None:
-            raise ValueError("rank tokenizer: gene medians are required (run `atlasflow store stats STORE`)")
+        if enc.needs_medians and medians is None:
+            raise ValueError(f"{kind} tokenizer: gene medians are required (run `atlasflow store stats STORE`)")
+        if enc.needs_coordinates and coordinates is None:
+            raise ValueError(f"{kind} tokenizer: gene coordinates are required (chromosome, start per store gene)")
+        if max_len < enc.min_len:
+            raise ValueError(f"{kind} tokenizer: max_len {max_len} is below its minimum {enc.min_len}")
+        if not float(bin_width) > 0:
+            raise ValueError(f"Tokenizer: bin_width must be > 0, got {bin_width!r}")
         self.kind, self.max_len, self.n_bins, self.seed = kind, max_len, n_bins, seed
+        self.bin_width = float(bin_width)
         self.lut = np.ascontiguousarray(lut, dtype=np.int32)
+        self.n_vocab = int(n_vocab) if n_vocab is not None else int(self.lut.max(initial=N_SPECIAL - 1)) + 1
         self.medians = None if medians is None else \
             np.where(np.isfinite(medians) & (medians > 0), medians, 1.0).astype(np.float64)
         if self.medians is not None and len(self.medians) < len(self.lut):  # kernels skip bounds checks
-            raise ValueError(f"rank tokenizer: {len(self.medians)} gene medians for {len(self.lut)} store genes")
-        self._qs = np.linspace(0, 1, n_bins - 1)  # numpy's own quantile points, passed to the kernel
+            raise ValueError(f"{kind} tokenizer: {len(self.medians)} gene medians for {len(self.lut)} store genes")
+        self.coordinates = None if coordinates is None else \
+            (np.ascontiguousarray(coordinates[0], dtype=np.int16), np.ascontiguousarray(coordinates[1], dtype=np.int64))
+        self.quantile_points = np.linspace(0, 1, n_bins - 1)  # numpy's own quantile points, passed to the kernel
 
     def __call__(self, indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, joinids: np.ndarray,
                  epoch: int) -> TokenBlock:
@@ -136,18 +152,7 @@ class Tokenizer:
         if self.thin_range is not None and self.thin_prob > 0:
             indptr, cols, vals, _ = thin_block(indptr, cols, vals, joinids, seed=self.seed, epoch=epoch,
                                                thin_range=self.thin_range, thin_prob=self.thin_prob)
-        if self.kind == "rank":
-            offsets, ids = K.rank_tokens(indptr, cols, vals, self.lut, self.medians, self.max_len, CLS, EOS)
-            return TokenBlock(offsets, ids, joinids)
-        state = splitmix64(splitmix64(np.array([self.seed], dtype=np.uint64)) ^ np.array([epoch], dtype=np.uint64))
-        offsets, ids, bins, norm, _ = K.seq_tokens(indptr, cols, vals, self.lut, joinids, state[0], self.max_len,
-                                                   CLS, self._qs, self.kind == "bin")
-        out = TokenBlock(offsets, ids, joinids)
-        if self.kind == "bin":
-            out.bins = bins
-        else:
-            out.values = np.log1p(norm, out=norm).astype(np.float32)  # log1p(0) = 0 at <cls>
-        return out
+        return self.encoding.tokenize(self, indptr, cols, vals, joinids, epoch)
 
 
 def _safe_lookup(lut: np.ndarray, cols: np.ndarray) -> np.ndarray:

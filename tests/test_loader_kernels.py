@@ -11,14 +11,17 @@ from atlasflow.loader import kernels as K
 
 from test_loader_fixtures import real_store
 
-KERNELS = (K.rank_tokens, K.seq_tokens, K.csr_from_coo_rows, K.cols_sorted_within_rows, K.scatter_rows)
+from atlasflow.loader.encodings import ENCODINGS, NAMES
+
+KERNELS = tuple({k.py_func.__name__: k for e in ENCODINGS.values() for k in e.kernels}.values()) + \
+    (K.csr_from_coo_rows, K.cols_sorted_within_rows, K.scatter_rows)
 
 
 def test_warm_covers_every_signature_the_loader_uses(tmp_path_factory):
     uri, _, _ = real_store(tmp_path_factory)  # has gene stats: the rank tokenizer runs too
     K.warm()
     before = {k.py_func.__name__: set(k.signatures) for k in KERNELS}
-    for tok in ("rank", "bin", "value"):
+    for tok in NAMES:
         for batch in make_loader(uri, LoaderConfig(tokenizer=tok, batch_size=20, window_cells=80, read_cells=40,
                                                    chunk_cells=16)):
             assert len(batch["soma_joinid"]) == 20
@@ -31,8 +34,10 @@ _ONE_TOKENIZER = """
 import sys
 from atlasflow.loader import LoaderConfig, make_loader
 from atlasflow.loader import kernels as K
-kernels = (K.rank_tokens, K.seq_tokens, K.csr_from_coo_rows, K.cols_sorted_within_rows, K.scatter_rows)
-for tok in ("rank", "bin", "value"):
+from atlasflow.loader.encodings import ENCODINGS, NAMES
+kernels = tuple({k.py_func.__name__: k for e in ENCODINGS.values() for k in e.kernels}.values()) + \
+    (K.csr_from_coo_rows, K.cols_sorted_within_rows, K.scatter_rows)
+for tok in NAMES:
     K.warm(tok)
     before = {k.py_func.__name__: set(k.signatures) for k in kernels}
     for batch in make_loader(sys.argv[1], LoaderConfig(tokenizer=tok, batch_size=20, window_cells=80,
@@ -159,7 +164,7 @@ def test_rank_kernel_orders_nearly_equal_values_exactly(spread):
     cols = np.concatenate([g for g, _ in rows]).astype(np.int32)
     vals = np.concatenate([v for _, v in rows])
     lut = np.arange(n_genes, dtype=np.int32) + 4
-    offsets, ids = K.rank_tokens(indptr, cols, vals, lut, med, 10_000, 2, 3)
+    offsets, ids, _ = K.rank_tokens(indptr, cols, vals, lut, med, 10_000, 2, 3)
     for i, (g, v) in enumerate(rows):
         x = v.astype(np.float64)
         y = x / x.sum() * 1e4 / med[g]

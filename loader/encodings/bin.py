@@ -1,0 +1,34 @@
+"""scGPT per-cell value binning (Cui et al., Nat Methods 2024, "value binning").
+
+Over the cell's kept nonzero raw counts v (float64): edges = ``np.quantile(v, np.linspace(0, 1,
+n_bins - 1))`` (numpy's default linear method), bin = ``np.digitize(x, edges)``, so genes get bins
+1..n_bins-1; ``<cls>`` (bin 0) then the genes in ascending joinid order. A cell with more than
+max_len - 1 genes keeps the max_len - 1 with the smallest ``gene_hash(seed, epoch, soma_joinid,
+gene_joinid)``: a seeded sample without replacement, the same whichever batch or worker the cell
+lands in, new each epoch. The bins are adaptive: each cell spreads its genes over all bins.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import kernels as K
+from ..tokenize import TokenBlock, epoch_state
+from ..vocab import CLS
+from . import Encoding
+
+
+def tokenize(tok, indptr, cols, vals, joinids, epoch) -> TokenBlock:
+    offsets, ids, bins, _, _ = K.seq_tokens(indptr, cols, vals, tok.lut, joinids, epoch_state(tok.seed, epoch),
+                                            tok.max_len, CLS, tok.quantile_points, True)
+    return TokenBlock(offsets, ids, joinids, bins=bins)
+
+
+def warm() -> None:
+    ip, cols, lut, vals_pair = K.sample_inputs()
+    for vals in vals_pair:
+        K.seq_tokens(ip, cols, vals, lut, np.zeros(1, dtype=np.int64), np.uint64(1), 10, CLS,
+                     np.linspace(0, 1, 50), True)
+
+
+ENCODING = Encoding("bin", tokenize, warm, (K.seq_tokens,), positional=False, side="bins", targets=("bin",))
