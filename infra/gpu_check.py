@@ -92,13 +92,14 @@ def varlen_max_diff(cfg) -> dict:
     import torch
 
     from atlasflow.train import signals as S
+    from atlasflow.loader.encodings import get_encoding
     from atlasflow.train.loop import loader_config
     from atlasflow.train.model import CellEncoder, varlen_kernel
     from atlasflow.train.pack import model_inputs
 
     dev = torch.device("cuda" if torch.cuda.is_available() and cfg.run.use_gpu else "cpu")
     vocab = S.training_vocab(cfg, None)
-    medians, _ = S.vocab_stats(cfg, vocab, need=cfg.data.tokenizer == "rank")
+    medians, _ = S.vocab_stats(cfg, vocab, need=get_encoding(cfg.data.tokenizer).needs_medians)
     lcfg = dataclasses.replace(loader_config(cfg, 0, 1), num_workers=0, thin_range=None)
     batch = next(iter(S.make_loader_for(cfg, lcfg, vocab, medians)))
     n_tokens = 4 + len(vocab.gene_joinids)

@@ -57,8 +57,8 @@ class CensusView(Store):
         return None  # Census X["raw"] holds raw counts by definition
 
     def gene_stats(self):
-        raise ValueError(f"LoaderConfig.tokenizer: 'rank' needs per-gene medians, which the Census experiment "
-                         f"{self.root} does not have; use tokenizer 'bin' or 'value', or write the query to a "
+        raise ValueError(f"LoaderConfig.tokenizer: rank / rank_value need per-gene medians, which the Census "
+                         f"experiment {self.root} does not have; use tokenizer bin, ebin, value or uce, or write the query to a "
                          f"store (atlasflow query --out-store) and run `atlasflow store stats` on it")
 
 

@@ -244,7 +244,7 @@ def test_packed_paths_equal_each_cell_alone(path, monkeypatch):
     torch.manual_seed(0)
     attention = "auto" if path == "auto" else "varlen"
     if path == "varlen_kernel":  # the CUDA kernel's plumbing (flatten, cu_seqlens, scatter back), on CPU
-        monkeypatch.setattr(model_mod, "varlen_kernel", lambda x: _dense_varlen)
+        monkeypatch.setattr(model_mod, "varlen_kernel", lambda x, causal=False: _dense_varlen)
     cfg = ModelConfig(d_model=32, n_layers=2, n_heads=4, d_ff=64, attention=attention)
     enc = CellEncoder(cfg, "rank", N_TOKENS, max_len=32).eval()
     lengths = [12, 3, 7, 9, 5, 2, 11]

@@ -95,7 +95,8 @@ def read_part(path: str | Path, name: str, map_location="cpu"):
 
 def build_encoder(config: Config, model_meta: dict) -> CellEncoder:
     return CellEncoder(config.model, model_meta["tokenizer"], model_meta["n_tokens"], model_meta["max_len"],
-                       model_meta["n_bins"])
+                       model_meta["n_bins"], causal=model_meta.get("objective", "mlm") == "ntp",
+                       gene_end=model_meta.get("gene_end"))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu"):

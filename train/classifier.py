@@ -29,19 +29,13 @@ class CellClassifier(nn.Module):
                 p.requires_grad_(False)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        from .model import N_SPECIAL
         from .pack import model_inputs
 
         inputs = model_inputs(batch, pack=False)
         if self.frozen:
             self.encoder.eval()
         with torch.no_grad() if self.frozen else contextlib.nullcontext():
-            h = self.encoder(inputs)
-            if self.pooling == "cls":
-                z = h[:, 0]
-            else:
-                g = (inputs["input_ids"] >= N_SPECIAL).unsqueeze(-1).to(h.dtype)
-                z = (h * g).sum(1) / g.sum(1).clamp(min=1)
+            z = self.encoder.pool(self.encoder(inputs), inputs, self.pooling)
         return self.head(z.float())
 
 

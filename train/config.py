@@ -18,7 +18,7 @@ from typing import Any
 from atlasflow.store.schema import check_format
 
 CONFIG_FORMAT_VERSION = 1
-TOKENIZERS = ("rank", "bin", "value")
+from atlasflow.loader.encodings import NAMES as TOKENIZERS, get_encoding  # noqa: E402  (one registry)
 
 
 def _check(cond: bool, name: str, msg: str) -> None:
@@ -58,6 +58,7 @@ class DataConfig:
     obs_filter: str = ""  # "" = no filter (TOML has no null)
     gene_filter: str = ""
     n_bins: int = 51
+    bin_width: float = 1.0  # ebin: width of the shared log1p(CP10k) grid (scBERT: 1)
     split: str = ""  # "" | train | val | test
     split_by: str = "dataset_id"
     # Pack each loader batch into rows of max_len tokens, attention per cell (no FLOP on padding).
@@ -76,6 +77,9 @@ class DataConfig:
         _check(self.tokenizer in TOKENIZERS, "data.tokenizer", f"must be one of {'|'.join(TOKENIZERS)}, "
                f"got {self.tokenizer!r}")
         _check(self.max_len >= 8, "data.max_len", f"must be >= 8, got {self.max_len}")
+        _check(self.max_len >= get_encoding(self.tokenizer).min_len, "data.max_len",
+               f"the {self.tokenizer} encoding needs >= {get_encoding(self.tokenizer).min_len}, got {self.max_len}")
+        _check(self.bin_width > 0, "data.bin_width", f"must be > 0, got {self.bin_width}")
         _check(self.batch_size > 0, "data.batch_size", f"must be > 0, got {self.batch_size}")
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         _check(self.n_bins >= 3, "data.n_bins", f"must be >= 3, got {self.n_bins}")
@@ -102,6 +106,20 @@ class MaskingConfig:
         _check(0.0 <= self.replace_prob <= 1.0, "masking.replace_prob", f"must be in [0, 1], got {self.replace_prob}")
         _check(0.0 <= self.random_prob <= 1.0 - self.replace_prob, "masking.random_prob",
                f"must be in [0, 1 - replace_prob], got {self.random_prob}")
+
+
+@dataclass(frozen=True)
+class ObjectiveConfig:
+    """``kind``: "mlm" (masked tokens, ``masking``) or "ntp" (next-token prediction with a causal model,
+    tGPT; needs an ordered encoding with gene-id targets: rank, rank_value, uce). ``value_weight``: beta
+    of the joint gene + value loss L_id + beta * L_value (rank_value)."""
+
+    kind: str = "mlm"
+    value_weight: float = 1.0
+
+    def __post_init__(self):
+        _check(self.kind in ("mlm", "ntp"), "objective.kind", f"must be mlm|ntp, got {self.kind!r}")
+        _check(self.value_weight >= 0, "objective.value_weight", f"must be >= 0, got {self.value_weight}")
 
 
 @dataclass(frozen=True)
@@ -203,7 +221,8 @@ def _parse_workers(r) -> None:
         object.__setattr__(r, "min_workers", r.num_workers)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "masking": MaskingConfig, "optim": OptimConfig,
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "masking": MaskingConfig, "objective": ObjectiveConfig,
+            "optim": OptimConfig,
             "train": ScheduleConfig, "run": RunConfig}
 
 
@@ -212,9 +231,16 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     masking: MaskingConfig = field(default_factory=MaskingConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: ScheduleConfig = field(default_factory=ScheduleConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self):
+        enc = get_encoding(self.data.tokenizer)
+        _check(self.objective.kind != "ntp" or enc.causal_ok, "objective.kind",
+               f"ntp needs an ordered encoding with gene-id targets (rank, rank_value, uce), not data.tokenizer="
+               f"{self.data.tokenizer!r}")
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

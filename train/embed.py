@@ -20,6 +20,7 @@ import scipy.sparse as sp
 import torch
 
 from .embed_write import EMBED_FORMAT_VERSION, OBSM_KEY  # noqa: F401  (re-exported)
+from .model import N_SPECIAL
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,10 @@ class PretrainedModel:
         self.meta = read_part(checkpoint, "model.json")
         self.device = torch.device(device)
         self.token_of = self.vocab.token_of_feature()
-        self.medians = self._medians(medians_store) if self.meta["tokenizer"] == "rank" else None
+        from atlasflow.loader.encodings import get_encoding
+
+        self.encoding = get_encoding(self.meta["tokenizer"])
+        self.medians = self._medians(medians_store) if self.encoding.needs_medians else None
 
     def _medians(self, medians_store: str | None) -> dict[str, float]:
         from atlasflow.store import open_store
@@ -68,7 +72,7 @@ class PretrainedModel:
         try:
             stats = open_store(uri, ts).gene_stats()
         except Exception as exc:
-            raise ValueError(f"checkpoint {self.checkpoint}: the rank tokenizer needs the gene medians of the "
+            raise ValueError(f"checkpoint {self.checkpoint}: the {self.meta['tokenizer']} tokenizer needs the gene medians of the "
                              f"pretraining store {uri!r}, which could not be read ({type(exc).__name__}: {exc}); "
                              f"pass medians_store / --medians-store") from exc
         joinids = self.vocab.gene_joinids
@@ -90,7 +94,16 @@ class PretrainedModel:
         if self.medians is not None:
             med = np.array([self.medians.get(f, 1.0) for f in feature_ids], dtype=np.float64)
         m = self.meta
-        tok = Tokenizer(m["tokenizer"], m["max_len"], m["n_bins"], lut, med, self.config.data.seed)
+        coords = None
+        if self.encoding.needs_coordinates:
+            import pandas as pd
+
+            from atlasflow.loader.encodings.uce import column_coordinates
+
+            coords = column_coordinates(pd.DataFrame({"feature_id": feature_ids}))
+        tok = Tokenizer(m["tokenizer"], m["max_len"], m["n_bins"], lut, med, self.config.data.seed,
+                        coordinates=coords, n_vocab=m.get("gene_end", N_SPECIAL + len(self.vocab.gene_joinids)),
+                        bin_width=m.get("bin_width", 1.0))
         return tok, int((lut < 0).sum())
 
     def embed_block(self, block, cfg: EmbedConfig, encoder: torch.nn.Module | None = None) -> np.ndarray:

@@ -41,10 +41,11 @@ class StreamSpec:
     counts: tuple[int, ...]  # cells per class, for the class weights
     label_map: dict | None  # raw label -> class (None = identity); unmapped labels are skipped
     vocab: dict  # the checkpoint's Vocab.to_dict()
-    gene_medians: np.ndarray | None  # rank: aligned with the vocabulary's genes
+    gene_medians: np.ndarray | None  # rank / rank_value: aligned with the vocabulary's genes
     tokenizer: str
     max_len: int
     n_bins: int
+    bin_width: float = 1.0  # ebin's grid
     census_organism: str | None = None  # a Census mirror, read in place (store.census_view)
     # early stopping: the loader's hash split by this column (train / val fractions), or None
     val_by: str | None = None
@@ -96,7 +97,7 @@ def plan_stream(model, source, label: str, label_map: dict | None = None, val_by
         log.warning("%d of %d input genes are not in the checkpoint vocabulary and are dropped (e.g. %s)",
                     len(dropped), len(known), ", ".join(dropped[:5]))
     med = None
-    if model.meta["tokenizer"] == "rank":
+    if model.encoding.needs_medians:
         med = np.array([model.medians[f] for f in model.vocab.gene_feature_ids], dtype=np.float64)
     census = q.organism if q.source == "census" else None
     vfr = _stream_val_split(store, val_by, val_fraction) if val_by and val_fraction > 0 else None
@@ -105,7 +106,8 @@ def plan_stream(model, source, label: str, label_map: dict | None = None, val_by
                       label=label, classes=tuple(classes), counts=tuple(counts[c] for c in classes),
                       label_map=label_map, vocab=model.vocab.to_dict(), gene_medians=med,
                       tokenizer=model.meta["tokenizer"], max_len=int(model.meta["max_len"]),
-                      n_bins=int(model.meta["n_bins"]), census_organism=census,
+                      n_bins=int(model.meta["n_bins"]), bin_width=float(model.meta.get("bin_width", 1.0)),
+                      census_organism=census,
                       val_by=val_by if vfr else None, val_fractions=vfr)
 
 
@@ -143,7 +145,8 @@ def stream_loader(spec: StreamSpec, batch_size: int, seed: int, rank: int, world
         extra = {"split": split, "split_by": spec.val_by, "split_fractions": spec.val_fractions}
     if thin is not None and "thin_range" in {f.name for f in fields(LoaderConfig)}:
         extra.update(thin_range=tuple(thin[0]), thin_prob=float(thin[1]))
-    cfg = LoaderConfig(tokenizer=spec.tokenizer, max_len=spec.max_len, n_bins=spec.n_bins, batch_size=batch_size,
+    cfg = LoaderConfig(tokenizer=spec.tokenizer, max_len=spec.max_len, n_bins=spec.n_bins, bin_width=spec.bin_width,
+                       batch_size=batch_size,
                        shuffle=split != "val", seed=seed, obs_filter=spec.obs_filter, obs_columns=(spec.label,),
                        rank=rank, world_size=world_size, remainder="pad", timestamp_ms=spec.timestamp_ms,
                        num_workers=0, **extra)

@@ -51,25 +51,20 @@ def tokenizer_spec(model, feature_ids, genes: set | None = None) -> tuple[dict, 
     """A picklable recipe for the checkpoint's tokenizer over these columns (optionally only ``genes``)."""
     tok, dropped = model.tokenizer_for(feature_ids, genes)
     return {"kind": tok.kind, "max_len": tok.max_len, "n_bins": tok.n_bins, "lut": tok.lut,
-            "medians": tok.medians, "seed": tok.seed}, dropped
+            "medians": tok.medians, "seed": tok.seed, "coordinates": tok.coordinates, "n_vocab": tok.n_vocab,
+            "bin_width": tok.bin_width}, dropped
 
 
 def make_tokenizer(spec: dict, thin_range=None, thin_prob: float = 1.0):
     """The tokenizer of a ``tokenizer_spec``; with ``thin_range`` it thins counts first (the loader's
     seeded binomial depth augmentation; None when this loader cannot)."""
-    import inspect
-
     from atlasflow.loader import Tokenizer
 
     args = (spec["kind"], spec["max_len"], spec["n_bins"], spec["lut"], spec["medians"], spec["seed"])
+    kw = {k: spec[k] for k in ("coordinates", "n_vocab", "bin_width") if k in spec}
     if thin_range is None:
-        return Tokenizer(*args)
-    params = inspect.signature(Tokenizer).parameters
-    if "thin" in params:
-        return Tokenizer(*args, thin=(tuple(thin_range), float(thin_prob)))
-    if "thin_range" in params:
-        return Tokenizer(*args, thin_range=tuple(thin_range), thin_prob=float(thin_prob))
-    return None
+        return Tokenizer(*args, **kw)
+    return Tokenizer(*args, thin_range=tuple(thin_range), thin_prob=float(thin_prob), **kw)
 
 
 def memory_set(counts, labels, tok_spec: dict, classes: list[str], split: dict) -> dict:

@@ -33,9 +33,11 @@ from atlasflow.store.schema import check_format
 from .checkpoint import read_part, save_checkpoint
 from .config import Config
 from . import signals as S
-from .masking import mask_batch, masking_generator
+from atlasflow.loader.encodings import get_encoding
+
+from .masking import masking_generator
 from .model import N_SPECIAL, CellEncoder
-from .objective import MLMObjective
+from .objective import PretrainObjective
 from .pack import model_inputs
 from .signals import Baselines
 from .step_metrics import Tracer, Window
@@ -68,7 +70,7 @@ def loader_config(cfg: Config, rank: int, world_size: int):
                         split=d.split or None, split_by=d.split_by, rank=rank, world_size=world_size,
                         n_bins=d.n_bins, gene_filter=d.gene_filter or None, bucket_batches=d.bucket_batches,
                         timestamp_ms=d.timestamp_ms or None, thin_range=tuple(d.thin_range) or None,
-                        thin_prob=d.thin_prob)
+                        thin_prob=d.thin_prob, bin_width=d.bin_width)
 
 
 def parallel_kwargs(strategy: str) -> dict | None:
@@ -171,10 +173,12 @@ class _Trainer:
         cfg = _pinned_snapshot(cfg, ctx, d)
         saved_vocab = read_part(d, "vocab.json") if d is not None else None
         vocab = loader.dataset.vocab if loader is not None else S.training_vocab(cfg, saved_vocab)
-        medians, gene_nnz = S.vocab_stats(cfg, vocab, need=cfg.data.tokenizer == "rank")
+        enc = get_encoding(cfg.data.tokenizer)
+        medians, gene_nnz = S.vocab_stats(cfg, vocab, need=enc.needs_medians)
         if loader is None:
             loader = S.make_loader_for(cfg, loader_config(cfg, ctx.rank, ctx.world_size), vocab, medians)
-        n_tokens = N_SPECIAL + len(vocab.gene_joinids)
+        gene_end = N_SPECIAL + len(vocab.gene_joinids)
+        n_tokens = gene_end + len(enc.extra_tokens)
         if d is not None and "baselines.pt" in read_part(d, "format.json")["parts"]:
             baselines = Baselines.from_state_dict(read_part(d, "baselines.pt"))
         else:  # every rank fits the same seeded sample: no broadcast needed
@@ -182,13 +186,16 @@ class _Trainer:
         val_set = S.val_inputs(cfg, loader_config(cfg, ctx.rank, ctx.world_size), vocab, medians, n_tokens,
                                baselines, ctx.rank)
         model_meta = {"tokenizer": cfg.data.tokenizer, "n_tokens": n_tokens, "max_len": cfg.data.max_len,
-                      "n_bins": cfg.data.n_bins}
+                      "n_bins": cfg.data.n_bins, "bin_width": cfg.data.bin_width, "gene_end": gene_end,
+                      "extra_tokens": list(enc.extra_tokens), "objective": cfg.objective.kind}
         torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
-        encoder = CellEncoder(cfg.model, cfg.data.tokenizer, n_tokens, cfg.data.max_len, cfg.data.n_bins)
+        encoder = CellEncoder(cfg.model, cfg.data.tokenizer, n_tokens, cfg.data.max_len, cfg.data.n_bins,
+                              causal=cfg.objective.kind == "ntp", gene_end=gene_end)
         if cfg.train.compile:
             for blk in encoder.blocks:  # in place: state-dict keys stay unchanged
                 blk.compile(dynamic=True)
-        model = ctx.wrap(MLMObjective(encoder).to(ctx.device), cfg.train.strategy)
+        model = ctx.wrap(PretrainObjective(encoder, cfg.objective.kind, cfg.objective.value_weight).to(ctx.device),
+                         cfg.train.strategy)
         o = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                       weight_decay=o.weight_decay, fused=ctx.device.type == "cuda")
@@ -272,9 +279,8 @@ class _Trainer:
         """Mask, pack, forward and backward one micro-batch (gradients synced only at a boundary)."""
         cfg, st, ctx, model = self.cfg, self.st, self.ctx, self.model
         self.trace.log(st, batch)
-        masked = mask_batch(batch, cfg.data.tokenizer, cfg.masking,
-                            masking_generator(cfg.data.seed, st["epoch"], st["micro_in_epoch"], ctx.rank),
-                            self.n_tokens, cfg.data.n_bins)
+        masked = S.prepare_batch(cfg, batch, masking_generator(cfg.data.seed, st["epoch"], st["micro_in_epoch"],
+                                                               ctx.rank), self.n_tokens, self.model_meta["gene_end"])
         inputs = model_inputs(masked, pack=cfg.data.pack)
         inputs = {k: v.to(ctx.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
         no_sync = not sync and hasattr(model, "no_sync")
@@ -283,7 +289,7 @@ class _Trainer:
                 loss, stats = model(inputs)
             (loss / cfg.optim.grad_accum).backward()  # outside autocast: backward ops take the forward's dtypes
         self.window.add(loss.item(), stats, batch, inputs, wait,
-                        S.batch_baselines(self.baselines, cfg.data.tokenizer, inputs))
+                        S.batch_baselines(self.baselines, inputs))
         st["cells_seen"] += int(batch["soma_joinid"].shape[0])
         st["tokens_seen"] += inputs["n_tokens"]
 

@@ -1,8 +1,11 @@
-"""On-the-fly, seeded MLM masking of a loader batch (done on the CPU before packing).
+"""On-the-fly, seeded MLM masking of a loader batch (done on the CPU before packing), and the
+next-token targets of the NTP objective.
 
-Only gene tokens (id >= 4) are ever selected: <cls>, <eos> and padding are never masked and never
-enter the loss. The random stream is a pure function of (seed, epoch, step, rank), so a resumed
-run masks a replayed batch exactly as the original attempt did.
+Only gene tokens (ids in [4, gene_end)) are ever selected: <cls>, <eos>, padding and an encoding's
+own tokens (UCE's chromosome tokens) are never masked and never enter the MLM loss. The random stream
+is a pure function of (seed, epoch, step, rank), so a resumed run masks a replayed batch exactly as
+the original attempt did. What a masked token's targets are follows the encoding's declaration
+(``loader.encodings``), not its name.
 """
 
 from __future__ import annotations
@@ -21,34 +24,51 @@ def masking_generator(seed: int, epoch: int, step: int, rank: int) -> torch.Gene
 
 
 def mask_batch(batch: dict, tokenizer: str, cfg: MaskingConfig, gen: torch.Generator, n_tokens: int,
-               n_bins: int = 51) -> dict:
+               n_bins: int = 51, gene_end: int | None = None) -> dict:
     """A copy of ``batch`` with masked inputs plus ``mlm_mask`` (bool [B, L]) and ``targets``.
 
-    rank: targets = original gene ids; of the selected tokens replace_prob become <mask>,
-          random_prob a random gene, the rest stay (BERT / Geneformer).
-    bin:  targets = original bins; every selected bin input becomes the mask bin ``n_bins``.
-    value: targets = original values; every selected value input becomes ``cfg.mask_value``.
+    gene target (rank, uce): targets = original gene ids; of the selected tokens replace_prob become
+          <mask>, random_prob a random gene, the rest stay (BERT / Geneformer).
+    bin target (bin, ebin): targets = original bins; every selected bin input becomes the mask bin ``n_bins``.
+    value target (value): targets = original values; every selected value input becomes ``cfg.mask_value``.
+    gene + value (rank_value, GeneCompass): the gene-id recipe on the ids, ``targets`` = ids, and every
+          selected value input becomes ``cfg.mask_value`` with ``value_targets`` = the values.
     The gene identity stays visible for bin/value (the model predicts expression of a known gene).
     """
+    from atlasflow.loader.encodings import get_encoding
+
+    enc = get_encoding(tokenizer)
+    gene_end = n_tokens if gene_end is None else gene_end
     ids = batch["input_ids"]
-    sel = (torch.rand(ids.shape, generator=gen) < cfg.mask_prob) & (ids >= N_SPECIAL)
+    sel = (torch.rand(ids.shape, generator=gen) < cfg.mask_prob) & (ids >= N_SPECIAL) & (ids < gene_end)
     out = dict(batch)
     out["mlm_mask"] = sel
-    if tokenizer == "rank":
+    if "gene" in enc.targets:
         r = torch.rand(ids.shape, generator=gen)
-        rand_ids = torch.randint(N_SPECIAL, n_tokens, ids.shape, generator=gen)
+        rand_ids = torch.randint(N_SPECIAL, gene_end, ids.shape, generator=gen)
         new = torch.where(sel & (r < cfg.replace_prob), torch.full_like(ids, MASK), ids)
         new = torch.where(sel & (r >= cfg.replace_prob) & (r < cfg.replace_prob + cfg.random_prob), rand_ids, new)
         out["input_ids"] = new
         out["targets"] = ids
-    elif tokenizer == "bin":
+    if "bin" in enc.targets:
         bins = batch["bins"]
         out["bins"] = torch.where(sel, torch.full_like(bins, n_bins), bins)
         out["targets"] = bins
-    elif tokenizer == "value":
+    if "value" in enc.targets:
         vals = batch["values"]
         out["values"] = torch.where(sel, torch.full_like(vals, cfg.mask_value), vals)
-        out["targets"] = vals
-    else:
-        raise ValueError(f"tokenizer: must be rank|bin|value, got {tokenizer!r}")
+        out["value_targets" if "gene" in enc.targets else "targets"] = vals
+    return out
+
+
+def next_token_batch(batch: dict) -> dict:
+    """NTP targets: position t of a cell predicts its token t + 1 (``targets``), scored wherever that
+    next token exists (``mlm_mask``): <cls> predicts the first gene, the last gene predicts <eos>."""
+    ids, real = batch["input_ids"], batch["attention_mask"].bool()
+    out = dict(batch)
+    tgt = torch.zeros_like(ids)
+    tgt[:, :-1] = ids[:, 1:]
+    sel = torch.zeros_like(real)
+    sel[:, :-1] = real[:, 1:]
+    out["targets"], out["mlm_mask"] = tgt, sel
     return out

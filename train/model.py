@@ -1,7 +1,12 @@
-"""A pre-LN transformer encoder over gene tokens (``CellEncoder``).
+"""A pre-LN transformer over gene tokens (``CellEncoder``), built from the encoding's declarations.
 
-Input embedding = gene embedding + (rank position | expression-bin embedding | projected value),
-depending on the tokenizer. The ``<cls>`` output is the cell embedding.
+Input embedding = gene embedding (+ position embedding where the encoding's order carries
+information) (+ expression-bin embedding | projected value, the encoding's per-token channel); heads
+per MLM target: gene id (tied to the gene embedding), bin, value (``loader.encodings``). With
+``causal`` (next-token prediction, tGPT) every token attends only to itself and the tokens before it
+in its cell. The ``<cls>`` output is the cell embedding of a bidirectional model; a causal model's
+``<cls>`` sees nothing, so its "cls" pooling is the last token's state (the one that saw the whole
+cell) and "mean" the mean over its gene tokens (tGPT's feature).
 
 Attention sees only tokens of the same cell: every model input carries ``segment_ids`` (0 = pad,
 k >= 1 = k-th cell of the row), so one code path serves padded batches (one cell per row) and packed
@@ -49,13 +54,15 @@ class Block(nn.Module):
     def _attend(self, h: torch.Tensor, attn) -> torch.Tensor:
         p = self.p_attn if self.training else 0.0
         if attn[0] == "varlen":  # h: [T, d] flattened real tokens
-            _, cu, max_len, kernel = attn
+            _, cu, max_len, kernel, _ = attn
             q, k, v = self.qkv(h).unflatten(-1, (3, self.n_heads, -1)).unbind(-3)  # [T, H, Dh]
             if kernel is not None:  # torch's varlen_attn has no dropout: attention dropout is skipped
                 return kernel(q, k, v, cu, cu, max_len, max_len).flatten(-2)
             sizes = cu.diff().tolist()
             # split (not slicing): its backward is one cat, where slices would each allocate a [T, d] grad
-            cells = [F.scaled_dot_product_attention(*(t.transpose(0, 1).unsqueeze(0) for t in qkv), dropout_p=p)
+            causal = attn[4]
+            cells = [F.scaled_dot_product_attention(*(t.transpose(0, 1).unsqueeze(0) for t in qkv), dropout_p=p,
+                                                    is_causal=causal)
                      for qkv in zip(q.split(sizes), k.split(sizes), v.split(sizes))]  # one cell each, no mask
             return torch.cat([c[0].transpose(0, 1) for c in cells]).flatten(-2)
         mask = attn[1]
@@ -66,35 +73,47 @@ class Block(nn.Module):
 
 
 class CellEncoder(nn.Module):
-    """Transformer encoder of tokenized cells.
+    """Transformer over tokenized cells of the encoding ``tokenizer`` (``loader.encodings``).
 
-    ``n_tokens`` = 4 specials + number of vocabulary genes; ``max_len`` bounds rank positions.
+    ``n_tokens`` = 4 specials + vocabulary genes + the encoding's own tokens; ``max_len`` bounds
+    positions; ``gene_end`` = 4 + number of vocabulary genes (ids in [4, gene_end) are genes: the only
+    tokens masked and drawn as random replacements; None: every id from 4 up).
     """
 
-    def __init__(self, cfg: ModelConfig, tokenizer: str, n_tokens: int, max_len: int, n_bins: int = 51):
+    def __init__(self, cfg: ModelConfig, tokenizer: str, n_tokens: int, max_len: int, n_bins: int = 51, *,
+                 causal: bool = False, gene_end: int | None = None):
         super().__init__()
-        if tokenizer not in ("rank", "bin", "value"):
-            raise ValueError(f"tokenizer: must be rank|bin|value, got {tokenizer!r}")
+        from atlasflow.loader.encodings import get_encoding
+
+        enc = get_encoding(tokenizer)
         if n_tokens <= N_SPECIAL:
             raise ValueError(f"n_tokens: must exceed the {N_SPECIAL} special tokens, got {n_tokens}")
-        self.cfg, self.tokenizer = cfg, tokenizer
+        if causal and not enc.causal_ok:
+            raise ValueError(f"causal: next-token prediction needs an ordered encoding with gene-id targets; "
+                             f"{tokenizer!r} is not one")
+        self.cfg, self.tokenizer, self.encoding, self.causal = cfg, tokenizer, enc, bool(causal)
         self.n_tokens, self.max_len, self.n_bins = n_tokens, max_len, n_bins
+        self.gene_end = int(gene_end) if gene_end is not None else n_tokens
         d = cfg.d_model
         self.gene_emb = nn.Embedding(n_tokens, d, padding_idx=PAD)
-        if tokenizer == "rank":
+        if enc.positional:
             self.pos_emb = nn.Embedding(max_len, d)
-        elif tokenizer == "bin":
+        if enc.side == "bins":
             self.bin_emb = nn.Embedding(n_bins + 1, d)  # index n_bins = masked bin
-        else:
+        elif enc.side == "values":
             self.value_proj = nn.Sequential(nn.Linear(1, d), nn.GELU(), nn.Linear(d, d))
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.ln_f = nn.LayerNorm(d)
-        # MLM head: gene ids (tied to the gene embedding), bins, or a scalar value.
-        if tokenizer == "rank":
+        # Heads: gene ids (tied to the gene embedding); one more (named ``head``) for a bin or value target.
+        if "gene" in enc.targets:
             self.head_bias = nn.Parameter(torch.zeros(n_tokens))
-        else:
+        others = [t for t in enc.targets if t != "gene"]
+        if len(others) > 1:
+            raise ValueError(f"encoding {tokenizer}: at most one non-gene target, got {others}")
+        self.other_target = others[0] if others else None
+        if self.other_target is not None:
             self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d),
-                                      nn.Linear(d, n_bins if tokenizer == "bin" else 1))
+                                      nn.Linear(d, n_bins if self.other_target == "bin" else 1))
         self.apply(self._init)
 
     @staticmethod
@@ -109,37 +128,45 @@ class CellEncoder(nn.Module):
         """Hidden states [R, L, d] for model inputs (see ``pack.model_inputs``)."""
         ids, seg = inputs["input_ids"], inputs["segment_ids"]
         x = self.gene_emb(ids)
-        if self.tokenizer == "rank":
+        enc = self.encoding
+        if enc.positional:
             x = x + self.pos_emb(inputs["position_ids"].clamp(max=self.max_len - 1))
-        elif self.tokenizer == "bin":
+        if enc.side == "bins":
             x = x + self.bin_emb(inputs["bins"])
-        else:
+        elif enc.side == "values":
             x = x + self.value_proj(inputs["values"].unsqueeze(-1).to(x.dtype)) * (ids != PAD).unsqueeze(-1)
-        kernel = varlen_kernel(x)
+        kernel = varlen_kernel(x, self.causal)
         if self.cfg.attention == "varlen" or (self.cfg.attention == "auto" and inputs.get("packed", False)
                                               and kernel is not None):
             real = seg > 0
             cu, max_len = _cu_seqlens(seg)
             h = x[real]
-            attn = ("varlen", cu, max_len, kernel)
+            attn = ("varlen", cu, max_len, kernel, self.causal)
             for blk in self.blocks:
                 h = blk(h, attn)
             x = x.new_zeros(x.shape).masked_scatter(real.unsqueeze(-1), self.ln_f(h).to(x.dtype))
             return x
-        if bool((seg <= 1).all()):  # one cell per row: a key-padding mask (pad queries see the cell; ignored)
+        if bool((seg <= 1).all()) and not self.causal:  # one cell per row: key padding (pad queries: ignored)
             mask = None if bool((seg == 1).all()) else (seg > 0)[:, None, None, :]
         else:  # packed rows: block-diagonal; pad queries see only pads, so no row is all-False
             mask = (seg.unsqueeze(-1) == seg.unsqueeze(-2)).unsqueeze(1)
+            if self.causal:  # and only earlier tokens (the diagonal stays: no empty row either)
+                n = seg.shape[1]
+                mask = mask & torch.ones(n, n, dtype=torch.bool, device=seg.device).tril()
         for blk in self.blocks:
             x = blk(x, ("sdpa", mask))
         return self.ln_f(x)
 
-    def predict(self, hidden: torch.Tensor) -> torch.Tensor:
-        """MLM predictions for selected hidden states [N, d]: logits [N, C] or values [N]."""
-        if self.tokenizer == "rank":
-            return hidden @ self.gene_emb.weight.t() + self.head_bias
-        out = self.head(hidden)
-        return out.squeeze(-1) if self.tokenizer == "value" else out
+    def predict(self, hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Predictions for selected hidden states [N, d], per target: "gene" logits [N, n_tokens],
+        "bin" logits [N, n_bins], "value" [N]."""
+        out = {}
+        if "gene" in self.encoding.targets:
+            out["gene"] = hidden @ self.gene_emb.weight.t() + self.head_bias
+        if self.other_target is not None:
+            h = self.head(hidden)
+            out[self.other_target] = h.squeeze(-1) if self.other_target == "value" else h
+        return out
 
     # -- cell embeddings -----------------------------------------------------------------
     @torch.no_grad()
@@ -151,35 +178,48 @@ class CellEncoder(nn.Module):
             raise ValueError(f"pooling: must be 'cls' or 'mean', got {pooling!r}")
         dev = next(self.parameters()).device
         inputs = model_inputs({k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}, pack=False)
-        h = self.forward(inputs)
+        return self.pool(self.forward(inputs), inputs, pooling).float()
+
+    def pool(self, h: torch.Tensor, inputs: dict, pooling: str) -> torch.Tensor:
+        """Cell vectors [B, d] from hidden states of unpacked inputs: "cls" (a causal model: its last
+        token), or "mean" over the gene tokens (not specials, not an encoding's own tokens)."""
+        if pooling == "cls" and self.causal:  # the last real token: the only one that saw the whole cell
+            last = (inputs["segment_ids"] > 0).sum(1) - 1
+            return h[torch.arange(h.shape[0], device=h.device), last]
         if pooling == "cls":
-            return h[:, 0].float()
-        genes = (inputs["input_ids"] >= N_SPECIAL).unsqueeze(-1).to(h.dtype)
-        return ((h * genes).sum(1) / genes.sum(1).clamp(min=1)).float()
+            return h[:, 0]
+        ids = inputs["input_ids"]
+        genes = ((ids >= N_SPECIAL) & (ids < self.gene_end)).unsqueeze(-1).to(h.dtype)
+        return (h * genes).sum(1) / genes.sum(1).clamp(min=1)
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
 
-def varlen_kernel(x: torch.Tensor):
+def varlen_kernel(x: torch.Tensor, causal: bool = False):
     """The varlen attention kernel for activations like ``x``, or None (then: block-diagonal SDPA).
 
     Flash kernels exist only on CUDA and only for half precision (bf16 autocast counts).
-    Signature: (q, k, v, cu_q, cu_k, max_q, max_k) with q, k, v [T, H, Dh] -> [T, H, Dh].
+    Signature: (q, k, v, cu_q, cu_k, max_q, max_k) with q, k, v [T, H, Dh] -> [T, H, Dh]; ``causal``
+    is bound in (torch: window (-1, 0); flash_attn: causal=True).
     """
     if not x.is_cuda or not (x.dtype in (torch.bfloat16, torch.float16) or torch.is_autocast_enabled("cuda")):
         return None
     try:
         from torch.nn.attention.varlen import varlen_attn  # torch >= 2.10
 
-        return varlen_attn
+        if not causal:
+            return varlen_attn
+        return lambda q, k, v, cu_q, cu_k, max_q, max_k: varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k,
+                                                                     window_size=(-1, 0))
     except ImportError:
         pass
     try:
         from flash_attn import flash_attn_varlen_func
     except ImportError:
         return None
-    return lambda q, k, v, cu_q, cu_k, max_q, max_k: flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
+    return lambda q, k, v, cu_q, cu_k, max_q, max_k: flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k,
+                                                                            causal=causal)
 
 
 def _cu_seqlens(seg: torch.Tensor) -> tuple[torch.Tensor, int]:

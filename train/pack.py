@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 # Per-token fields that are moved along with the tokens (whichever are present).
-TOKEN_FIELDS = ("input_ids", "values", "bins", "targets", "mlm_mask")
+TOKEN_FIELDS = ("input_ids", "values", "bins", "targets", "value_targets", "mlm_mask")
 
 
 def model_inputs(batch: dict, pack: bool, row_len: int | None = None, pad_to: int | None = None) -> dict:

@@ -328,6 +328,7 @@ def to_loader(cfg: QueryConfig, loader_cfg=None):
     a store has: write the query with ``to_store`` first).
     """
     from atlasflow.loader import LoaderConfig, make_loader
+    from atlasflow.loader.encodings import get_encoding
 
     loader_cfg = loader_cfg or LoaderConfig()
     if cfg.per_label_cap or cfg.fraction < 1.0:
@@ -339,9 +340,9 @@ def to_loader(cfg: QueryConfig, loader_cfg=None):
         if not cfg.uri:
             raise ValueError("QueryConfig.uri: a loader over Census reads a local mirror (uri=ROOT, as "
                              "cellxgene_census.open_soma(uri=...)); write remote Census queries with to_store")
-        if loader_cfg.tokenizer == "rank":
-            raise ValueError("LoaderConfig.tokenizer: 'rank' needs per-gene medians, which a Census experiment "
-                             "does not have; use 'bin' or 'value', or write the query with to_store (gene "
+        if get_encoding(loader_cfg.tokenizer).needs_medians:
+            raise ValueError(f"LoaderConfig.tokenizer: {loader_cfg.tokenizer!r} needs per-gene medians, which a "
+                             "Census experiment does not have; use 'bin', 'ebin', 'value' or 'uce', or write the query with to_store (gene "
                              "stats are computed there)")
     select(cfg)  # refuse an empty query with the query's own message
     obs_filter = cfg.obs_filter or None

@@ -50,10 +50,24 @@ def n_buckets(max_len: int) -> int:
     return int(position_bucket(torch.tensor([max(max_len - 1, 0)]))[0]) + 1
 
 
-def keys_and_targets(tokenizer: str, inputs: dict, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(context key, target) of the selected tokens: (position bucket, gene) for rank, (gene, bin|value)."""
-    if tokenizer == "rank":
-        return position_bucket(inputs["position_ids"][sel]), inputs["targets"][sel].long()
+def baseline_kind(tokenizer: str, objective: str = "mlm") -> str:
+    """What the baselines predict, from the encoding's declaration: "rank" (a gene id, keyed by its
+    position: rank, rank_value's id part, uce), "bin", "value", or "next" (NTP: the next token, keyed by
+    its position)."""
+    from atlasflow.loader.encodings import get_encoding
+
+    if objective == "ntp":
+        return "next"
+    targets = get_encoding(tokenizer).targets
+    return "rank" if "gene" in targets else targets[0]
+
+
+def keys_and_targets(kind: str, inputs: dict, sel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(context key, target) of the selected tokens: (position bucket, gene) for rank, (gene, bin|value);
+    next: (the target's own position bucket, the next token)."""
+    if kind in ("rank", "next"):
+        pos = inputs["position_ids"][sel] + (1 if kind == "next" else 0)
+        return position_bucket(pos), inputs["targets"][sel].long()
     target = inputs["targets"][sel]
     return inputs["input_ids"][sel].long(), (target.long() if tokenizer == "bin" else target.double())
 
@@ -85,15 +99,21 @@ class Baselines:
         return cls(d["tokenizer"], d["uni"], d["cond"], meta)
 
 
-def collect_sample(loader, n_cells: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per-cell (positions, ids, values-or-bins) of the real gene tokens of up to n_cells cells."""
+def collect_sample(loader, n_cells: int, gene_end: int | None = None,
+                   every_token: bool = False) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per-cell (positions, ids, values-or-bins) of the real gene tokens (ids in [4, gene_end)) of up to
+    n_cells cells; ``every_token``: every real token after <cls> (what NTP predicts)."""
     cells = []
     loader.dataset.set_epoch(0)
     for batch in loader:
         ids = batch["input_ids"]
         val = batch.get("bins", batch.get("values"))
         for i in range(ids.shape[0]):
-            real = ids[i] >= N_SPECIAL
+            if every_token:
+                real = batch["attention_mask"][i].bool().clone()
+                real[0] = False
+            else:
+                real = (ids[i] >= N_SPECIAL) & (ids[i] < (gene_end if gene_end is not None else ids.max() + 1))
             pos = torch.nonzero(real).squeeze(1)
             cells.append((pos, ids[i][real].long(), None if val is None else val[i][real]))
             if len(cells) >= n_cells:
@@ -105,7 +125,7 @@ def _sample_tokens(tokenizer: str, cells) -> tuple[torch.Tensor, torch.Tensor, t
     """(keys, targets, cell index) of every gene token of the sample."""
     keys, tgts, owner = [], [], []
     for c, (pos, ids, val) in enumerate(cells):
-        if tokenizer == "rank":
+        if tokenizer in ("rank", "next"):
             keys.append(position_bucket(pos))
             tgts.append(ids)
         else:
@@ -137,7 +157,7 @@ def estimate(tokenizer: str, cells, n_tokens: int, n_bins: int, max_len: int,
     keys, tgts, owner = _sample_tokens(tokenizer, cells)
     if tgts.numel() == 0:
         raise ValueError("baselines: the sample has no gene tokens (empty cells?)")
-    n_keys = n_buckets(max_len) if tokenizer == "rank" else n_tokens
+    n_keys = n_buckets(max_len) if tokenizer in ("rank", "next") else n_tokens
     fit_a, test_b = owner % 2 == 0, owner % 2 == 1
     if tokenizer == "value":
         def nll(a, b, uni_only):  # squared error of the smoothed means on the held-out half
@@ -146,11 +166,16 @@ def estimate(tokenizer: str, cells, n_tokens: int, n_bins: int, max_len: int,
             return float(((tgts[test_b] - pred) ** 2).mean())
         a = 0.0
     else:
-        n_classes = n_tokens if tokenizer == "rank" else n_bins
+        n_classes = n_tokens if tokenizer in ("rank", "next") else n_bins
         prior = torch.zeros(n_classes, dtype=torch.float64)
-        if tokenizer == "rank":
-            nnz = gene_nnz.double() if gene_nnz is not None else torch.ones(n_tokens - N_SPECIAL, dtype=torch.float64)
-            prior[N_SPECIAL:] = nnz / nnz.sum()
+        if tokenizer in ("rank", "next"):  # gene tokens by their store nnz; an encoding's own tokens uniform
+            n_genes = len(gene_nnz) if gene_nnz is not None else n_tokens - N_SPECIAL
+            nnz = gene_nnz.double() if gene_nnz is not None else torch.ones(n_genes, dtype=torch.float64)
+            prior[N_SPECIAL:N_SPECIAL + n_genes] = nnz / nnz.sum()
+            if tokenizer == "next" or n_tokens > N_SPECIAL + n_genes:  # <eos>, chromosome tokens: seen in the sample
+                prior[N_SPECIAL + n_genes:] += 1.0 / n_tokens
+                prior[2:4] += 1.0 / n_tokens
+                prior /= prior.sum()
         else:
             prior[1:] = 1.0 / (n_classes - 1)  # bins 1..n_bins-1 (0 is <cls>'s)
 
@@ -166,8 +191,8 @@ def estimate(tokenizer: str, cells, n_tokens: int, n_bins: int, max_len: int,
         uni, cond = _cat_fit(keys, tgts, n_keys, n_classes, prior, a, b)
         uni, cond = uni.float(), cond.float()
     meta = {"n_cells": len(cells), "n_tokens": int(tgts.numel()), "alpha": a, "beta": b,
-            "prior": "gene stats nnz" if tokenizer == "rank" and gene_nnz is not None else "uniform",
-            "key": "rank position bucket" if tokenizer == "rank" else "gene"}
+            "prior": "gene stats nnz" if tokenizer in ("rank", "next") and gene_nnz is not None else "uniform",
+            "key": "rank position bucket" if tokenizer in ("rank", "next") else "gene"}
     log.info("baselines: %d cells, %d tokens, pseudo-counts a=%g b=%g", len(cells), tgts.numel(), a, b)
     return Baselines(tokenizer, uni, cond, meta)
 
@@ -214,7 +239,10 @@ def vocab_stats(cfg, vocab, need: bool) -> tuple:
 def make_loader_for(cfg, lcfg, vocab, medians):
     from atlasflow.loader import make_loader
 
-    return make_loader(cfg.data.store, lcfg, vocab=vocab, gene_medians=medians if lcfg.tokenizer == "rank" else None)
+    from atlasflow.loader.encodings import get_encoding
+
+    return make_loader(cfg.data.store, lcfg, vocab=vocab,
+                       gene_medians=medians if get_encoding(lcfg.tokenizer).needs_medians else None)
 
 
 def _side_config(lcfg, n_cells: int, **over):
@@ -227,23 +255,25 @@ def _side_config(lcfg, n_cells: int, **over):
 
 def fit_baselines(cfg, lcfg, vocab, medians, gene_nnz, n_tokens: int) -> Baselines:
     n = cfg.train.baseline_cells
-    cells = collect_sample(make_loader_for(cfg, _side_config(lcfg, n), vocab, medians), n)
-    return estimate(cfg.data.tokenizer, cells, n_tokens, cfg.data.n_bins, cfg.data.max_len, gene_nnz)
+    kind = baseline_kind(cfg.data.tokenizer, cfg.objective.kind)
+    cells = collect_sample(make_loader_for(cfg, _side_config(lcfg, n), vocab, medians), n,
+                           gene_end=N_SPECIAL + len(vocab.gene_joinids), every_token=kind == "next")
+    return estimate(kind, cells, n_tokens, cfg.data.n_bins, cfg.data.max_len, gene_nnz)
 
 
-def batch_baselines(baselines: Baselines, tokenizer: str, inputs: dict) -> tuple[float, float]:
-    """Mean unigram / conditional loss of this batch's masked tokens."""
+def batch_baselines(baselines: Baselines, inputs: dict) -> tuple[float, float]:
+    """Mean unigram / conditional loss of this batch's scored tokens."""
     sel = inputs["mlm_mask"]
     n = int(sel.sum())
     if n == 0:
         return 0.0, 0.0
-    u, c = baselines.score(*keys_and_targets(tokenizer, inputs, sel))
+    u, c = baselines.score(*keys_and_targets(baselines.tokenizer, inputs, sel))
     return u / n, c / n
 
 
 def val_inputs(cfg, lcfg, vocab, medians, n_tokens: int, baselines: Baselines, rank: int) -> dict | None:
     """The fixed held-out set: masked model inputs of this rank's first val cells (same every call)."""
-    from .masking import mask_batch, masking_generator
+    from .masking import masking_generator
     from .pack import model_inputs
 
     if cfg.train.eval_every == 0 or cfg.train.eval_cells == 0:
@@ -267,13 +297,22 @@ def val_inputs(cfg, lcfg, vocab, medians, n_tokens: int, baselines: Baselines, r
         if i >= n_batches:
             break
         gen = masking_generator(cfg.data.seed, -1, i, rank)  # epoch -1: a stream training never uses
-        m = mask_batch(batch, cfg.data.tokenizer, cfg.masking, gen, n_tokens, cfg.data.n_bins)
+        m = prepare_batch(cfg, batch, gen, n_tokens, N_SPECIAL + len(vocab.gene_joinids))
         inputs = model_inputs(m, pack=cfg.data.pack)
         sel = inputs["mlm_mask"]
-        u, c = baselines.score(*keys_and_targets(cfg.data.tokenizer, inputs, sel))
+        u, c = baselines.score(*keys_and_targets(baselines.tokenizer, inputs, sel))
         uni, cond, masked = uni + u, cond + c, masked + int(sel.sum())
         out.append(inputs)
     return {"inputs": out, "uni": uni, "cond": cond, "masked": masked, "cells": n_batches * lcfg.batch_size}
+
+
+def prepare_batch(cfg, batch: dict, gen, n_tokens: int, gene_end: int) -> dict:
+    """The objective's view of a loader batch: masked (MLM) or with next-token targets (NTP)."""
+    from .masking import mask_batch, next_token_batch
+
+    if cfg.objective.kind == "ntp":
+        return next_token_batch(batch)
+    return mask_batch(batch, cfg.data.tokenizer, cfg.masking, gen, n_tokens, cfg.data.n_bins, gene_end)
 
 
 def _reduce(values: list[float], device) -> list[float]:
