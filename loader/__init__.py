@@ -15,14 +15,16 @@ config.py (memory knobs) and state.py (resume).
 from .api import AtlasLoader, make_loader
 from .config import LoaderConfig
 from .dataset import CellStream, resolve_rank_world
+from .encodings import ENCODINGS, Encoding, get_encoding
 from .memory import tune_allocator
+from .meta_tokens import MetaVocab
 from .split import assign_splits, split_of
 from .thinning import thin_block
-from .tokenize import TokenBlock, Tokenizer, gene_hash
+from .tokenize import TokenBlock, Tokenizer, gene_hash, prepend_tokens
 from .vocab import CLS, EOS, MASK, PAD, SPECIALS, Vocab
 
 __all__ = [
-    "AtlasLoader", "CLS", "CellStream", "EOS", "LoaderConfig", "MASK", "PAD", "SPECIALS", "TokenBlock", "Tokenizer",
-    "Vocab", "assign_splits", "gene_hash", "make_loader", "resolve_rank_world", "split_of", "thin_block",
-    "tune_allocator",
+    "AtlasLoader", "CLS", "CellStream", "ENCODINGS", "EOS", "Encoding", "LoaderConfig", "MASK", "MetaVocab", "PAD",
+    "SPECIALS", "TokenBlock", "Tokenizer", "Vocab", "assign_splits", "gene_hash", "get_encoding", "make_loader",
+    "prepend_tokens", "resolve_rank_world", "split_of", "thin_block", "tune_allocator",
 ]

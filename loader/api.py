@@ -55,7 +55,7 @@ def _worker_context():
 
 
 def make_loader(store, cfg: LoaderConfig | None = None, *, vocab: Vocab | None = None,
-                gene_medians: np.ndarray | None = None, **overrides) -> AtlasLoader:
+                gene_medians: np.ndarray | None = None, meta_vocab=None, **overrides) -> AtlasLoader:
     """Build the loader: ``make_loader("atlas/", LoaderConfig(tokenizer="bin", batch_size=32))``.
 
     Keyword ``overrides`` replace config fields (``make_loader(uri, seed=1)``). Batches are dicts of
@@ -66,12 +66,14 @@ def make_loader(store, cfg: LoaderConfig | None = None, *, vocab: Vocab | None =
     are dropped. ``gene_medians`` (rank tokenizer, required with ``vocab``): the medians the model was
     trained with, aligned with ``vocab.gene_feature_ids``; the store's own gene stats are not used.
     ``thin_range`` / ``thin_prob`` (depth augmentation) apply the same way with or without ``vocab``:
-    every store gene is thinned, then tokenized.
+    every store gene is thinned, then tokenized. ``meta_vocab`` (with ``meta_columns``): the metadata
+    vocabulary a checkpoint was trained with (a ``MetaVocab`` or its dict); None builds it from the
+    query's values (``loader.dataset.meta_vocab``).
     """
     cfg = cfg or LoaderConfig()
     if overrides:
         cfg = LoaderConfig(**{**cfg.to_dict(), **overrides})
-    ds = CellStream(store, cfg, vocab=vocab, gene_medians=gene_medians)
+    ds = CellStream(store, cfg, vocab=vocab, gene_medians=gene_medians, meta_vocab=meta_vocab)
     kw = {}
     if cfg.num_workers > 0:
         kw = {"prefetch_factor": 2, "persistent_workers": False, "multiprocessing_context": _worker_context()}

@@ -67,6 +67,7 @@ class LoaderConfig:
     num_workers: int = 0
     obs_filter: str | None = None
     obs_columns: tuple[str, ...] = ()
+    meta_columns: tuple[str, ...] = ()  # obs columns prepended as tokens after <cls> (see meta_tokens.py)
     balance_by: str | None = None
     balance_alpha: float = 1.0
     split: str | None = None
@@ -93,6 +94,10 @@ class LoaderConfig:
 
     def __post_init__(self):
         object.__setattr__(self, "obs_columns", tuple(self.obs_columns))
+        object.__setattr__(self, "meta_columns", tuple(self.meta_columns))
+        if len(set(self.meta_columns)) != len(self.meta_columns) or not all(
+                isinstance(c, str) and c for c in self.meta_columns):
+            raise ValueError(f"LoaderConfig.meta_columns: distinct non-empty column names, got {self.meta_columns!r}")
         if self.thin_range is not None:
             _check_thin_range(self.thin_range)
             object.__setattr__(self, "thin_range", (float(self.thin_range[0]), float(self.thin_range[1])))

@@ -26,7 +26,8 @@ from .runs import Runs
 from .state import STATE_FORMAT_VERSION, STREAM_FORMAT, check_state
 from .encodings import get_encoding
 from .encodings.uce import column_coordinates
-from .tokenize import TokenBlock, Tokenizer
+from .meta_tokens import MetaVocab
+from .tokenize import TokenBlock, Tokenizer, prepend_tokens
 from .vocab import N_SPECIAL, Vocab
 
 _log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class CellStream(IterableDataset):
     aligned with ``vocab.gene_feature_ids`` (the store's own gene stats are then not needed)."""
 
     def __init__(self, store, cfg: LoaderConfig | None = None, *, vocab: Vocab | None = None,
-                 gene_medians: np.ndarray | None = None):
+                 gene_medians: np.ndarray | None = None, meta_vocab: MetaVocab | dict | None = None):
         cfg = cfg or LoaderConfig()
         if not isinstance(cfg, LoaderConfig):
             raise TypeError(f"CellStream: cfg must be a LoaderConfig, got {type(cfg).__name__}")
@@ -96,12 +97,12 @@ class CellStream(IterableDataset):
         if cfg.num_workers == 0:
             kernels.start()
         try:
-            self._build(store, cfg, vocab, gene_medians)
+            self._build(store, cfg, vocab, gene_medians, meta_vocab)
         finally:
             if kernels.is_alive():
                 kernels.join()
 
-    def _build(self, store, cfg: LoaderConfig, vocab, gene_medians):
+    def _build(self, store, cfg: LoaderConfig, vocab, gene_medians, meta_vocab):
         store = store if isinstance(store, Store) else open_store(os.fspath(store), cfg.timestamp_ms)
         self.cfg = cfg
         self.locator = store.locator
@@ -118,8 +119,8 @@ class CellStream(IterableDataset):
         self._coordinates = column_coordinates(store.var()) \
             if enc.needs_coordinates else None
         with store.experiment() as exp:
-            check_columns(exp, [cfg.balance_by, cfg.split_by if cfg.split else None, *cfg.obs_columns],
-                          "balance_by / split_by / obs_columns")
+            check_columns(exp, [cfg.balance_by, cfg.split_by if cfg.split else None, *cfg.obs_columns,
+                                *cfg.meta_columns], "balance_by / split_by / obs_columns / meta_columns")
             runs = query_runs(exp, Runs.from_ranges(store.complete_ranges()), cfg.obs_filter)
             if cfg.split is not None:
                 runs = restrict_to_split(runs, column_labels(exp, runs, cfg.split_by, cfg.obs_filter),
@@ -131,13 +132,27 @@ class CellStream(IterableDataset):
             if strat is not None and strat not in exp.obs.schema.names:
                 strat = None  # stratification is an optimization; a store without the column just shuffles
             # One pass over obs for every column asked for (run-length where the plan needs segments).
-            wanted = {c: False for c in cfg.obs_columns}
+            wanted = {c: False for c in (*cfg.obs_columns, *cfg.meta_columns)}
             wanted.update({c: True for c in (cfg.balance_by, strat) if c})
             labels = obs_labels(exp, runs, wanted, cfg.obs_filter) if wanted else {}
             self.groups = labels[cfg.balance_by] if cfg.balance_by else None
             self.strata = labels[strat] if strat else None
-            self.obs_categories = {c: labels[c] if isinstance(labels[c], list) else labels[c].categories
-                                   for c in cfg.obs_columns}
+            cats = {c: labels[c] if isinstance(labels[c], list) else labels[c].categories
+                    for c in (*cfg.obs_columns, *cfg.meta_columns)}
+            self.obs_categories = {c: cats[c] for c in cfg.obs_columns}
+        self._read_columns = tuple(dict.fromkeys((*cfg.obs_columns, *cfg.meta_columns)))
+        self._read_categories = cats
+        self.meta_vocab = self._meta_lookups = None
+        if cfg.meta_columns:
+            base = len(self.vocab) + len(enc.extra_tokens)
+            mv = MetaVocab.from_dict(meta_vocab) if isinstance(meta_vocab, dict) else meta_vocab
+            if mv is None:
+                mv = MetaVocab.from_categories(cfg.meta_columns, cats, base)
+            if mv.columns != cfg.meta_columns or mv.base != base:
+                raise ValueError(f"make_loader: meta_vocab: columns {mv.columns} from token {mv.base} do not match "
+                                 f"LoaderConfig.meta_columns {cfg.meta_columns} from token {base}")
+            self.meta_vocab = mv
+            self._meta_lookups = [mv.lookup(i, cats[c]) for i, c in enumerate(cfg.meta_columns)]
         self.runs = runs
         self._fingerprint = hashlib.blake2b(runs.starts.tobytes() + runs.stops.tobytes(), digest_size=8).hexdigest()
         self.rank, self.world_size = resolve_rank_world(cfg)
@@ -284,7 +299,7 @@ class CellStream(IterableDataset):
         def read(task):  # one open handle per read thread
             reader = getattr(local, "reader", None)
             if reader is None:
-                reader = local.reader = BlockReader(self.locator, cfg.obs_columns, self.obs_categories,
+                reader = local.reader = BlockReader(self.locator, self._read_columns, self._read_categories,
                                                     slot=next(slots_))
                 readers.append(reader)
             return task, reader.read(task[2])
@@ -295,6 +310,9 @@ class CellStream(IterableDataset):
             block = tok(indptr, cols, vals, ids, order.epoch)
             del cols, vals
             block.labels = labels
+            if self._meta_lookups:  # <cls>, then one token per metadata column
+                block = prepend_tokens(block, np.stack([lut[labels[c]] for lut, c in
+                                                        zip(self._meta_lookups, cfg.meta_columns)], axis=1))
             want = np.concatenate([np.arange(a, b) for a, b in task[2]])
             if len(want) != len(ids):  # duplicates (remainder="pad"): restore the multiplicity
                 block = block.take(np.searchsorted(ids, want))

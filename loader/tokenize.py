@@ -88,6 +88,35 @@ class TokenBlock:
                           {k: np.concatenate([b.labels[k] for b in blocks]) for k in blocks[0].labels})
 
 
+def prepend_tokens(block: TokenBlock, tokens: np.ndarray) -> TokenBlock:
+    """``block`` with ``tokens`` [n, k] inserted after each cell's first token (its ``<cls>``); their
+    values / bins are 0 (what ``<cls>`` carries). Metadata tokens (``meta_tokens.py``) use it."""
+    tokens = np.asarray(tokens, dtype=np.int32)
+    n, k = tokens.shape
+    if n != len(block):
+        raise ValueError(f"prepend_tokens: {n} rows of tokens for {len(block)} cells")
+    if k == 0:
+        return block
+    if (block.lengths < 1).any():
+        raise ValueError("prepend_tokens: a cell without its first (<cls>) token")
+    offsets = block.offsets + k * np.arange(n + 1, dtype=np.int64)
+    total = int(offsets[-1])
+    meta_at = (offsets[:-1, None] + 1 + np.arange(k)).ravel()
+    keep = np.ones(total, dtype=bool)
+    keep[meta_at] = False
+
+    def spread(a, fill):
+        if a is None:
+            return None
+        out = np.empty(total, dtype=a.dtype)
+        out[keep] = a
+        out[meta_at] = fill
+        return out
+
+    return TokenBlock(offsets, spread(block.ids, tokens.ravel()), block.joinids, spread(block.values, 0),
+                      spread(block.bins, 0), block.labels)
+
+
 def _gather_index(starts: np.ndarray, lens: np.ndarray, out_offsets: np.ndarray) -> np.ndarray:
     """Flat source index of rows (start, len) laid end to end."""
     total = int(out_offsets[-1])
@@ -105,13 +134,14 @@ class Tokenizer:
     ``lut`` maps a store column to its token (-1: not in the vocabulary); ``medians`` (encodings that
     need them) are indexed by column; ``coordinates`` = (chromosome code, start) per column (``uce``);
     ``n_vocab`` = the vocabulary's size (specials + genes): an encoding's own tokens are numbered from
-    there. ``thin_range`` / ``thin_prob``: depth augmentation as ``LoaderConfig.thin_range`` /
+    there. ``prefix_tokens``: the same tokens after every cell's ``<cls>`` (a checkpoint's metadata
+    tokens for cells whose values it does not know). ``thin_range`` / ``thin_prob``: depth augmentation as ``LoaderConfig.thin_range`` /
     ``thin_prob`` (None: off), seeded by (seed, epoch, joinid, column), applied before tokenizing."""
 
     def __init__(self, kind: str, max_len: int, n_bins: int, lut: np.ndarray, medians: np.ndarray | None,
                  seed: int, *, thin_range: tuple[float, float] | None = None, thin_prob: float = 0.5,
                  coordinates: tuple[np.ndarray, np.ndarray] | None = None, n_vocab: int | None = None,
-                 bin_width: float = 1.0):
+                 bin_width: float = 1.0, prefix_tokens=None):
         from .encodings import get_encoding
 
         self.encoding = enc = get_encoding(kind)
@@ -141,6 +171,8 @@ class Tokenizer:
         self.coordinates = None if coordinates is None else \
             (np.ascontiguousarray(coordinates[0], dtype=np.int16), np.ascontiguousarray(coordinates[1], dtype=np.int64))
         self.quantile_points = np.linspace(0, 1, n_bins - 1)  # numpy's own quantile points, passed to the kernel
+        self.prefix_tokens = None if prefix_tokens is None or len(prefix_tokens) == 0 else \
+            np.asarray(prefix_tokens, dtype=np.int32)
 
     def __call__(self, indptr: np.ndarray, cols: np.ndarray, vals: np.ndarray, joinids: np.ndarray,
                  epoch: int) -> TokenBlock:
@@ -152,7 +184,10 @@ class Tokenizer:
         if self.thin_range is not None and self.thin_prob > 0:
             indptr, cols, vals, _ = thin_block(indptr, cols, vals, joinids, seed=self.seed, epoch=epoch,
                                                thin_range=self.thin_range, thin_prob=self.thin_prob)
-        return self.encoding.tokenize(self, indptr, cols, vals, joinids, epoch)
+        block = self.encoding.tokenize(self, indptr, cols, vals, joinids, epoch)
+        if self.prefix_tokens is not None:
+            block = prepend_tokens(block, np.broadcast_to(self.prefix_tokens, (len(block), len(self.prefix_tokens))))
+        return block
 
 
 def _safe_lookup(lut: np.ndarray, cols: np.ndarray) -> np.ndarray:

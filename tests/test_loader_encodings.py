@@ -198,3 +198,51 @@ def test_every_encoding_declares_what_the_trainer_reads():
     assert ENCODINGS["uce"].extra_tokens[-1] == "</chr>" and len(ENCODINGS["uce"].extra_tokens) == 26
     with pytest.raises(ValueError, match="below the uce encoding's minimum"):
         LoaderConfig(tokenizer="uce", max_len=40)
+
+
+def _by_cell(uri, **kw):
+    out = {}
+    for jid, seq, _, _ in stream(uri, shuffle=False, **kw):
+        out[jid] = seq
+    return out
+
+
+def test_meta_tokens_follow_cls_and_the_rest_is_the_plain_encoding(tmp_path_factory):
+    from atlasflow.loader import MetaVocab
+    from test_loader_fixtures import SYNTH_GENES, synth_store
+
+    uri = synth_store(tmp_path_factory)
+    obs = open_store(uri).obs(["dataset_id", "cell_type"])
+    cols = ("dataset_id", "cell_type")
+    plain = _by_cell(uri, tokenizer="value")
+    loader = make_loader(uri, LoaderConfig(tokenizer="value", meta_columns=cols, batch_size=20, window_cells=80,
+                                           read_cells=40, chunk_cells=16, shuffle=False))
+    mv = loader.dataset.meta_vocab
+    base = 4 + SYNTH_GENES  # after the vocabulary (value has no tokens of its own)
+    assert mv.base == base and mv.columns == cols
+    assert mv.values == (tuple(sorted(set(obs["dataset_id"]))), tuple(sorted(set(obs["cell_type"]))))
+    seen = 0
+    for b in loader:
+        for i, jid in enumerate(b["soma_joinid"].tolist()):
+            n = int(b["lengths"][i])
+            ids, vals = b["input_ids"][i, :n].numpy(), b["values"][i, :n].numpy()
+            ds, ct = obs.loc[jid, "dataset_id"], obs.loc[jid, "cell_type"]
+            want_meta = [base + 1 + mv.values[0].index(ds), base + 1 + len(mv.values[0]) + 1 + mv.values[1].index(ct)]
+            assert ids[0] == CLS and list(ids[1:3]) == want_meta and (vals[1:3] == 0).all()
+            assert np.array_equal(np.delete(ids, [1, 2]), plain[jid]["input_ids"])
+            assert np.array_equal(np.delete(vals, [1, 2]), plain[jid]["values"])
+            seen += 1
+    assert seen == len(plain)
+    # a checkpoint's vocabulary that lacks a value: that dataset's cells get <unk:dataset_id>
+    d = mv.to_dict()
+    d["values"][0] = d["values"][0][:1]
+    known = d["values"][0][0]
+    loader2 = make_loader(uri, LoaderConfig(tokenizer="value", meta_columns=cols, batch_size=20, window_cells=80,
+                                            read_cells=40, chunk_cells=16, shuffle=False),
+                          meta_vocab=MetaVocab.from_dict(d))
+    for b in loader2:
+        for i, jid in enumerate(b["soma_joinid"].tolist()):
+            want = base + 1 if obs.loc[jid, "dataset_id"] == known else base
+            assert int(b["input_ids"][i, 1]) == want
+    with pytest.raises(ValueError, match="version"):
+        MetaVocab.from_dict({**d, "version": 9})

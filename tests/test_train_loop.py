@@ -12,7 +12,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import numpy as np
 import torch
+
+from atlasflow.loader.batching import collate
+from atlasflow.loader.encodings import ENCODINGS
 
 from atlasflow.store import open_store
 from atlasflow.train.checkpoint import load_checkpoint, read_part
@@ -154,16 +158,38 @@ def test_a_checkpoint_from_before_elastic_resume_is_refused_by_name(store, tmp_p
     assert enc.n_tokens > 4
 
 
-@pytest.mark.parametrize("tokenizer", ["bin", "value"])
-def test_other_tokenizers_train_from_the_loader(store, tmp_path, tokenizer):
-    cfg = config(store, **{"data.tokenizer": tokenizer, "train.max_steps": 3, "train.ckpt_every": 3,
-                           "optim.grad_accum": 2})
+@pytest.mark.parametrize("tokenizer,objective", [("bin", "mlm"), ("value", "mlm"), ("ebin", "mlm"),
+                                                 ("rank_value", "mlm"), ("uce", "mlm"), ("rank", "ntp"),
+                                                 ("uce", "ntp"), ("rank", "mlm+meta")])
+def test_other_encodings_and_objectives_train_from_the_loader(store, tmp_path, tokenizer, objective):
+    meta = objective.endswith("+meta")
+    objective = objective.removesuffix("+meta")
+    cfg = config(store, **{"data.tokenizer": tokenizer, "objective.kind": objective, "train.max_steps": 3,
+                           "train.ckpt_every": 3, "optim.grad_accum": 2,
+                           "data.meta_columns": ["dataset_id"] if meta else []})
     ctx, reports = local_context(tmp_path / "run")
     st = run_worker(cfg, ctx)
     assert st["step"] == 3 and st["micro_in_epoch"] == 6  # 3 optimizer steps x 2 accumulated batches
-    assert all(torch.isfinite(torch.tensor(r["loss"])) and r["loss"] > 0 for r in reports)
-    enc, _, _ = load_checkpoint(tmp_path / "run" / "ckpt_3")
-    assert enc.tokenizer == tokenizer
+    for r in reports:
+        assert torch.isfinite(torch.tensor(r["loss"])) and r["loss"] > 0
+        assert r["unigram_loss"] is not None and torch.isfinite(torch.tensor(r["unigram_loss"]))
+    enc, _, vocab = load_checkpoint(tmp_path / "run" / "ckpt_3")
+    assert enc.tokenizer == tokenizer and enc.causal == (objective == "ntp")
+    extra = len(ENCODINGS[tokenizer].extra_tokens)
+    n_meta = 3 if meta else 0  # <unk:dataset_id> + the store's 2 datasets
+    assert enc.gene_end == 4 + len(vocab.gene_joinids) and enc.n_tokens == enc.gene_end + extra + n_meta
+    if meta:
+        from atlasflow.train.embed import PretrainedModel
+
+        for mode, n_prefix in (("keep", 1), ("drop", 0)):
+            m = PretrainedModel(str(tmp_path / "run" / "ckpt_3"), meta_tokens=mode)
+            tok, _ = m.tokenizer_for(vocab.gene_feature_ids[:20])
+            blk = tok(np.array([0, 3]), np.array([0, 1, 2], dtype=np.int32), np.array([1, 2, 3], np.float32),
+                      np.array([0]), 0)
+            assert blk.lengths[0] == 2 + 3 + n_prefix  # <cls> (<unk:dataset_id>) 3 genes <eos>
+            if n_prefix:
+                assert blk.ids[1] == m.meta_vocab.base  # the column's <unk>
+            assert m.encoder.embed(collate(blk, np.arange(1))).shape == (1, m.encoder.cfg.d_model)
 
 
 def test_bench_smoke(store):

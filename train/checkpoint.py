@@ -94,7 +94,9 @@ def read_part(path: str | Path, name: str, map_location="cpu"):
 
 
 def build_encoder(config: Config, model_meta: dict) -> CellEncoder:
-    return CellEncoder(config.model, model_meta["tokenizer"], model_meta["n_tokens"], model_meta["max_len"],
+    """The encoder a checkpoint's ``model.json`` describes (positions cover max_len + metadata tokens)."""
+    n_meta = len((model_meta.get("meta_vocab") or {}).get("columns", ()))
+    return CellEncoder(config.model, model_meta["tokenizer"], model_meta["n_tokens"], model_meta["max_len"] + n_meta,
                        model_meta["n_bins"], causal=model_meta.get("objective", "mlm") == "ntp",
                        gene_end=model_meta.get("gene_end"))
 

@@ -59,6 +59,9 @@ class DataConfig:
     gene_filter: str = ""
     n_bins: int = 51
     bin_width: float = 1.0  # ebin: width of the shared log1p(CP10k) grid (scBERT: 1)
+    # obs columns whose values become tokens after <cls> (assay, dataset_id, ...); their vocabulary is
+    # saved in the checkpoint (loader/meta_tokens.py). [] = none.
+    meta_columns: tuple[str, ...] = ()
     split: str = ""  # "" | train | val | test
     split_by: str = "dataset_id"
     # Pack each loader batch into rows of max_len tokens, attention per cell (no FLOP on padding).

@@ -51,7 +51,13 @@ class EmbedConfig:
 class PretrainedModel:
     """A checkpoint's encoder with everything needed to tokenize data it has never seen."""
 
-    def __init__(self, checkpoint: str, medians_store: str | None = None, device: str | torch.device = "cpu"):
+    def __init__(self, checkpoint: str, medians_store: str | None = None, device: str | torch.device = "cpu",
+                 meta_tokens: str = "keep"):
+        """``meta_tokens`` (a checkpoint trained with metadata tokens): "keep" gives every cell its
+        columns' tokens (``<unk:column>`` where the value is not known to the model, always so for
+        in-memory counts, which carry no store obs), "drop" leaves them out (does the model lean on them?)."""
+        from atlasflow.loader import MetaVocab
+
         from .checkpoint import load_checkpoint, read_part
 
         self.checkpoint = str(checkpoint)
@@ -59,6 +65,11 @@ class PretrainedModel:
         self.meta = read_part(checkpoint, "model.json")
         self.device = torch.device(device)
         self.token_of = self.vocab.token_of_feature()
+        if meta_tokens not in ("keep", "drop"):
+            raise ValueError(f"meta_tokens: must be 'keep' or 'drop', got {meta_tokens!r}")
+        mv = self.meta.get("meta_vocab")
+        self.meta_vocab = MetaVocab.from_dict(mv) if mv else None
+        self.meta_tokens = meta_tokens
         from atlasflow.loader.encodings import get_encoding
 
         self.encoding = get_encoding(self.meta["tokenizer"])
@@ -103,8 +114,15 @@ class PretrainedModel:
             coords = column_coordinates(pd.DataFrame({"feature_id": feature_ids}))
         tok = Tokenizer(m["tokenizer"], m["max_len"], m["n_bins"], lut, med, self.config.data.seed,
                         coordinates=coords, n_vocab=m.get("gene_end", N_SPECIAL + len(self.vocab.gene_joinids)),
-                        bin_width=m.get("bin_width", 1.0))
+                        bin_width=m.get("bin_width", 1.0), prefix_tokens=self.prefix_tokens)
         return tok, int((lut < 0).sum())
+
+    @property
+    def prefix_tokens(self) -> np.ndarray | None:
+        """The metadata tokens of a cell whose values are unknown (None: none, or dropped)."""
+        if self.meta_vocab is None or self.meta_tokens == "drop":
+            return None
+        return self.meta_vocab.unknown(1)[0]
 
     def embed_block(self, block, cfg: EmbedConfig, encoder: torch.nn.Module | None = None) -> np.ndarray:
         """Embeddings [n, d] for a TokenBlock, in block order."""

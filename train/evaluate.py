@@ -70,6 +70,7 @@ class EvalConfig:
     scib: bool = True  # scib-metrics scores (skipped, with a note, when scib-metrics is not installed)
     block_cells: int = 4096
     plot: bool = True
+    meta_tokens: str = "keep"  # a model with metadata tokens: keep (<unk> for unknown values) or drop them
 
     def __post_init__(self):
         object.__setattr__(self, "test_groups", tuple(str(g) for g in self.test_groups))
@@ -242,7 +243,7 @@ def run_eval(checkpoint, store, out: str = "atlasflow_eval", cfg: EvalConfig | N
     ckpts = [str(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else [str(checkpoint)]
     if len(ckpts) > 1 and len(ckpts) != len(cfg.seeds):
         raise ValueError(f"EvalConfig.seeds: {len(ckpts)} checkpoints need {len(ckpts)} seeds, got {cfg.seeds}")
-    model = PretrainedModel(ckpts[0], medians_store)
+    model = PretrainedModel(ckpts[0], medians_store, meta_tokens=cfg.meta_tokens)
     sources = list(store) if isinstance(store, (list, tuple)) else [store]
     es = load_eval_set(sources, cfg)
     try:
@@ -346,7 +347,7 @@ def _score_model(kind: str, ckpt: str, seed: int, cfg: EvalConfig, ctx: dict, ou
 
     es, tr, te, genes = ctx["es"], ctx["tr"], ctx["te"], ctx["genes"]
     ytr, yte = es.labels[tr], es.labels[te]
-    model = PretrainedModel(ckpt, ctx["medians_store"])
+    model = PretrainedModel(ckpt, ctx["medians_store"], meta_tokens=cfg.meta_tokens)
     tok, _ = model.tokenizer_for(es.feature_ids, genes)
     block = tokenize(tok, es.X, np.arange(es.X.shape[0]))
     pools = tuple(dict.fromkeys((*cfg.embedding_poolings, cfg.pooling)))

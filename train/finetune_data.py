@@ -46,6 +46,8 @@ class StreamSpec:
     max_len: int
     n_bins: int
     bin_width: float = 1.0  # ebin's grid
+    meta_columns: tuple[str, ...] = ()  # metadata tokens from these obs columns (the checkpoint's), via meta_vocab
+    meta_vocab: dict | None = None
     census_organism: str | None = None  # a Census mirror, read in place (store.census_view)
     # early stopping: the loader's hash split by this column (train / val fractions), or None
     val_by: str | None = None
@@ -107,6 +109,8 @@ def plan_stream(model, source, label: str, label_map: dict | None = None, val_by
                       label_map=label_map, vocab=model.vocab.to_dict(), gene_medians=med,
                       tokenizer=model.meta["tokenizer"], max_len=int(model.meta["max_len"]),
                       n_bins=int(model.meta["n_bins"]), bin_width=float(model.meta.get("bin_width", 1.0)),
+                      meta_columns=model.meta_vocab.columns if model.prefix_tokens is not None else (),
+                      meta_vocab=model.meta_vocab.to_dict() if model.prefix_tokens is not None else None,
                       census_organism=census,
                       val_by=val_by if vfr else None, val_fractions=vfr)
 
@@ -146,12 +150,13 @@ def stream_loader(spec: StreamSpec, batch_size: int, seed: int, rank: int, world
     if thin is not None and "thin_range" in {f.name for f in fields(LoaderConfig)}:
         extra.update(thin_range=tuple(thin[0]), thin_prob=float(thin[1]))
     cfg = LoaderConfig(tokenizer=spec.tokenizer, max_len=spec.max_len, n_bins=spec.n_bins, bin_width=spec.bin_width,
-                       batch_size=batch_size,
+                       meta_columns=spec.meta_columns, batch_size=batch_size,
                        shuffle=split != "val", seed=seed, obs_filter=spec.obs_filter, obs_columns=(spec.label,),
                        rank=rank, world_size=world_size, remainder="pad", timestamp_ms=spec.timestamp_ms,
                        num_workers=0, **extra)
     store = _open(spec.store, spec.census_organism, spec.timestamp_ms)
-    return make_loader(store, cfg, vocab=Vocab.from_dict(spec.vocab), gene_medians=spec.gene_medians)
+    return make_loader(store, cfg, vocab=Vocab.from_dict(spec.vocab), gene_medians=spec.gene_medians,
+                       meta_vocab=spec.meta_vocab)
 
 
 def _open(uri: str, census_organism: str | None, timestamp_ms: int | None):

@@ -52,7 +52,7 @@ def tokenizer_spec(model, feature_ids, genes: set | None = None) -> tuple[dict, 
     tok, dropped = model.tokenizer_for(feature_ids, genes)
     return {"kind": tok.kind, "max_len": tok.max_len, "n_bins": tok.n_bins, "lut": tok.lut,
             "medians": tok.medians, "seed": tok.seed, "coordinates": tok.coordinates, "n_vocab": tok.n_vocab,
-            "bin_width": tok.bin_width}, dropped
+            "bin_width": tok.bin_width, "prefix_tokens": tok.prefix_tokens}, dropped
 
 
 def make_tokenizer(spec: dict, thin_range=None, thin_prob: float = 1.0):
@@ -61,7 +61,7 @@ def make_tokenizer(spec: dict, thin_range=None, thin_prob: float = 1.0):
     from atlasflow.loader import Tokenizer
 
     args = (spec["kind"], spec["max_len"], spec["n_bins"], spec["lut"], spec["medians"], spec["seed"])
-    kw = {k: spec[k] for k in ("coordinates", "n_vocab", "bin_width") if k in spec}
+    kw = {k: spec[k] for k in ("coordinates", "n_vocab", "bin_width", "prefix_tokens") if k in spec}
     if thin_range is None:
         return Tokenizer(*args, **kw)
     return Tokenizer(*args, thin_range=tuple(thin_range), thin_prob=float(thin_prob), **kw)

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from atlasflow.store.schema import check_format
 
-from .checkpoint import read_part, save_checkpoint
+from .checkpoint import build_encoder, read_part, save_checkpoint
 from .config import Config
 from . import signals as S
 from atlasflow.loader.encodings import get_encoding
@@ -70,7 +70,7 @@ def loader_config(cfg: Config, rank: int, world_size: int):
                         split=d.split or None, split_by=d.split_by, rank=rank, world_size=world_size,
                         n_bins=d.n_bins, gene_filter=d.gene_filter or None, bucket_batches=d.bucket_batches,
                         timestamp_ms=d.timestamp_ms or None, thin_range=tuple(d.thin_range) or None,
-                        thin_prob=d.thin_prob, bin_width=d.bin_width)
+                        thin_prob=d.thin_prob, bin_width=d.bin_width, meta_columns=tuple(d.meta_columns))
 
 
 def parallel_kwargs(strategy: str) -> dict | None:
@@ -172,25 +172,27 @@ class _Trainer:
         """Data (vocabulary, stats, loader), learning-signal baselines, the model and its optimizer."""
         cfg = _pinned_snapshot(cfg, ctx, d)
         saved_vocab = read_part(d, "vocab.json") if d is not None else None
+        saved_meta = read_part(d, "model.json").get("meta_vocab") if d is not None else None
         vocab = loader.dataset.vocab if loader is not None else S.training_vocab(cfg, saved_vocab)
         enc = get_encoding(cfg.data.tokenizer)
         medians, gene_nnz = S.vocab_stats(cfg, vocab, need=enc.needs_medians)
         if loader is None:
-            loader = S.make_loader_for(cfg, loader_config(cfg, ctx.rank, ctx.world_size), vocab, medians)
+            loader = S.make_loader_for(cfg, loader_config(cfg, ctx.rank, ctx.world_size), vocab, medians, saved_meta)
+        meta = loader.dataset.meta_vocab
         gene_end = N_SPECIAL + len(vocab.gene_joinids)
-        n_tokens = gene_end + len(enc.extra_tokens)
+        n_tokens = gene_end + len(enc.extra_tokens) + (meta.n_tokens if meta else 0)
         if d is not None and "baselines.pt" in read_part(d, "format.json")["parts"]:
             baselines = Baselines.from_state_dict(read_part(d, "baselines.pt"))
         else:  # every rank fits the same seeded sample: no broadcast needed
-            baselines = S.fit_baselines(cfg, loader_config(cfg, 0, 1), vocab, medians, gene_nnz, n_tokens)
+            baselines = S.fit_baselines(cfg, loader_config(cfg, 0, 1), vocab, medians, gene_nnz, n_tokens, meta)
         val_set = S.val_inputs(cfg, loader_config(cfg, ctx.rank, ctx.world_size), vocab, medians, n_tokens,
-                               baselines, ctx.rank)
+                               baselines, ctx.rank, meta)
         model_meta = {"tokenizer": cfg.data.tokenizer, "n_tokens": n_tokens, "max_len": cfg.data.max_len,
                       "n_bins": cfg.data.n_bins, "bin_width": cfg.data.bin_width, "gene_end": gene_end,
-                      "extra_tokens": list(enc.extra_tokens), "objective": cfg.objective.kind}
+                      "extra_tokens": list(enc.extra_tokens), "objective": cfg.objective.kind,
+                      "meta_vocab": meta.to_dict() if meta else None}
         torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
-        encoder = CellEncoder(cfg.model, cfg.data.tokenizer, n_tokens, cfg.data.max_len, cfg.data.n_bins,
-                              causal=cfg.objective.kind == "ntp", gene_end=gene_end)
+        encoder = build_encoder(cfg, model_meta)
         if cfg.train.compile:
             for blk in encoder.blocks:  # in place: state-dict keys stay unchanged
                 blk.compile(dynamic=True)

@@ -68,7 +68,10 @@ class Block(nn.Module):
         mask = attn[1]
         b, n, _ = h.shape
         q, k, v = self.qkv(h).view(b, n, 3, self.n_heads, -1).permute(2, 0, 3, 1, 4)  # [B, H, L, Dh]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        if isinstance(mask, str):  # "causal"
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         return out.transpose(1, 2).reshape(b, n, -1)
 
 
@@ -146,8 +149,10 @@ class CellEncoder(nn.Module):
                 h = blk(h, attn)
             x = x.new_zeros(x.shape).masked_scatter(real.unsqueeze(-1), self.ln_f(h).to(x.dtype))
             return x
-        if bool((seg <= 1).all()) and not self.causal:  # one cell per row: key padding (pad queries: ignored)
-            mask = None if bool((seg == 1).all()) else (seg > 0)[:, None, None, :]
+        if bool((seg == 1).all()):  # full rows of one cell each: no mask (causal: SDPA's own is_causal)
+            mask = "causal" if self.causal else None
+        elif bool((seg <= 1).all()) and not self.causal:  # one cell per row: key padding (pad queries: ignored)
+            mask = (seg > 0)[:, None, None, :]
         else:  # packed rows: block-diagonal; pad queries see only pads, so no row is all-False
             mask = (seg.unsqueeze(-1) == seg.unsqueeze(-2)).unsqueeze(1)
             if self.causal:  # and only earlier tokens (the diagonal stays: no empty row either)

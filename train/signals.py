@@ -69,7 +69,7 @@ def keys_and_targets(kind: str, inputs: dict, sel: torch.Tensor) -> tuple[torch.
         pos = inputs["position_ids"][sel] + (1 if kind == "next" else 0)
         return position_bucket(pos), inputs["targets"][sel].long()
     target = inputs["targets"][sel]
-    return inputs["input_ids"][sel].long(), (target.long() if tokenizer == "bin" else target.double())
+    return inputs["input_ids"][sel].long(), (target.long() if kind == "bin" else target.double())
 
 
 class Baselines:
@@ -236,12 +236,11 @@ def vocab_stats(cfg, vocab, need: bool) -> tuple:
     return stats["nonzero_median"].to_numpy(), torch.as_tensor(stats["nnz"].to_numpy().astype("float64"))
 
 
-def make_loader_for(cfg, lcfg, vocab, medians):
+def make_loader_for(cfg, lcfg, vocab, medians, meta_vocab=None):
     from atlasflow.loader import make_loader
-
     from atlasflow.loader.encodings import get_encoding
 
-    return make_loader(cfg.data.store, lcfg, vocab=vocab,
+    return make_loader(cfg.data.store, lcfg, vocab=vocab, meta_vocab=meta_vocab,
                        gene_medians=medians if get_encoding(lcfg.tokenizer).needs_medians else None)
 
 
@@ -253,12 +252,13 @@ def _side_config(lcfg, n_cells: int, **over):
     return dataclasses.replace(lcfg, bucket_batches=0, num_workers=0, window_cells=window, chunk_cells=64, **over)
 
 
-def fit_baselines(cfg, lcfg, vocab, medians, gene_nnz, n_tokens: int) -> Baselines:
+def fit_baselines(cfg, lcfg, vocab, medians, gene_nnz, n_tokens: int, meta_vocab=None) -> Baselines:
     n = cfg.train.baseline_cells
     kind = baseline_kind(cfg.data.tokenizer, cfg.objective.kind)
-    cells = collect_sample(make_loader_for(cfg, _side_config(lcfg, n), vocab, medians), n,
+    cells = collect_sample(make_loader_for(cfg, _side_config(lcfg, n), vocab, medians, meta_vocab), n,
                            gene_end=N_SPECIAL + len(vocab.gene_joinids), every_token=kind == "next")
-    return estimate(kind, cells, n_tokens, cfg.data.n_bins, cfg.data.max_len, gene_nnz)
+    # positions run over max_len + the metadata tokens
+    return estimate(kind, cells, n_tokens, cfg.data.n_bins, cfg.data.max_len + len(cfg.data.meta_columns), gene_nnz)
 
 
 def batch_baselines(baselines: Baselines, inputs: dict) -> tuple[float, float]:
@@ -271,7 +271,8 @@ def batch_baselines(baselines: Baselines, inputs: dict) -> tuple[float, float]:
     return u / n, c / n
 
 
-def val_inputs(cfg, lcfg, vocab, medians, n_tokens: int, baselines: Baselines, rank: int) -> dict | None:
+def val_inputs(cfg, lcfg, vocab, medians, n_tokens: int, baselines: Baselines, rank: int,
+               meta_vocab=None) -> dict | None:
     """The fixed held-out set: masked model inputs of this rank's first val cells (same every call)."""
     from .masking import masking_generator
     from .pack import model_inputs
@@ -285,7 +286,7 @@ def val_inputs(cfg, lcfg, vocab, medians, n_tokens: int, baselines: Baselines, r
     # Natural depth (no thinning): the held-out number is the one a user's cells would get.
     vcfg = _side_config(lcfg, cfg.train.eval_cells, split="val", thin_range=None)
     try:
-        loader = make_loader_for(cfg, vcfg, vocab, medians)
+        loader = make_loader_for(cfg, vcfg, vocab, medians, meta_vocab)
     except ValueError as exc:
         log.warning("held-out loss off: no usable 'val' split (%s)", exc)
         return None

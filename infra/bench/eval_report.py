@@ -50,9 +50,11 @@ def pretrain(store: str, runs: Path, name: str, steps: int, overrides: dict | No
 
     done = _finished(runs, name, steps)
     if done:  # re-running the report re-evaluates without pretraining again
-        last = read_part(done, "train_state.json")["history"][-1]
+        st = read_part(done, "train_state.json")
+        last = st["history"][-1]
         return {"checkpoint": done, "steps": steps, "final_loss": last.get("loss"),
-                "masked_accuracy": last.get("masked_accuracy"), "seconds": None, "reused": True}
+                "masked_accuracy": last.get("masked_accuracy"), "seconds": st.get("bench_seconds"), "reused": True,
+                **_signals(last)}
 
     cfg = load_preset(preset).with_overrides({
         "data.store": store, "run.storage_path": str(runs), "run.name": name, "train.max_steps": steps,
@@ -60,17 +62,23 @@ def pretrain(store: str, runs: Path, name: str, steps: int, overrides: dict | No
         "optim.warmup_steps": max(1, steps // 20), **(overrides or {})})
     t0 = time.time()
     out = run_training(cfg)
+    seconds = round(time.time() - t0, 1)
     return {"checkpoint": out["checkpoint"], "steps": out["step"], "final_loss": out["metrics"].get("loss"),
-            "masked_accuracy": out["metrics"].get("masked_accuracy"), "seconds": round(time.time() - t0, 1)}
+            "masked_accuracy": out["metrics"].get("masked_accuracy"), "seconds": seconds,
+            **_signals(out["metrics"])}
 
 
-def run_real(work: Path, steps: int, finetune_steps: int, seeds=(0, 1, 2), pretrain_seeds: int = 3,
-             preset: str = "debug", max_len: int = 1024, reverse: bool = False, scib: bool = True,
-             data_dir: str | None = None) -> dict:
+def _signals(last: dict) -> dict:
+    """The learning signals and throughput of a run's last logged step."""
+    return {k: last.get(k) for k in ("unigram_loss", "position_unigram_loss", "tokens_seen", "cells_seen",
+                                     "tokens_per_s", "cells_per_s")}
+
+
+def pbmc_store(work: Path, data_dir: str | None = None) -> tuple[Path, str]:
+    """(the real-data folder, the pretraining store of SoupX + Kang + scirpy under ``work``, built once)."""
     from atlasflow.ingest import ingest_paths
+    from atlasflow.store import open_store
     from atlasflow.store.stats import compute_gene_stats
-
-    from atlasflow.train.evaluate import EvalConfig, run_eval
 
     data = Path(data_dir) if data_dir else SHARED_DATA
     for f in (SOUPX, GARNETT, KANG, SCIRPY):
@@ -82,11 +90,18 @@ def run_real(work: Path, steps: int, finetune_steps: int, seeds=(0, 1, 2), pretr
         if not rep.ok and not rep.skipped:
             raise RuntimeError(f"ingest failed: {rep.to_dict()}")
     try:  # an interrupted earlier run may have stopped between ingest and stats
-        from atlasflow.store import open_store
-
         open_store(store).gene_stats()
     except LookupError:
         compute_gene_stats(store)
+    return data, store
+
+
+def run_real(work: Path, steps: int, finetune_steps: int, seeds=(0, 1, 2), pretrain_seeds: int = 3,
+             preset: str = "debug", max_len: int = 1024, reverse: bool = False, scib: bool = True,
+             data_dir: str | None = None) -> dict:
+    from atlasflow.train.evaluate import EvalConfig, run_eval
+
+    data, store = pbmc_store(work, data_dir)
     pres = []
     for s in list(seeds)[:max(1, pretrain_seeds)]:
         pres.append(pretrain(store, work / "runs", f"pbmc_{preset}_L{max_len}_s{s}", steps,

@@ -26,6 +26,7 @@ def environment() -> dict:
             out[mod] = __import__(mod).__version__
         except ImportError:
             pass
+    out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     return out
 
 
