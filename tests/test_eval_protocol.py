@@ -112,7 +112,7 @@ def test_head_is_layernorm_and_per_cell(setup):
 def test_early_stopping_restores_the_best_validation_step(setup, tmp_path):
     import torch.nn.functional as F
 
-    from atlasflow.train.embed import PretrainedModel, iter_input, tokenize
+    from atlasflow.train.embed import PretrainedModel, tokenize
     from atlasflow.train.finetune import FinetuneConfig, finetune_worker, load_classifier, predict
     from atlasflow.train.finetune_data import labelled_counts, memory_set, tokenizer_spec, validation_split
     from atlasflow.train.loop import WorkerContext

@@ -157,3 +157,15 @@ def test_library_messages_go_to_stderr_at_the_cli_level(capsys):
         assert "hidden" not in err and "shown" in err
     finally:
         logging.getLogger("atlasflow").setLevel(logging.NOTSET)
+
+
+def test_encodings_shootout_variants_parse_and_refuse_what_cannot_train():
+    from atlasflow.infra.bench.encodings import DEFAULT_VARIANTS, parse_variant
+
+    assert parse_variant("uce:ntp") == {"name": "uce:ntp", "tokenizer": "uce", "objective": "ntp", "meta": False}
+    assert parse_variant("rank+meta")["meta"] and parse_variant("rank+meta")["objective"] == "mlm"
+    assert {parse_variant(v)["tokenizer"] for v in DEFAULT_VARIANTS} == {"rank", "bin", "ebin", "value", "rank_value",
+                                                                          "uce"}
+    for bad, msg in (("bin:ntp", "ordered encoding"), ("words", "not one of"), ("rank:gpt", "mlm or ntp")):
+        with pytest.raises(ValueError, match=msg):
+            parse_variant(bad)

@@ -8,10 +8,11 @@ import pytest
 
 from atlasflow.loader import LoaderConfig, make_loader
 from atlasflow.loader import kernels as K
+from atlasflow.loader.encodings import ENCODINGS, NAMES
+from atlasflow.loader.encodings._sequence import seq_tokens
+from atlasflow.loader.encodings.rank import rank_tokens
 
 from test_loader_fixtures import real_store
-
-from atlasflow.loader.encodings import ENCODINGS, NAMES
 
 KERNELS = tuple({k.py_func.__name__: k for e in ENCODINGS.values() for k in e.kernels}.values()) + \
     (K.csr_from_coo_rows, K.cols_sorted_within_rows, K.scatter_rows)
@@ -123,7 +124,7 @@ def test_bin_kernel_equals_numpy_quantile_and_digitize(kind):
         rows.append(r)
     indptr, cols, vals = _block(rows)
     lut = np.arange(400, dtype=np.int32) + 4
-    _, ids, bins, _, _ = K.seq_tokens(indptr, cols, vals, lut, np.arange(len(rows), dtype=np.int64), np.uint64(1),
+    _, ids, bins, _, _ = seq_tokens(indptr, cols, vals, lut, np.arange(len(rows), dtype=np.int64), np.uint64(1),
                                       10_000, 2, np.linspace(0, 1, n_bins - 1), True)
     off = 0
     for r in rows:
@@ -164,7 +165,7 @@ def test_rank_kernel_orders_nearly_equal_values_exactly(spread):
     cols = np.concatenate([g for g, _ in rows]).astype(np.int32)
     vals = np.concatenate([v for _, v in rows])
     lut = np.arange(n_genes, dtype=np.int32) + 4
-    offsets, ids, _ = K.rank_tokens(indptr, cols, vals, lut, med, 10_000, 2, 3)
+    offsets, ids, _ = rank_tokens(indptr, cols, vals, lut, med, 10_000, 2, 3)
     for i, (g, v) in enumerate(rows):
         x = v.astype(np.float64)
         y = x / x.sum() * 1e4 / med[g]

@@ -36,7 +36,7 @@ from . import signals as S
 from atlasflow.loader.encodings import get_encoding
 
 from .masking import masking_generator
-from .model import N_SPECIAL, CellEncoder
+from .model import N_SPECIAL
 from .objective import PretrainObjective
 from .pack import model_inputs
 from .signals import Baselines

@@ -47,6 +47,8 @@ def parse_variant(v: str) -> dict:
     objective = objective or "mlm"
     if objective not in ("mlm", "ntp"):
         raise ValueError(f"--variants: {v!r}: objective must be mlm or ntp")
+    if objective == "ntp" and not get_encoding(enc).causal_ok:
+        raise ValueError(f"--variants: {v!r}: next-token prediction needs an ordered encoding (rank, rank_value, uce)")
     return {"name": v, "tokenizer": enc, "objective": objective, "meta": meta}
 
 
@@ -170,6 +172,13 @@ def to_markdown(out: dict) -> str:
             lines.append(f"| {r['name']}, tokens dropped at eval | — | — | {_fmt(d['frozen_lr']['accuracy'])} | "
                          f"{_fmt(d['control_frozen_lr']['accuracy'])} | {_fmt(d['frozen_knn']['accuracy'])} | "
                          f"{_fmt(d['cv_accuracy'])} | {_fmt(d['ari'])} | {_fmt(d['scib_total'])} | | | | |")
+    lines += ["", "| variant | fine-tuned macro-F1 | control fine-tuned macro-F1 | frozen mean + LR macro-F1 | NMI | "
+              "control ARI | scib bio | scib batch | control scib total |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res:
+        s = r["summary"]
+        lines.append(f"| {r['name']} | {_fmt(s['finetuned']['macro_f1'])} | {_fmt(s['finetuned_control']['macro_f1'])} | "
+                     f"{_fmt(s['frozen_lr']['macro_f1'])} | {_fmt(s['nmi'])} | {_fmt(s['control_ari'])} | "
+                     f"{_fmt(s['scib_bio'])} | {_fmt(s['scib_batch'])} | {_fmt(s['control_scib_total'])} |")
     b = res[0]["summary"]["baselines"] if res else {}
     if b:
         def acc(k, key="accuracy"):

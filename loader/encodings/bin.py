@@ -13,13 +13,14 @@ from __future__ import annotations
 import numpy as np
 
 from .. import kernels as K
+from ._sequence import seq_tokens
 from ..tokenize import TokenBlock, epoch_state
 from ..vocab import CLS
-from . import Encoding
+from .base import Encoding
 
 
 def tokenize(tok, indptr, cols, vals, joinids, epoch) -> TokenBlock:
-    offsets, ids, bins, _, _ = K.seq_tokens(indptr, cols, vals, tok.lut, joinids, epoch_state(tok.seed, epoch),
+    offsets, ids, bins, _, _ = seq_tokens(indptr, cols, vals, tok.lut, joinids, epoch_state(tok.seed, epoch),
                                             tok.max_len, CLS, tok.quantile_points, True)
     return TokenBlock(offsets, ids, joinids, bins=bins)
 
@@ -27,8 +28,8 @@ def tokenize(tok, indptr, cols, vals, joinids, epoch) -> TokenBlock:
 def warm() -> None:
     ip, cols, lut, vals_pair = K.sample_inputs()
     for vals in vals_pair:
-        K.seq_tokens(ip, cols, vals, lut, np.zeros(1, dtype=np.int64), np.uint64(1), 10, CLS,
+        seq_tokens(ip, cols, vals, lut, np.zeros(1, dtype=np.int64), np.uint64(1), 10, CLS,
                      np.linspace(0, 1, 50), True)
 
 
-ENCODING = Encoding("bin", tokenize, warm, (K.seq_tokens,), positional=False, side="bins", targets=("bin",))
+ENCODING = Encoding("bin", tokenize, warm, (seq_tokens,), positional=False, side="bins", targets=("bin",))

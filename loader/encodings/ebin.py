@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..tokenize import TokenBlock
-from . import Encoding
+from .base import Encoding
 from . import value as V
 
 

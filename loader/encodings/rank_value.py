@@ -15,19 +15,20 @@ import numpy as np
 from .. import kernels as K
 from ..tokenize import TokenBlock
 from ..vocab import CLS, EOS
-from . import Encoding
+from .base import Encoding
+from .rank import rank_tokens
 
 
 def tokenize(tok, indptr, cols, vals, joinids, epoch) -> TokenBlock:
-    offsets, ids, norm = K.rank_tokens(indptr, cols, vals, tok.lut, tok.medians, tok.max_len, CLS, EOS, True)
+    offsets, ids, norm = rank_tokens(indptr, cols, vals, tok.lut, tok.medians, tok.max_len, CLS, EOS, True)
     return TokenBlock(offsets, ids, joinids, values=np.log1p(norm, out=norm).astype(np.float32))
 
 
 def warm() -> None:
     ip, cols, lut, vals_pair = K.sample_inputs()
     for vals in vals_pair:
-        K.rank_tokens(ip, cols, vals, lut, np.ones(2), 10, CLS, EOS, True)
+        rank_tokens(ip, cols, vals, lut, np.ones(2), 10, CLS, EOS, True)
 
 
-ENCODING = Encoding("rank_value", tokenize, warm, (K.rank_tokens,), positional=True, side="values",
+ENCODING = Encoding("rank_value", tokenize, warm, (rank_tokens,), positional=True, side="values",
                     targets=("gene", "value"), needs_medians=True)

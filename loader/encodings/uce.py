@@ -32,7 +32,7 @@ from numba import njit
 from .. import kernels as K
 from ..tokenize import TokenBlock, epoch_state
 from ..vocab import CLS
-from . import Encoding
+from .base import Encoding
 
 log = logging.getLogger(__name__)
 

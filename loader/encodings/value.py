@@ -9,14 +9,15 @@ from __future__ import annotations
 import numpy as np
 
 from .. import kernels as K
+from ._sequence import seq_tokens
 from ..tokenize import TokenBlock, epoch_state
 from ..vocab import CLS
-from . import Encoding
+from .base import Encoding
 
 
 def normalized(tok, indptr, cols, vals, joinids, epoch):
     """(offsets, ids, x / raw_sum * 1e4 per token in float64) of the gene-ordered, sampled sequence."""
-    offsets, ids, _, norm, _ = K.seq_tokens(indptr, cols, vals, tok.lut, joinids, epoch_state(tok.seed, epoch),
+    offsets, ids, _, norm, _ = seq_tokens(indptr, cols, vals, tok.lut, joinids, epoch_state(tok.seed, epoch),
                                             tok.max_len, CLS, tok.quantile_points, False)
     return offsets, ids, norm
 
@@ -29,8 +30,8 @@ def tokenize(tok, indptr, cols, vals, joinids, epoch) -> TokenBlock:
 def warm() -> None:
     ip, cols, lut, vals_pair = K.sample_inputs()
     for vals in vals_pair:
-        K.seq_tokens(ip, cols, vals, lut, np.zeros(1, dtype=np.int64), np.uint64(1), 10, CLS,
+        seq_tokens(ip, cols, vals, lut, np.zeros(1, dtype=np.int64), np.uint64(1), 10, CLS,
                      np.linspace(0, 1, 50), False)
 
 
-ENCODING = Encoding("value", tokenize, warm, (K.seq_tokens,), positional=False, side="values", targets=("value",))
+ENCODING = Encoding("value", tokenize, warm, (seq_tokens,), positional=False, side="values", targets=("value",))
