@@ -12,7 +12,7 @@ EXIT_BUSY = 75  # EX_TEMPFAIL: another process holds the store's writer lease; t
 
 def register_cli(sub) -> None:
     try:
-        from atlasflow.ingest.synth_cli import register_synth_cli
+        from atlasflow.ingest.synth.cli import register_synth_cli
     except ModuleNotFoundError:
         pass
     else:

@@ -20,6 +20,10 @@ def test_wheel_holds_only_the_atlasflow_namespace(tmp_path):
     assert tops == {"atlasflow", next(t for t in tops if t.endswith(".dist-info"))}
     for pkg in PKGS:
         assert f"atlasflow/{pkg}/__init__.py" in names
+    # every source module travels, subpackages included (they must be listed in pyproject's packages)
+    sources = {f"atlasflow/{p.relative_to(ROOT).as_posix()}" for pkg in PKGS for p in (ROOT / pkg).rglob("*.py")
+               if "__pycache__" not in p.parts}
+    assert sources - set(names) == set()
     assert "atlasflow/train/presets/debug.toml" in names  # package data travels with the wheel
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "atlasflow = atlasflow.infra.cli:main" in entry_points

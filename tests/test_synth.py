@@ -22,7 +22,7 @@ import tiledbsoma as soma
 
 from atlasflow.ingest import synth
 from atlasflow.ingest.synth import SynthConfig, synthesize
-from atlasflow.ingest.synth_cli import register_synth_cli
+from atlasflow.ingest.synth.cli import register_synth_cli
 from atlasflow.store.schema import CENSUS_STRING_COLUMNS
 
 N, G, D, SEED = 300, 250, 4, 7

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 from anndata.io import sparse_dataset, write_elem
 
-from .synth import SYNTH_FORMAT_VERSION, Chunk, DatasetPlan, Model, SynthConfig
-from .synth_write import _Writer, _meta, obs_categoricals, var_frame
+from . import SYNTH_FORMAT_VERSION, Chunk, DatasetPlan, Model, SynthConfig
+from .write import _Writer, _meta, obs_categoricals, var_frame
 
 _RESIZABLE = {"maxshape": (None,), "chunks": True}
 

@@ -21,11 +21,11 @@ import tiledbsoma as soma
 from atlasflow.store.schema import CENSUS_STRING_COLUMNS
 from atlasflow.store.store import soma_context
 
-from . import synth_vocab as vocab
-from .synth import Chunk, DatasetPlan, Model, SynthConfig
+from . import vocab
+from . import Chunk, DatasetPlan, Model, SynthConfig
 from atlasflow.store.xwrite import write_x_global_order
 
-from .synth_write import SYNTH_META_KEY, _meta, _Writer, obs_arrow
+from .write import SYNTH_META_KEY, _meta, _Writer, obs_arrow
 
 CENSUS_OBS_SCHEMA = pa.schema(
     [("soma_joinid", pa.int64())]

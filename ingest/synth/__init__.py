@@ -36,7 +36,7 @@ import scipy.sparse as sp
 
 from atlasflow.store.genes import ORGANISM_FILES, gene_reference, organism_key
 
-from . import synth_vocab as vocab
+from . import vocab
 
 SYNTH_FORMAT_VERSION = 2  # bump when the same (seed, sizes) would produce different data
 TYPE_PROGRAM_SHARE = 0.5  # non-marker genes each cell type's broad program moves
@@ -346,7 +346,7 @@ def iter_chunks(cfg: SynthConfig, model: Model, plans: list[DatasetPlan]) -> Ite
 def synthesize(out: str, n_cells: int, n_genes: int, n_datasets: int, seed: int, layout: str = "h5ad",
                chunk_cells: int = 20_000, organism: str = "homo_sapiens") -> dict:
     """Generate a synthetic atlas at ``out``; returns a JSON-able summary (sizes, nnz, throughput)."""
-    from .synth_write import make_writer
+    from .write import make_writer
 
     cfg = SynthConfig(n_cells=n_cells, n_genes=n_genes, n_datasets=n_datasets, seed=seed, layout=layout,
                       chunk_cells=chunk_cells, organism=organism)

@@ -1,4 +1,4 @@
-"""``atlasflow synth``: generate a synthetic atlas (the lead wires ``register_synth_cli`` into ingest/cli.py)."""
+"""``atlasflow synth``: generate a synthetic atlas (wired into ingest/cli.py by ``register_synth_cli``)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .synth import synthesize
+    from . import synthesize
 
     try:
         summary = synthesize(args.out, n_cells=args.cells, n_genes=args.genes, n_datasets=args.datasets,

@@ -19,8 +19,8 @@ import pyarrow as pa
 from atlasflow.store.schema import CENSUS_STRING_COLUMNS
 from atlasflow.store.store import write_cells_csr
 
-from . import synth_vocab as vocab
-from .synth import SYNTH_FORMAT_VERSION, Chunk, DatasetPlan, Model, SynthConfig
+from . import vocab
+from . import SYNTH_FORMAT_VERSION, Chunk, DatasetPlan, Model, SynthConfig
 
 SYNTH_META_KEY = "atlasflow.synth"
 
@@ -105,10 +105,10 @@ def make_writer(cfg: SynthConfig, out: str, model: Model, plans: list[DatasetPla
     if not (cfg.layout == "store" and is_store(out)):  # a store layout may append to an existing store
         _require_empty(out)
     if cfg.layout == "h5ad":
-        from .synth_h5ad import H5adWriter
+        from .h5ad import H5adWriter
         return H5adWriter(cfg, out, model, plans)
     if cfg.layout == "census":
-        from .synth_census import CensusWriter
+        from .census import CensusWriter
         return CensusWriter(cfg, out, model, plans)
     return StoreLayoutWriter(cfg, out, model, plans, lease)
 
