@@ -163,6 +163,8 @@ class Tokenizer:
         self.kind, self.max_len, self.n_bins, self.seed = kind, max_len, n_bins, seed
         self.bin_width = float(bin_width)
         self.lut = np.ascontiguousarray(lut, dtype=np.int32)
+        if n_vocab is None and enc.extra_tokens:
+            raise ValueError(f"{kind} tokenizer: n_vocab is required (its own tokens are numbered after the vocabulary)")
         self.n_vocab = int(n_vocab) if n_vocab is not None else int(self.lut.max(initial=N_SPECIAL - 1)) + 1
         self.medians = None if medians is None else \
             np.where(np.isfinite(medians) & (medians > 0), medians, 1.0).astype(np.float64)
