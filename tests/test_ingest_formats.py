@@ -177,11 +177,11 @@ class _ReadLog:
 
 @pytest.mark.parametrize("name", ["ref_csr.h5ad", "csc.h5ad", "dense.h5ad", "filtered_feature_bc_matrix.h5"])
 def test_row_blocks_never_read_more_than_a_block(format_sources, monkeypatch, name):
-    from atlasflow.ingest import readers
+    from atlasflow.ingest import matrices
     from atlasflow.ingest.h5ad import open_counts
 
     d, X, _ = format_sources
-    monkeypatch.setattr(readers, "SCAN_NNZ", 5_000)  # scan chunk for CSC gathers
+    monkeypatch.setattr(matrices, "SCAN_NNZ", 5_000)  # scan chunk for CSC gathers (the matrix readers')
     block = 37
     src, node = open_counts(str(d / name), "X")
     log = _ReadLog(monkeypatch)
