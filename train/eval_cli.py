@@ -129,6 +129,8 @@ def register_cli(subparsers) -> None:
     v.add_argument("--medians-store")
     v.add_argument("--out", default="atlasflow_eval")
     v.add_argument("--no-plot", action="store_true")
+    v.add_argument("--meta-tokens", default="keep", choices=("keep", "drop"),
+                   help="a model with metadata tokens: keep them (<unk> for unknown values) or drop them")
     v.set_defaults(func=_eval)
 
 
@@ -208,7 +210,8 @@ def _eval(args) -> int:
                          test_fraction=args.test_fraction, label_map=_label_map(args.label_map),
                          pooling=args.pooling, finetune_steps=0 if args.finetuned else args.finetune_steps,
                          finetune_mode=args.finetune_mode, seeds=tuple(args.seeds), control=not args.no_control,
-                         cv_folds=args.cv_folds, scib=not args.no_scib, plot=not args.no_plot)
+                         cv_folds=args.cv_folds, scib=not args.no_scib, plot=not args.no_plot,
+                         meta_tokens=args.meta_tokens)
         table = run_eval(args.checkpoint, _sources(args), args.out, cfg, args.medians_store, args.finetuned)
     except (ValueError, FileNotFoundError) as exc:
         return _fail("eval", exc)

@@ -78,6 +78,8 @@ class EvalConfig:
             raise ValueError("EvalConfig.label: name the obs column with the cell-type labels")
         if not self.split_by:
             raise ValueError("EvalConfig.split_by: name the grouping column (dataset_id, donor_id)")
+        if self.meta_tokens not in ("keep", "drop"):
+            raise ValueError(f"EvalConfig.meta_tokens: must be 'keep' or 'drop', got {self.meta_tokens!r}")
         if not 0.0 < self.test_fraction < 1.0:
             raise ValueError(f"EvalConfig.test_fraction: must lie in (0, 1), got {self.test_fraction}")
         object.__setattr__(self, "seeds", tuple(int(v) for v in self.seeds) or (int(self.seed),))
