@@ -158,20 +158,22 @@ def to_markdown(out: dict) -> str:
              f"{out['preset']}; fine-tunes <= {out['finetune_steps']} steps. Load average at start "
              f"{out['environment'].get('loadavg')}, at end {out.get('loadavg_end')}.", "",
              "| variant | fine-tuned acc | control fine-tuned | frozen mean + LR | control frozen | frozen kNN | "
-             "CV acc (test cells) | ARI | scib total | tokens seen | tokens/s | pretrain s | eval s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "CV acc (test cells) | control CV | ARI | scib total | tokens seen | tokens/s | pretrain s | eval s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res:
         s = r["summary"]
         lines.append(f"| {r['name']} | {_fmt(s['finetuned']['accuracy'])} | {_fmt(s['finetuned_control']['accuracy'])} | "
                      f"{_fmt(s['frozen_lr']['accuracy'])} | {_fmt(s['control_frozen_lr']['accuracy'])} | "
-                     f"{_fmt(s['frozen_knn']['accuracy'])} | {_fmt(s['cv_accuracy'])} | {_fmt(s['ari'])} | "
+                     f"{_fmt(s['frozen_knn']['accuracy'])} | {_fmt(s['cv_accuracy'])} | "
+                     f"{_fmt(s['control_cv_accuracy'])} | {_fmt(s['ari'])} | "
                      f"{_fmt(s['scib_total'])} | {r['tokens_seen_median']:,.0f} | "
                      f"{(r['tokens_per_s_median'] or 0):,.0f} | {r['pretrain_seconds_median']} | {r['eval_seconds']} |")
         if r.get("summary_dropped"):
             d = r["summary_dropped"]
             lines.append(f"| {r['name']}, tokens dropped at eval | — | — | {_fmt(d['frozen_lr']['accuracy'])} | "
                          f"{_fmt(d['control_frozen_lr']['accuracy'])} | {_fmt(d['frozen_knn']['accuracy'])} | "
-                         f"{_fmt(d['cv_accuracy'])} | {_fmt(d['ari'])} | {_fmt(d['scib_total'])} | | | | |")
+                         f"{_fmt(d['cv_accuracy'])} | {_fmt(d['control_cv_accuracy'])} | {_fmt(d['ari'])} | "
+                         f"{_fmt(d['scib_total'])} | | | | |")
     lines += ["", "| variant | fine-tuned macro-F1 | control fine-tuned macro-F1 | frozen mean + LR macro-F1 | NMI | "
               "control ARI | scib bio | scib batch | control scib total |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res:
