@@ -27,11 +27,14 @@ Memory knobs (per DataLoader worker process, defaults measured on the 200k x 20k
   length correlates with the dataset: keep it off where batch composition matters; the trainer's
   presets choose their own (or pack rows instead).
 
-Sequence length: ``max_len`` counts the special tokens. ``rank`` keeps a cell's max_len - 2
-highest-ranked genes (largest count / raw_sum / gene median, ties by smaller gene joinid) between
-``<cls>`` and ``<eos>`` and drops the rest (the same genes every epoch unless thinning changes the
-counts); ``bin`` / ``value`` keep a seeded random max_len - 1 of them (new per epoch), in gene order
-(see ``tokenize.py``).
+Encoding (``tokenizer``): one of ``encodings.NAMES`` (rank, bin, ebin, value, rank_value, uce; each
+module documents its definition). Sequence length: ``max_len`` counts the special tokens. ``rank`` /
+``rank_value`` keep a cell's max_len - 2 highest-ranked genes (largest count / raw_sum / gene median,
+ties by smaller gene joinid) between ``<cls>`` and ``<eos>`` and drop the rest (the same genes every
+epoch unless thinning changes the counts); ``bin`` / ``ebin`` / ``value`` keep a seeded random
+max_len - 1 of them (new per epoch), in gene order; ``uce`` draws max_len - 1 - 2 x (its chromosomes)
+genes with replacement. ``meta_columns`` add one token per column after ``<cls>``, on top of max_len
+(see ``meta_tokens.py``); ``bin_width`` is ``ebin``'s grid.
 
 Depth augmentation (off by default):
 
