@@ -190,6 +190,37 @@ def ingest_census(store_uri: str, *, census_version: str | None = None, census_u
 _CELLS_LABEL = {"primary": " (primary cells)", "non_primary": " (non-primary cells)", "all": ""}
 
 
+def _census_genes(spec, writer, genes) -> tuple:
+    """(the gene mapping, census var joinid -> store gene joinid, -1 where not ingested); registers the
+    mapped genes with the store."""
+    with spec.open() as census:
+        var = spec.experiment(census).ms["RNA"].var.read(column_names=["soma_joinid", "feature_id"]).concat()
+    var_ids = var["soma_joinid"].to_numpy()
+    feature_ids = np.asarray(var["feature_id"].to_pylist(), dtype=object)
+    wanted = np.ones(len(feature_ids), bool) if not genes else np.isin(feature_ids, list(genes))
+    mapping = map_genes(feature_ids[wanted], organism_key(spec.organism))
+    census_cols = var_ids[wanted][mapping.source_index]
+    store_cols = writer.register_genes(list(mapping.feature_ids))
+    var_map = np.full(int(var_ids.max()) + 1 if len(var_ids) else 0, -1, dtype=np.int64)
+    var_map[census_cols] = store_cols
+    return mapping, var_map
+
+
+def _drain(waiting: dict, tracker) -> None:
+    """Collect the block tasks as they finish: a source is committed when all its blocks are."""
+    import ray
+
+    while waiting:
+        ready, _ = ray.wait(list(waiting), num_returns=1)
+        sid = waiting.pop(ready[0])
+        try:
+            tracker.done(sid, ray.get(ready[0]))
+        except LeaseLost:
+            raise  # another driver owns the store now: stop, write nothing more
+        except Exception as exc:
+            tracker.failed(sid, f"{tracker.pending[sid]['entry'].name}: {exc}")
+
+
 def _ingest_census(store_uri, lease, spec, obs_filter, genes, primary_only, block_cells, num_cpus,
                    progress) -> IngestReport:
     import ray
@@ -204,17 +235,7 @@ def _ingest_census(store_uri, lease, spec, obs_filter, genes, primary_only, bloc
     if not per_dataset:
         report.failed.append({"source": spec.label, "error": f"obs_filter {obs_filter!r} matched no cells"})
         return report
-    with spec.open() as census:
-        var = spec.experiment(census).ms["RNA"].var.read(column_names=["soma_joinid", "feature_id"]).concat()
-    var_ids = var["soma_joinid"].to_numpy()
-    feature_ids = np.asarray(var["feature_id"].to_pylist(), dtype=object)
-    wanted = np.ones(len(feature_ids), bool) if not genes else np.isin(feature_ids, list(genes))
-    mapping = map_genes(feature_ids[wanted], organism_key(organism))
-    census_cols = var_ids[wanted][mapping.source_index]
-    store_cols = writer.register_genes(list(mapping.feature_ids))
-    var_map = np.full(int(var_ids.max()) + 1 if len(var_ids) else 0, -1, dtype=np.int64)
-    var_map[census_cols] = store_cols
-
+    mapping, var_map = _census_genes(spec, writer, genes)
     init_ray(num_cpus)
     task = ray.remote(num_cpus=1, max_retries=2)(_write_census_block)
     bar = _Progress(progress)
@@ -270,15 +291,7 @@ def _ingest_census(store_uri, lease, spec, obs_filter, genes, primary_only, bloc
             log.warning("%s: %d non-primary cells (is_primary_data == False, listed again in another dataset) "
                         "skipped; --all-cells keeps them", spec.label, skipped_non_primary)
     try:
-        while waiting:
-            ready, _ = ray.wait(list(waiting), num_returns=1)
-            sid = waiting.pop(ready[0])
-            try:
-                tracker.done(sid, ray.get(ready[0]))
-            except LeaseLost:
-                raise  # another driver owns the store now: stop, write nothing more
-            except Exception as exc:
-                tracker.failed(sid, f"{tracker.pending[sid]['entry'].name}: {exc}")
+        _drain(waiting, tracker)
     finally:
         bar.close()
     if mapping.unmapped:
