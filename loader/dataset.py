@@ -22,13 +22,15 @@ from .config import LoaderConfig
 from .io import BlockReader, Prefetcher
 from .memory import release_memory
 from .query import check_columns, column_labels, obs_labels, query_runs, restrict_to_split
-from .runs import Runs
+from .runs import Labels, Runs
 from .state import STATE_FORMAT_VERSION, STREAM_FORMAT, check_state
 from .encodings import get_encoding
 from .encodings.uce import column_coordinates
 from .meta_tokens import MetaVocab
 from .tokenize import TokenBlock, Tokenizer, prepend_tokens
 from .vocab import N_SPECIAL, Vocab
+
+COMPACT_LABEL_RUNS = 4096  # a label column with at most max(this, cells / 256) runs is kept as runs
 
 _log = logging.getLogger(__name__)
 
@@ -132,7 +134,9 @@ class CellStream(IterableDataset):
             if strat is not None and strat not in exp.obs.schema.names:
                 strat = None  # stratification is an optimization; a store without the column just shuffles
             # One pass over obs for every column asked for (run-length where the plan needs segments).
-            wanted = {c: False for c in (*cfg.obs_columns, *cfg.meta_columns)}
+            # Label columns that are run-length compact (dataset_id, assay, donor: constant along a
+            # source) are kept as runs and looked up from them; only the others are read with each block.
+            wanted = {c: max(COMPACT_LABEL_RUNS, runs.n_cells // 256) for c in (*cfg.obs_columns, *cfg.meta_columns)}
             wanted.update({c: True for c in (cfg.balance_by, strat) if c})
             labels = obs_labels(exp, runs, wanted, cfg.obs_filter) if wanted else {}
             self.groups = labels[cfg.balance_by] if cfg.balance_by else None
@@ -140,7 +144,10 @@ class CellStream(IterableDataset):
             cats = {c: labels[c] if isinstance(labels[c], list) else labels[c].categories
                     for c in (*cfg.obs_columns, *cfg.meta_columns)}
             self.obs_categories = {c: cats[c] for c in cfg.obs_columns}
-        self._read_columns = tuple(dict.fromkeys((*cfg.obs_columns, *cfg.meta_columns)))
+        self._run_labels = {c: labels[c] for c in dict.fromkeys((*cfg.obs_columns, *cfg.meta_columns))
+                            if isinstance(labels[c], Labels)}
+        self._read_columns = tuple(c for c in dict.fromkeys((*cfg.obs_columns, *cfg.meta_columns))
+                                   if c not in self._run_labels)
         self._read_categories = cats
         self.meta_vocab = self._meta_lookups = None
         if cfg.meta_columns:
@@ -154,6 +161,7 @@ class CellStream(IterableDataset):
             self.meta_vocab = mv
             self._meta_lookups = [mv.lookup(i, cats[c]) for i, c in enumerate(cfg.meta_columns)]
         self.runs = runs
+        self._runs_cum = runs.cum()
         self._fingerprint = hashlib.blake2b(runs.starts.tobytes() + runs.stops.tobytes(), digest_size=8).hexdigest()
         self.rank, self.world_size = resolve_rank_world(cfg)
         self.epoch = cfg.epoch
@@ -278,45 +286,55 @@ class CellStream(IterableDataset):
         slots = P.clip_intervals(slots, done * self.cfg.batch_size, phase.n_batches * self.cfg.batch_size)
         return self._stream(self.epoch_order(self.epoch), slots)
 
+    # The loader's stages, one method each (the bound benchmark times them one after the other).
+    def _tokenizer(self) -> Tokenizer:
+        cfg = self.cfg
+        return Tokenizer(cfg.tokenizer, cfg.max_len, cfg.n_bins, self._lut, self._medians, cfg.seed,
+                         thin_range=cfg.thin_range, thin_prob=cfg.thin_prob, coordinates=self._coordinates,
+                         n_vocab=len(self.vocab), bin_width=cfg.bin_width)
+
+    def _read_tasks(self, order: P.EpochOrder, spans):
+        """(window index, last read of the window, joinid ranges) in plan order."""
+        cum = self.runs.cum()
+        seq_cum = np.concatenate([[0], np.cumsum(order.stops - order.starts)])
+        for i, (w, _, _) in enumerate(spans):
+            reads = P.read_groups(*order.window_pieces(w, seq_cum), self.cfg.read_cells)
+            for k, (s, e) in enumerate(reads):
+                ranges = [r for a, b in zip(s.tolist(), e.tolist()) for r in self.runs.to_joinids(a, b, cum)]
+                yield i, k == len(reads) - 1, ranges
+
+    def _reader(self, slot: int | None = None) -> BlockReader:
+        return BlockReader(self.locator, self._read_columns, self._read_categories, slot=slot)
+
+    def _tokenize(self, tok: Tokenizer, epoch: int, ranges, read) -> TokenBlock:
+        ids, indptr, cols, vals, labels = read
+        if self._run_labels:
+            pos = self.runs.positions_of(ids, self._runs_cum)
+            labels = {**labels, **{c: lab.at(pos).astype(np.int64) for c, lab in self._run_labels.items()}}
+        # One kernel call per read: the kernels' scratch is O(longest cell), not O(block).
+        block = tok(indptr, cols, vals, ids, epoch)
+        del cols, vals
+        block.labels = labels
+        if self._meta_lookups:  # <cls>, then one token per metadata column
+            block = prepend_tokens(block, np.stack([lut[labels[c]] for lut, c in
+                                                    zip(self._meta_lookups, self.cfg.meta_columns)], axis=1))
+        want = np.concatenate([np.arange(a, b) for a, b in ranges])
+        if len(want) != len(ids):  # duplicates (remainder="pad"): restore the multiplicity
+            block = block.take(np.searchsorted(ids, want))
+        return block
+
     def _stream(self, order: P.EpochOrder, slots: np.ndarray):
         cfg = self.cfg
         spans = P.window_spans(slots, order.window_cells)
         local, readers, slots_ = threading.local(), [], itertools.count()
-        tok = Tokenizer(cfg.tokenizer, cfg.max_len, cfg.n_bins, self._lut, self._medians, cfg.seed,
-                        thin_range=cfg.thin_range, thin_prob=cfg.thin_prob, coordinates=self._coordinates,
-                        n_vocab=len(self.vocab), bin_width=cfg.bin_width)
-        cum = self.runs.cum()
+        tok = self._tokenizer()
 
-        seq_cum = np.concatenate([[0], np.cumsum(order.stops - order.starts)])
-
-        def tasks():
-            for i, (w, _, _) in enumerate(spans):
-                reads = P.read_groups(*order.window_pieces(w, seq_cum), cfg.read_cells)
-                for k, (s, e) in enumerate(reads):
-                    ranges = [r for a, b in zip(s.tolist(), e.tolist()) for r in self.runs.to_joinids(a, b, cum)]
-                    yield i, k == len(reads) - 1, ranges
-
-        def read(task):  # one open handle per read thread
+        def read_and_tokenize(task):  # one open handle per read thread
             reader = getattr(local, "reader", None)
             if reader is None:
-                reader = local.reader = BlockReader(self.locator, self._read_columns, self._read_categories,
-                                                    slot=next(slots_))
+                reader = local.reader = self._reader(slot=next(slots_))
                 readers.append(reader)
-            return task, reader.read(task[2])
-
-        def tokenize(item):
-            task, (ids, indptr, cols, vals, labels) = item
-            # One kernel call per read: the kernels' scratch is O(longest cell), not O(block).
-            block = tok(indptr, cols, vals, ids, order.epoch)
-            del cols, vals
-            block.labels = labels
-            if self._meta_lookups:  # <cls>, then one token per metadata column
-                block = prepend_tokens(block, np.stack([lut[labels[c]] for lut, c in
-                                                        zip(self._meta_lookups, cfg.meta_columns)], axis=1))
-            want = np.concatenate([np.arange(a, b) for a, b in task[2]])
-            if len(want) != len(ids):  # duplicates (remainder="pad"): restore the multiplicity
-                block = block.take(np.searchsorted(ids, want))
-            return task, block
+            return task, self._tokenize(tok, order.epoch, task[2], reader.read(task[2]))
 
         pending: list[TokenBlock] = []
         # Each I/O thread reads a group and tokenizes it (the kernels release the GIL), so both stages
@@ -325,7 +343,8 @@ class CellStream(IterableDataset):
         # consumer trains on this one (two windows in memory at most). DataLoader workers overlap
         # with each other and with training already, so each keeps about one window of memory.
         ahead = -(-order.window_cells // cfg.read_cells) if cfg.num_workers == 0 else cfg.prefetch_reads
-        blocks = Prefetcher(tasks(), lambda task: tokenize(read(task)), max(1, ahead), cfg.threads_per_process)
+        blocks = Prefetcher(self._read_tasks(order, spans), read_and_tokenize, max(1, ahead),
+                            cfg.threads_per_process)
         bs, carry = cfg.batch_size, []  # carry: (window, cells) parts of a batch that spans two windows
         try:
             for (i, last, _), block in blocks:

@@ -68,13 +68,14 @@ def column_labels(exp, runs: Runs, column: str, value_filter: str | None, rle: b
     return obs_labels(exp, runs, {column: rle}, value_filter)[column]
 
 
-def obs_labels(exp, runs: Runs, columns: dict[str, bool], value_filter: str | None) -> dict:
+def obs_labels(exp, runs: Runs, columns: dict[str, bool | int], value_filter: str | None) -> dict:
     """Several obs columns in ONE pass over obs: for each ``column: rle``, run-length ``Labels``
-    over the query's positions (``rle``) or just its sorted categories (a per-cell label column
-    such as cell_type would make O(cells) runs)."""
+    over the query's positions (``rle`` True) or just its sorted categories (False: a per-cell label
+    column such as cell_type would make O(cells) runs). An int ``rle`` asks for ``Labels`` while the
+    column has at most that many runs, and for its categories beyond (memory stays bounded)."""
     seen = {c: {} for c in columns}
-    bounds = {c: [] for c in columns if columns[c]}
-    codes = {c: [] for c in columns if columns[c]}
+    bounds = {c: [] for c in columns if columns[c] is True or columns[c] > 0}
+    codes = {c: [] for c in bounds}
     last = {c: -1 for c in columns}
     pos = 0
     for tbl in _obs_batches(exp, list(columns), value_filter, runs):
@@ -90,17 +91,19 @@ def obs_labels(exp, runs: Runs, columns: dict[str, bool], value_filter: str | No
             cseen = seen[column]
             local = np.array([cseen.setdefault(str(v), len(cseen)) for v in enc.dictionary.to_pylist()],
                              dtype=np.int32)
-            if rle:
+            if column in bounds:
                 c = local[enc.indices.to_numpy(zero_copy_only=False)]
                 change = np.flatnonzero(np.concatenate([[c[0] != last[column]], c[1:] != c[:-1]]))
                 bounds[column].extend((pos + change).tolist())
                 codes[column].extend(c[change].tolist())
                 last[column] = int(c[-1])
+                if rle is not True and len(codes[column]) > rle:  # too many runs: categories only
+                    del bounds[column], codes[column]
         pos += int(keep.sum())
     out = {}
     for column, rle in columns.items():
         categories = sorted(seen[column])
-        if not rle:
+        if column not in bounds:
             out[column] = categories
             continue
         if pos != runs.n_cells:

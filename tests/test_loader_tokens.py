@@ -114,15 +114,29 @@ def test_long_cells_are_sampled_by_seeded_hash(real):
         assert np.array_equal(bins[1:], all_bins[1:][np.searchsorted(nz, keep)])  # bins use all genes
 
 
-def test_obs_labels_and_vocab_round_trip(real):
+@pytest.mark.parametrize("compact_runs", [4096, 0])
+def test_obs_labels_and_vocab_round_trip(real, monkeypatch, compact_runs):
+    """Labels equal the store's obs, whether a column is looked up from its runs (compact: cell_type
+    within 4,096 runs; dataset_id, the stratification column, always) or read with every block
+    (compact_runs=0: cell_type exceeds the budget)."""
+    import atlasflow.loader.dataset as D
+
+    monkeypatch.setattr(D, "COMPACT_LABEL_RUNS", compact_runs)
     uri, dense, ds = real
-    loader = make_loader(uri, LoaderConfig(tokenizer="value", obs_columns=("dataset_id",), batch_size=20,
+    cell_type = open_store(uri).obs(["cell_type"])["cell_type"].astype(str).to_numpy()
+    loader = make_loader(uri, LoaderConfig(tokenizer="value", obs_columns=("dataset_id", "cell_type"), batch_size=20,
                                            window_cells=64, read_cells=32, chunk_cells=16))
+    assert sorted(loader.dataset._run_labels) == (["cell_type", "dataset_id"] if compact_runs else ["dataset_id"])
     cats = loader.dataset.obs_categories["dataset_id"]
     assert cats == sorted(set(ds))
+    ct = loader.dataset.obs_categories["cell_type"]
+    n = 0
     for b in loader:
         codes = b["obs.dataset_id"].numpy()
         assert [cats[c] for c in codes] == list(ds[b["soma_joinid"].numpy()])
+        assert [ct[c] for c in b["obs.cell_type"].numpy()] == list(cell_type[b["soma_joinid"].numpy()])
+        n += len(codes)
+    assert n == len(ds) // 20 * 20
     v = loader.dataset.vocab
     assert len(v) == 4 + dense.shape[1]
     v2 = Vocab.from_dict(__import__("json").loads(__import__("json").dumps(v.to_dict())))

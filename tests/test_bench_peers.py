@@ -1,0 +1,86 @@
+"""The peers benchmark end to end on a tiny store: each peer's copy of the corpus holds exactly the
+store's cells, every loader runs in every pair (order rotated), the summary is the median of the
+per-pair ratios, and the bound is computed from its own stage timings."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import h5py
+import numpy as np
+import scipy.sparse as sp
+
+from atlasflow.infra.bench.peers import PEERS_FORMAT_VERSION, run
+
+from test_loader_fixtures import synth_store
+
+
+def _store_csr(uri: str) -> tuple[np.ndarray, sp.csr_matrix]:
+    """The committed cells of the store and their counts, read with tiledbsoma directly."""
+    import tiledbsoma as soma
+
+    from atlasflow.store import open_store
+
+    s = open_store(uri)
+    ids = np.concatenate([np.arange(a, b) for a, b in s.complete_ranges()])
+    with soma.Experiment.open(uri) as exp:
+        t = exp.ms["RNA"].X["raw"].read(coords=(ids,)).tables().concat()
+        n_genes = exp.ms["RNA"].var.count
+    rows = np.searchsorted(ids, t["soma_dim_0"].to_numpy())
+    m = sp.csr_matrix((t["soma_data"].to_numpy(), (rows, t["soma_dim_1"].to_numpy())), shape=(len(ids), n_genes))
+    return ids, m
+
+
+def test_peers_bench_on_a_tiny_store(tmp_path_factory, tmp_path):
+    import anndata as ad
+    from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
+
+    uri = synth_store(tmp_path_factory)
+    work = tmp_path / "work"
+    out = json.loads(json.dumps(run(uri, str(work), cells=320, batch_size=16, pairs=2,
+                                    peers=("scdataset", "scdl"))))
+    assert out["peers_format_version"] == PEERS_FORMAT_VERSION
+
+    # the peers read the same cells: the h5ad export and SCDL's conversion equal the store's counts
+    ids, ref = _store_csr(uri)
+    a = ad.read_h5ad(work / "corpus.h5ad")
+    assert a.obs.index.astype(int).tolist() == ids.tolist()  # committed cells only, in joinid order
+    assert (a.X != ref).nnz == 0
+    with h5py.File(work / "corpus.h5ad") as f:  # appendable, but not in h5py's 1,024-value chunks
+        assert f["X/data"].chunks[0] >= 1 << 16 and f["X/indices"].chunks[0] >= 1 << 16
+    scdl = SingleCellMemMapDataset(str(work / "corpus.scdl"))
+    assert len(scdl) == len(ids)
+    for i in range(len(ids)):
+        (vals, cols), _, _ = scdl.get_row(i)
+        lo, hi = ref.indptr[i], ref.indptr[i + 1]
+        assert np.array_equal(cols, ref.indices[lo:hi]) and np.array_equal(vals, ref.data[lo:hi])
+    conv = out["conversions"]
+    assert conv["h5ad"]["bytes"] > 0 and conv["scdl"]["rows"] == len(ids) and conv["scdl"]["seconds"] >= 0
+
+    # every loader once per pair, in an order rotated pair by pair
+    kinds = ["atlasflow", "scdataset", "scdl"]
+    runs = [r["loader"] for r in out["runs"]]
+    assert runs[:2] == ["raw_sequential_scan", "bound"] and runs[-1] == "raw_sequential_scan"
+    assert runs[2:5] == kinds and runs[5:8] == kinds[1:] + kinds[:1]
+    for pair in out["pairs"]:
+        assert sorted(pair) == sorted(kinds)
+        for name, r in pair.items():
+            assert r["loader"] == name and r["cells"] >= 320 and r["cells_per_s"] > 0, r
+            assert 0 < r["entropy_ratio"] <= 1.2 and r["peak_rss_gb"] > 0
+        assert "untokenized" in pair["scdataset"]["output"] and "untokenized" in pair["scdl"]["output"]
+
+    s = out["summary"]
+    for peer in ("scdataset", "scdl"):
+        ratios = [p["atlasflow"]["cells_per_s"] / p[peer]["cells_per_s"] for p in out["pairs"]]
+        assert s[peer]["median_whole_run_ratio"] == round(statistics.median(ratios), 2)
+    fastest = max(("scdataset", "scdl"), key=lambda p: statistics.median(q[p]["cells_per_s"] for q in out["pairs"]))
+    assert s["fastest_other_peer"] == fastest
+
+    bound = out["runs"][1]
+    us = bound["cpu_us_per_cell"]
+    assert bound["cells"] == len(ids) and all(us[k] > 0 for k in ("read", "tokenize", "batch"))
+    expect = bound["cores"] / ((us["read"] + us["tokenize"]) * 1e-6)
+    assert abs(bound["read_tokenize_bound_cells_per_s"] - expect) <= 0.01 * expect
+    ours = statistics.median(p["atlasflow"]["cells_per_s"] for p in out["pairs"])
+    assert s["fraction_of_read_tokenize_bound"] == round(ours / bound["read_tokenize_bound_cells_per_s"], 3)
