@@ -304,17 +304,32 @@ def summarize(pairs: list[dict], peers: tuple[str, ...], bound: dict | None, sca
     return out
 
 
+def drop_page_cache() -> None:
+    """Empty the OS page cache (Linux, root): the next read of every file comes from disk."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+    except OSError as exc:
+        raise PermissionError(f"--cold: cannot drop the page cache ({exc}); it needs root on Linux") from exc
+
+
 def run(store: str, work: str, cells: int = 60_000, batch_size: int = 32, pairs: int = 3,
-        peers: tuple[str, ...] = PEERS, tokenizer: str = "rank", log=None) -> dict:
+        peers: tuple[str, ...] = PEERS, tokenizer: str = "rank", cold: bool = False, log=None) -> dict:
+    """``cold``: drop the page cache before every run, so that each loader reads its files from disk
+    (an atlas does not fit in memory; warm runs measure decoding and copying only)."""
     for p in peers:
         _spec(p, store, {"h5ad": "", "scdl": ""}, cells, batch_size, tokenizer)  # unknown names fail first
     files = prepare(store, work, log) if set(peers) & {"scdataset", "scdl"} else {"conversions": {}}
     out = {"peers_format_version": PEERS_FORMAT_VERSION, "store": store, "cells_per_run": cells,
            "batch_size": batch_size, "tokenizer": tokenizer, "environment": {
                **environment(), **{d: _version(d) for d in ("tiledbsoma-ml", "scDataset", "bionemo-scdl")}},
-           "conversions": files["conversions"], "runs": []}
+           "conversions": files["conversions"], "page_cache": "dropped before each run" if cold else "warm",
+           "runs": []}
 
     def add(spec):
+        if cold:
+            drop_page_cache()
         r = _run_child(dict(spec))
         r["load_avg"] = round(os.getloadavg()[0], 2)
         out["runs"].append(r)
@@ -344,6 +359,7 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", type=int, default=3, help="interleaved rounds (each runs every loader once)")
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--tokenizer", default="rank")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every run (root, Linux)")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -353,7 +369,7 @@ def main(argv=None) -> int:
     if not args.store or not args.work:
         ap.error("--store and --work are required")
     res = run(args.store, args.work, cells=args.cells, batch_size=args.batch_size, pairs=args.pairs,
-              peers=tuple(p for p in args.peers.split(",") if p), tokenizer=args.tokenizer,
+              peers=tuple(p for p in args.peers.split(",") if p), tokenizer=args.tokenizer, cold=args.cold,
               log=lambda line: print(line, file=sys.stderr, flush=True))
     text = json.dumps(res, indent=1)
     if args.out:

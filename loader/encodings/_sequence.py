@@ -159,3 +159,15 @@ def seq_tokens(indptr, cols, vals, lut, joinids, hash_state, max_len, cls_id, qs
                 norm[o + 1 + j] = np.float64(x) / raw_sum[i] * 1e4
             j += 1
     return offsets, ids, bins, norm, cnt
+
+
+def warm_sequence(want_bins: bool) -> None:
+    """Compile ``seq_tokens`` for the int and float count inputs (bin: with quantile bins; value,
+    ebin: with the normalised values)."""
+    from .. import kernels as K
+    from ..vocab import CLS
+
+    ip, cols, lut, vals_pair = K.sample_inputs()
+    for vals in vals_pair:
+        seq_tokens(ip, cols, vals, lut, np.zeros(1, dtype=np.int64), np.uint64(1), 10, CLS,
+                   np.linspace(0, 1, 50), want_bins)

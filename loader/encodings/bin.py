@@ -10,10 +10,9 @@ lands in, new each epoch. The bins are adaptive: each cell spreads its genes ove
 
 from __future__ import annotations
 
-import numpy as np
+from functools import partial
 
-from .. import kernels as K
-from ._sequence import seq_tokens
+from ._sequence import seq_tokens, warm_sequence
 from ..tokenize import TokenBlock, epoch_state
 from ..vocab import CLS
 from .base import Encoding
@@ -25,11 +24,4 @@ def tokenize(tok, indptr, cols, vals, joinids, epoch) -> TokenBlock:
     return TokenBlock(offsets, ids, joinids, bins=bins)
 
 
-def warm() -> None:
-    ip, cols, lut, vals_pair = K.sample_inputs()
-    for vals in vals_pair:
-        seq_tokens(ip, cols, vals, lut, np.zeros(1, dtype=np.int64), np.uint64(1), 10, CLS,
-                     np.linspace(0, 1, 50), True)
-
-
-ENCODING = Encoding("bin", tokenize, warm, (seq_tokens,), positional=False, side="bins", targets=("bin",))
+ENCODING = Encoding("bin", tokenize, partial(warm_sequence, True), (seq_tokens,), positional=False, side="bins", targets=("bin",))

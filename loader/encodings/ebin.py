@@ -12,11 +12,14 @@ differ only in the grid: per-cell quantiles (every cell uses all bins evenly) vs
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from ..tokenize import TokenBlock
 from .base import Encoding
 from . import value as V
+from ._sequence import warm_sequence
 
 
 def equal_width_bins(norm: np.ndarray, width: float, n_bins: int) -> np.ndarray:
@@ -40,4 +43,4 @@ def bin_occupancy(bins: np.ndarray, lengths: np.ndarray | None = None, n_bins: i
     return counts / max(counts.sum(), 1.0)
 
 
-ENCODING = Encoding("ebin", tokenize, V.warm, V.ENCODING.kernels, positional=False, side="bins", targets=("bin",))
+ENCODING = Encoding("ebin", tokenize, partial(warm_sequence, False), V.ENCODING.kernels, positional=False, side="bins", targets=("bin",))

@@ -6,10 +6,11 @@ scGPT's continuous-value variant do.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
-from .. import kernels as K
-from ._sequence import seq_tokens
+from ._sequence import seq_tokens, warm_sequence
 from ..tokenize import TokenBlock, epoch_state
 from ..vocab import CLS
 from .base import Encoding
@@ -27,11 +28,4 @@ def tokenize(tok, indptr, cols, vals, joinids, epoch) -> TokenBlock:
     return TokenBlock(offsets, ids, joinids, values=np.log1p(norm, out=norm).astype(np.float32))
 
 
-def warm() -> None:
-    ip, cols, lut, vals_pair = K.sample_inputs()
-    for vals in vals_pair:
-        seq_tokens(ip, cols, vals, lut, np.zeros(1, dtype=np.int64), np.uint64(1), 10, CLS,
-                     np.linspace(0, 1, 50), False)
-
-
-ENCODING = Encoding("value", tokenize, warm, (seq_tokens,), positional=False, side="values", targets=("value",))
+ENCODING = Encoding("value", tokenize, partial(warm_sequence, False), (seq_tokens,), positional=False, side="values", targets=("value",))
