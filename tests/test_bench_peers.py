@@ -9,6 +9,7 @@ import statistics
 
 import h5py
 import numpy as np
+import pytest
 import scipy.sparse as sp
 
 from atlasflow.infra.bench.peers import PEERS_FORMAT_VERSION, run
@@ -34,9 +35,21 @@ def _store_csr(uri: str) -> tuple[np.ndarray, sp.csr_matrix]:
 
 def test_peers_bench_on_a_tiny_store(tmp_path_factory, tmp_path):
     import anndata as ad
-    from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
 
-    uri = synth_store(tmp_path_factory)
+    scdl_io = pytest.importorskip(
+        "bionemo.scdl.io.single_cell_memmap_dataset",
+        reason="bionemo-scdl is installed with --no-deps (its anndata>=0.12.1 floor conflicts with "
+               "cellxgene-schema's anndata pin); see README, Quick start")
+    SingleCellMemMapDataset = scdl_io.SingleCellMemMapDataset
+
+    import shutil
+
+    from atlasflow.store.stats import compute_gene_stats
+
+    # a private copy with its gene medians (rank needs them; the shared fixture may not have them yet)
+    uri = str(tmp_path / "store")
+    shutil.copytree(synth_store(tmp_path_factory), uri)
+    compute_gene_stats(uri)
     work = tmp_path / "work"
     out = json.loads(json.dumps(run(uri, str(work), cells=320, batch_size=16, pairs=2,
                                     peers=("scdataset", "scdl"))))
