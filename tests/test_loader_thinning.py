@@ -43,10 +43,11 @@ def ref_thin_cell(x: np.ndarray, jid: int, seed: int, epoch: int, lo: float, hi:
     out = np.zeros_like(x)
     if r >= 1.0:
         return x.copy(), r
-    for g in np.flatnonzero(x):
-        u = unit(sm64(c ^ int(g)))
-        n = int(x[g])
-        out[g] = binom.ppf(u, n, r) if u <= 0.5 else binom.isf(1.0 - u, n, r)
+    g = np.flatnonzero(x)
+    u = np.array([unit(sm64(c ^ int(k))) for k in g])
+    n = x[g].astype(np.int64)
+    with np.errstate(all="ignore"):  # each branch is evaluated on every entry; np.where keeps one
+        out[g] = np.where(u <= 0.5, binom.ppf(u, n, r), binom.isf(1.0 - u, n, r))
     return out, r
 
 
