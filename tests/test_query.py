@@ -67,6 +67,28 @@ def test_subsample_fraction_per_label():
     assert np.array_equal(solo, pos[labels[pos] == "a"])
 
 
+def test_subsample_codes_equals_the_per_label_definition():
+    """Many labels, interleaved: every label keeps exactly the cells its own seeded draw picks from its
+    ascending positions (the definition, evaluated label by label with numpy)."""
+    import hashlib
+
+    from atlasflow.train.query import subsample_codes
+
+    rng = np.random.default_rng(5)
+    cats = [f"type {i}" for i in range(40)]
+    codes = rng.integers(0, 40, 5000).astype(np.int32)
+    got = subsample_codes(codes, cats, cap=90, fraction=0.5, seed=11)
+    want = []
+    for k, lab in enumerate(cats):
+        pos = np.flatnonzero(codes == k)
+        n = max(1, round(0.5 * min(len(pos), 90)))
+        if n < len(pos):
+            h = int.from_bytes(hashlib.blake2b(f"11:{lab}".encode(), digest_size=8).digest(), "big")
+            pos = np.random.default_rng(h).choice(pos, size=n, replace=False)
+        want.append(pos)
+    assert np.array_equal(got, np.sort(np.concatenate(want)))
+
+
 def test_h5ad_output_equals_store_counts(store, tmp_path):
     import anndata as ad
 

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
+import polars as pl
 import pyarrow as pa
 import scipy.sparse as sp
 
@@ -142,17 +143,27 @@ def subsample(labels: np.ndarray, cap: int, fraction: float, seed: int) -> np.nd
     Each label draws from its own RNG stream keyed by (seed, label), so the cells chosen for one
     label do not depend on which other labels matched.
     """
+    categories, codes = np.unique(np.asarray(labels, dtype=object).astype(str), return_inverse=True)
+    return subsample_codes(codes, categories.tolist(), cap, fraction, seed)
+
+
+def subsample_codes(codes: np.ndarray, categories: list, cap: int, fraction: float, seed: int) -> np.ndarray:
+    """``subsample`` over integer label codes (``categories[code]`` is the label): one polars group-by
+    gives every label's positions at once (a pass per label over an object array was quadratic in
+    the number of labels: 11 s for 600 labels on 1M cells)."""
+    groups = (pl.DataFrame({"code": np.asarray(codes)}).with_row_index("pos")
+              .group_by("code").agg(pl.col("pos")))  # positions stay ascending within a group
     keep = []
-    for lab in sorted(set(labels.tolist())):
-        pos = np.flatnonzero(labels == lab)
+    for code, pos in zip(groups["code"].to_list(), groups["pos"].to_list()):
+        pos = np.asarray(pos, dtype=np.int64)
         n = len(pos)
         if cap:
             n = min(n, cap)
         if fraction < 1.0:
             n = max(1, int(round(fraction * n)))
         if n < len(pos):
-            h = int.from_bytes(hashlib.blake2b(f"{seed}:{lab}".encode(), digest_size=8).digest(), "big")
-            pos = np.sort(np.random.default_rng(h).choice(pos, size=n, replace=False))
+            h = int.from_bytes(hashlib.blake2b(f"{seed}:{categories[code]}".encode(), digest_size=8).digest(), "big")
+            pos = np.random.default_rng(h).choice(pos, size=n, replace=False)
         keep.append(pos)
     return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
 
@@ -187,8 +198,7 @@ def select(cfg: QueryConfig) -> Selection:
     if matched == 0:
         raise ValueError(f"query matches no cells ({cfg.describe()}); check obs_filter and the source")
     if codes is not None and (cfg.per_label_cap or cfg.fraction < 1.0):
-        pos = subsample(np.asarray(categories, dtype=object)[codes], cfg.per_label_cap, float(cfg.fraction),
-                        cfg.seed)
+        pos = subsample_codes(codes, categories, cfg.per_label_cap, float(cfg.fraction), cfg.seed)
         joinids, codes = joinids[pos], codes[pos]
     if cfg.genes:
         missing = sorted(set(cfg.genes) - set(var["feature_id"]))
@@ -198,7 +208,8 @@ def select(cfg: QueryConfig) -> Selection:
         if missing:
             log.warning("%d requested genes not in var, skipped (e.g. %s)", len(missing), missing[:5])
         var = var[var["feature_id"].isin(cfg.genes)]
-    counts = {} if codes is None else {categories[k]: int(v) for k, v in zip(*np.unique(codes, return_counts=True))}
+    counts = {} if codes is None else \
+        {categories[k]: n for k, n in pl.Series("code", codes).value_counts(name="n").sort("code").rows()}
     return Selection(joinids.astype(np.int64), codes, var, categories, counts, matched)
 
 
