@@ -188,12 +188,43 @@ def _pending_paths(writer: LeasedStoreWriter, paths: list[str]) -> list[str]:
     return out
 
 
+def _launch_source(p, sid: str, name: str, writer, report, bar, tracker, tasks, store_uri: str, block_cells: int,
+                   organism: str):
+    """Reserve a probed source's joinid range and start its obs and block tasks -> (entry, block refs)."""
+    import ray
+
+    from atlasflow.ingest.h5ad import report_probe
+
+    write_task, obs_task = tasks
+    gene_joinids = writer.register_genes(p.feature_ids)
+    entry = writer.reserve(SourceEntry(
+        source_id=sid, kind=p.format or "h5ad", name=name, fingerprint=p.fingerprint, size_bytes=p.size_bytes,
+        path=os.path.abspath(p.path), n_cells=p.n_cells, counts_field=p.counts_field, normalized=p.normalized,
+        genes_mapped=len(p.feature_ids), genes_unmapped=len(p.unmapped), unmapped_examples=p.unmapped[:10],
+        total_counts=p.total_counts, dropped_counts=p.dropped_counts, genes_report=p.genes_report))
+    log.info("%s", report_probe(p, organism))
+    bar.add_total(p.n_cells)
+    gj = ray.put(gene_joinids)
+    cols = ray.put(p.projection)
+    step = p.block_cells or block_cells  # an in-memory or CSC source picks its own blocks
+    bounds = [(a, min(p.n_cells, a + step)) for a in range(0, p.n_cells, step)]
+    obs = obs_task.options(num_returns=len(bounds)).remote(p.path, bounds) if bounds else []
+    obs = [obs] if len(bounds) == 1 else obs
+    refs = [write_task.remote(store_uri, p.path, p.counts_field, a, b, entry.joinid_start + a, cols, gj,
+                              entry.source_id, os.path.splitext(name)[0], o)
+            for (a, b), o in zip(bounds, obs)]
+    tracker.start(entry, refs)
+    if not refs:  # an h5ad with zero cells
+        writer.complete(entry.source_id)
+        report.added.append({"source": name, "source_id": entry.source_id, "cells": 0})
+    return entry, refs
+
+
 def _ingest_paths(store_uri, sources, lease, *, organism, allow_normalized, require_obs, block_cells, num_cpus,
                   progress, resume_pending, duplicate_genes="sum", memory_budget=None) -> IngestReport:
     import ray
 
     from atlasflow.store.ray_env import init_ray
-    from atlasflow.ingest.h5ad import report_probe
     from atlasflow.ingest.sources import resolve_sources
 
     report = IngestReport()
@@ -205,8 +236,8 @@ def _ingest_paths(store_uri, sources, lease, *, organism, allow_normalized, requ
     paths = paths + sorted(resumed)
     init_ray(num_cpus)
     probe_task = ray.remote(num_cpus=1, max_retries=0)(_probe)
-    write_task = ray.remote(num_cpus=1, max_retries=2)(_write_h5ad_block)
-    obs_task = ray.remote(num_cpus=1, max_retries=2)(_obs_blocks)
+    tasks = (ray.remote(num_cpus=1, max_retries=2)(_write_h5ad_block),  # (write, obs)
+             ray.remote(num_cpus=1, max_retries=2)(_obs_blocks))
     bar = _Progress(progress)
     tracker = BlockTracker(writer, report, bar)
     waiting: dict = {probe_task.remote(p, organism, allow_normalized, list(require_obs), duplicate_genes,
@@ -246,27 +277,8 @@ def _ingest_paths(store_uri, sources, lease, *, organism, allow_normalized, requ
                                                                        "file changed since; not resumed"})
                     continue
                 report.resumed.append(name)
-            gene_joinids = writer.register_genes(p.feature_ids)
-            entry = writer.reserve(SourceEntry(
-                source_id=sid, kind=p.format or "h5ad", name=name, fingerprint=p.fingerprint, size_bytes=p.size_bytes,
-                path=os.path.abspath(p.path), n_cells=p.n_cells, counts_field=p.counts_field, normalized=p.normalized,
-                genes_mapped=len(p.feature_ids), genes_unmapped=len(p.unmapped), unmapped_examples=p.unmapped[:10],
-                total_counts=p.total_counts, dropped_counts=p.dropped_counts, genes_report=p.genes_report))
-            log.info("%s", report_probe(p, organism))
-            bar.add_total(p.n_cells)
-            gj = ray.put(gene_joinids)
-            cols = ray.put(p.projection)
-            step = p.block_cells or block_cells  # an in-memory or CSC source picks its own blocks
-            bounds = [(a, min(p.n_cells, a + step)) for a in range(0, p.n_cells, step)]
-            obs = obs_task.options(num_returns=len(bounds)).remote(p.path, bounds) if bounds else []
-            obs = [obs] if len(bounds) == 1 else obs
-            refs = [write_task.remote(store_uri, p.path, p.counts_field, a, b, entry.joinid_start + a, cols, gj,
-                                      entry.source_id, os.path.splitext(name)[0], o)
-                    for (a, b), o in zip(bounds, obs)]
-            tracker.start(entry, refs)
-            if not refs:  # an h5ad with zero cells
-                writer.complete(entry.source_id)
-                report.added.append({"source": name, "source_id": entry.source_id, "cells": 0})
+            entry, refs = _launch_source(p, sid, name, writer, report, bar, tracker, tasks, store_uri,
+                                         block_cells, organism)
             for r in refs:
                 waiting[r] = ("block", entry.source_id)
     finally:

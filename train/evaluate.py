@@ -227,6 +227,31 @@ def choose_split(groups: np.ndarray, cfg: EvalConfig, seen: set) -> set:
     return test
 
 
+def _score_seeds(cfg: EvalConfig, ckpts: list[str], ctx: dict, out: Path, finetuned: str | None):
+    """Every seed's rows for the model (its checkpoint for that seed) and, with ``cfg.control``, a
+    random-init control of the same architecture -> (rows per seed, fine-tune records, the first
+    seed's embeddings for the plot)."""
+    per_seed, ft_info, embs = [], [], None
+    for i, seed in enumerate(cfg.seeds):
+        ck = ckpts[i % len(ckpts)]
+        runs = [("atlasflow", ck)]
+        if cfg.control:
+            from .eval_metrics import random_init_checkpoint
+
+            runs.append(("random-init control", random_init_checkpoint(ck, str(out / "control" / f"seed{seed}"), seed)))
+        seed_out = {"transfer": [], "cv": [], "cluster": [], "scib": []}
+        for kind, c in runs:
+            res = _score_model(kind, c, seed, cfg, ctx, out, finetuned if kind == "atlasflow" else None)
+            for key in seed_out:
+                seed_out[key] += res[key]
+            if res["finetune"]:
+                ft_info.append({"model": kind, "seed": seed, **res["finetune"]})
+            if kind == "atlasflow" and i == 0:
+                embs = res["emb"]
+        per_seed.append(seed_out)
+    return per_seed, ft_info, embs
+
+
 def run_eval(checkpoint, store, out: str = "atlasflow_eval", cfg: EvalConfig | None = None,
              medians_store: str | None = None, finetuned: str | None = None) -> dict:
     """Evaluate ``checkpoint`` on ``store``: a store path, an .h5ad, a QueryConfig, or a list of them.
@@ -281,24 +306,7 @@ def run_eval(checkpoint, store, out: str = "atlasflow_eval", cfg: EvalConfig | N
             **scores(yte, np.full(len(yte), major, dtype=object))}
     pca_all = _pca_all(es, shared, cfg)
     ctx = {"es": es, "tr": tr, "te": te, "genes": genes, "is_test": is_test, "medians_store": medians_store}
-    per_seed, ft_info, embs = [], [], None
-    for i, seed in enumerate(cfg.seeds):
-        ck = ckpts[i % len(ckpts)]
-        runs = [("atlasflow", ck)]
-        if cfg.control:
-            from .eval_metrics import random_init_checkpoint
-
-            runs.append(("random-init control", random_init_checkpoint(ck, str(out / "control" / f"seed{seed}"), seed)))
-        seed_out = {"transfer": [], "cv": [], "cluster": [], "scib": []}
-        for kind, c in runs:
-            res = _score_model(kind, c, seed, cfg, ctx, out, finetuned if kind == "atlasflow" else None)
-            for key in seed_out:
-                seed_out[key] += res[key]
-            if res["finetune"]:
-                ft_info.append({"model": kind, "seed": seed, **res["finetune"]})
-            if kind == "atlasflow" and i == 0:
-                embs = res["emb"]
-        per_seed.append(seed_out)
+    per_seed, ft_info, embs = _score_seeds(cfg, ckpts, ctx, out, finetuned)
     table = assemble(cfg, ckpts, [source_name(s) for s in sources], es, tr, te, test_groups, unseen_label, ytr, yte,
                      shared, n_tok, binfo, leakage, per_seed, brows, mrow, ft_info, pca_all)
     (out / "eval.json").write_text(json.dumps(table, indent=1, default=list))
