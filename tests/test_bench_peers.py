@@ -5,6 +5,7 @@ per-pair ratios, and the bound is computed from its own stage timings."""
 from __future__ import annotations
 
 import json
+import shutil
 import statistics
 
 import h5py
@@ -13,6 +14,7 @@ import pytest
 import scipy.sparse as sp
 
 from atlasflow.infra.bench.peers import PEERS_FORMAT_VERSION, run
+from atlasflow.store.stats import compute_gene_stats
 
 from test_loader_fixtures import synth_store
 
@@ -41,10 +43,6 @@ def test_peers_bench_on_a_tiny_store(tmp_path_factory, tmp_path):
         reason="bionemo-scdl is installed with --no-deps (its anndata>=0.12.1 floor conflicts with "
                "cellxgene-schema's anndata pin); see README, Quick start")
     SingleCellMemMapDataset = scdl_io.SingleCellMemMapDataset
-
-    import shutil
-
-    from atlasflow.store.stats import compute_gene_stats
 
     # a private copy with its gene medians (rank needs them; the shared fixture may not have them yet)
     uri = str(tmp_path / "store")

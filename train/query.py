@@ -150,12 +150,13 @@ def subsample(labels: np.ndarray, cap: int, fraction: float, seed: int) -> np.nd
 def subsample_codes(codes: np.ndarray, categories: list, cap: int, fraction: float, seed: int) -> np.ndarray:
     """``subsample`` over integer label codes (``categories[code]`` is the label): one polars group-by
     gives every label's positions at once (a pass per label over an object array was quadratic in
-    the number of labels: 11 s for 600 labels on 1M cells)."""
+    the number of labels: 20 s for 600 labels on 1M cells)."""
     groups = (pl.DataFrame({"code": np.asarray(codes)}).with_row_index("pos")
               .group_by("code").agg(pl.col("pos")))  # positions stay ascending within a group
+    flat = groups["pos"].explode().to_numpy().astype(np.int64)
+    cuts = np.cumsum(groups["pos"].list.len().to_numpy())[:-1]
     keep = []
-    for code, pos in zip(groups["code"].to_list(), groups["pos"].to_list()):
-        pos = np.asarray(pos, dtype=np.int64)
+    for code, pos in zip(groups["code"].to_list(), np.split(flat, cuts)):
         n = len(pos)
         if cap:
             n = min(n, cap)
