@@ -15,68 +15,19 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from atlasflow.store import COMPLETE, SourceEntry, map_genes, organism_key
+from atlasflow.store.census_view import CensusSpec
 from atlasflow.store.lease import DEFAULT_WAIT_S, LeaseLost, writer_lease
 from atlasflow.store.lease_writer import LeasedStoreWriter
+from atlasflow.store.runs import Runs
+from atlasflow.store.selection import obs_batches
 
 from .pipeline import BlockTracker, IngestReport, _Progress
 
 log = logging.getLogger(__name__)
-
-# cellxgene_census defaults to 1 GiB read buffers per context; several workers share 24 GiB here.
-_TILEDB_CONFIG = {"soma.init_buffer_bytes": 128 * 1024**2, "py.init_buffer_bytes": 128 * 1024**2}
-
-
-@dataclass(frozen=True)
-class CensusSpec:
-    """Picklable description of which Census to open (version, or uri for a mirror)."""
-
-    census_version: str | None
-    uri: str | None
-    organism: str
-
-    def open(self):
-        import cellxgene_census
-
-        if self.uri:
-            return cellxgene_census.open_soma(uri=self.uri, tiledb_config=_TILEDB_CONFIG)
-        return cellxgene_census.open_soma(census_version=self.census_version or "stable", tiledb_config=_TILEDB_CONFIG)
-
-    @property
-    def label(self) -> str:
-        return f"census:{self.census_version}" if not self.uri else f"census:{self.uri}"
-
-    def experiment(self, census):
-        key = organism_key(self.organism)
-        try:
-            return census["census_data"][key]
-        except KeyError as exc:
-            exc.add_note(f"{self.label}: no organism {key!r} in census_data")
-            raise
-
-
-def runs_of(ids: np.ndarray) -> list[tuple[int, int]]:
-    """Sorted unique ids -> half-open runs [(start, stop)]."""
-    if len(ids) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [len(ids)]])
-    return [(int(ids[a]), int(ids[b - 1]) + 1) for a, b in zip(starts, stops)]
-
-
-def _merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for a, b in sorted(runs):
-        if out and out[-1][1] == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
 
 
 def split_runs(runs: list[tuple[int, int]], block: int):
@@ -110,8 +61,8 @@ def _scan(spec: CensusSpec, obs_filter: str | None, need_primary: bool):
         if need_primary and not has_flag:
             raise ValueError(f"{spec.label}: obs has no is_primary_data column, so primary cells cannot be told "
                              f"apart; ingest all cells with primary_only=False (--all-cells)")
-        cols = ["soma_joinid", "dataset_id"] + (["is_primary_data"] if has_flag else [])
-        for tbl in exp.obs.read(value_filter=obs_filter, column_names=cols):
+        cols = ["dataset_id"] + (["is_primary_data"] if has_flag else [])
+        for tbl in obs_batches(exp, cols, obs_filter, None, field=f"{spec.label} obs_filter", ordered=False):
             ids = tbl["soma_joinid"].to_numpy()
             ds = np.asarray(tbl["dataset_id"].to_pylist(), dtype=object)
             prim = (pc.fill_null(tbl["is_primary_data"], False).to_numpy(zero_copy_only=False).astype(bool)
@@ -119,14 +70,9 @@ def _scan(spec: CensusSpec, obs_filter: str | None, need_primary: bool):
             for d in np.unique(ds):
                 in_d = ds == d
                 runs = per.setdefault(str(d), ([], []))
-                runs[0].extend(runs_of(np.sort(ids[in_d & prim])))
-                runs[1].extend(runs_of(np.sort(ids[in_d & ~prim])))
-    return {d: (_merge_runs(p), _merge_runs(n)) for d, (p, n) in sorted(per.items())}
-
-
-def scan_query(spec: CensusSpec, obs_filter: str | None) -> dict[str, list[tuple[int, int]]]:
-    """dataset_id -> runs of matching Census obs joinids (all cells), from a streaming obs scan."""
-    return {d: _merge_runs(p + n) for d, (p, n) in _scan(spec, obs_filter, False).items()}
+                runs[0].extend(Runs.from_sorted_ids(np.sort(ids[in_d & prim])).ranges())
+                runs[1].extend(Runs.from_sorted_ids(np.sort(ids[in_d & ~prim])).ranges())
+    return {d: (Runs.from_ranges(p).ranges(), Runs.from_ranges(n).ranges()) for d, (p, n) in sorted(per.items())}
 
 
 def _n(runs) -> int:
@@ -266,7 +212,7 @@ def _ingest_census(store_uri, lease, spec, obs_filter, genes, primary_only, bloc
         elif complete(fingerprint(dataset_id, "primary")) is not None:
             cells, runs = "non_primary", nonprim  # the primary ones are in the store already
         else:
-            cells, runs = "all", _merge_runs(prim + nonprim)
+            cells, runs = "all", Runs.from_ranges(prim + nonprim).ranges()
         fp = fingerprint(dataset_id, cells)
         name += _CELLS_LABEL[cells]
         done = complete(fp)
@@ -299,4 +245,4 @@ def _ingest_census(store_uri, lease, spec, obs_filter, genes, primary_only, bloc
     return report
 
 
-__all__ = ["CensusSpec", "ingest_census", "runs_of", "scan_query", "split_runs"]
+__all__ = ["ingest_census", "split_runs"]

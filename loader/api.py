@@ -1,4 +1,4 @@
-"""make_loader: the one entry point (store path + LoaderConfig -> resumable DataLoader)."""
+"""make_loader: the one entry point (a store, a StoreView or a QueryConfig + LoaderConfig -> resumable DataLoader)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import multiprocessing
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
+
+from atlasflow.store.query import QueryConfig, select
+from atlasflow.store.view import open_view
 
 from .config import LoaderConfig
 from .dataset import CellStream
@@ -58,6 +61,9 @@ def make_loader(store, cfg: LoaderConfig | None = None, *, vocab: Vocab | None =
                 gene_medians: np.ndarray | None = None, meta_vocab=None, **overrides) -> AtlasLoader:
     """Build the loader: ``make_loader("atlas/", LoaderConfig(tokenizer="bin", batch_size=32))``.
 
+    ``store``: a store path, a ``StoreView`` (an open store, or a Census mirror as ``CensusView``), or a
+    ``QueryConfig`` (``atlasflow.store.query``): the query's cells are read in place, no copy.
+
     Keyword ``overrides`` replace config fields (``make_loader(uri, seed=1)``). Batches are dicts of
     torch tensors (see ``atlasflow.loader`` docs); ``loader.dataset`` is the CellStream.
 
@@ -73,6 +79,8 @@ def make_loader(store, cfg: LoaderConfig | None = None, *, vocab: Vocab | None =
     cfg = cfg or LoaderConfig()
     if overrides:
         cfg = LoaderConfig(**{**cfg.to_dict(), **overrides})
+    if isinstance(store, QueryConfig):
+        store, cfg = _query_source(store, cfg)
     ds = CellStream(store, cfg, vocab=vocab, gene_medians=gene_medians, meta_vocab=meta_vocab)
     kw = {}
     if cfg.num_workers > 0:
@@ -81,3 +89,32 @@ def make_loader(store, cfg: LoaderConfig | None = None, *, vocab: Vocab | None =
     # every iter(), which would shift the caller's dropout masks by where an epoch (or a resume) starts.
     gen = torch.Generator().manual_seed(cfg.seed)
     return AtlasLoader(ds, num_workers=cfg.num_workers, generator=gen, **kw)
+
+
+def _query_source(q: QueryConfig, cfg: LoaderConfig):
+    """The view a query reads and the loader config with the query's filter joined to its own.
+
+    The loader selects by obs filter only (its plan is over joinid runs), so a per-label subsample or a
+    gene subset is written out first (``atlasflow.ingest.export``). A Census query reads a local mirror
+    in place with the tokenizers that need no gene medians (only a store has them).
+    """
+    from .encodings import get_encoding
+
+    if q.per_label_cap or q.fraction < 1.0:
+        raise ValueError("QueryConfig.per_label_cap: the loader selects cells by obs filter only; write the "
+                         "subsample with to_store or to_h5ad")
+    if q.genes:
+        raise ValueError("QueryConfig.genes: the loader reads every gene; write a gene subset with to_store")
+    if q.source == "census":
+        if not q.uri:
+            raise ValueError("QueryConfig.uri: a loader over Census reads a local mirror (uri=ROOT, as "
+                             "cellxgene_census.open_soma(uri=...)); write remote Census queries with to_store")
+        if get_encoding(cfg.tokenizer).needs_medians:
+            raise ValueError(f"LoaderConfig.tokenizer: {cfg.tokenizer!r} needs per-gene medians, which a Census "
+                             "experiment does not have; use 'bin', 'ebin', 'value' or 'uce', or write the query "
+                             "with to_store (gene stats are computed there)")
+    select(q)  # refuse an empty query with the query's own message
+    parts = [f for f in (cfg.obs_filter, q.obs_filter) if f]
+    obs_filter = parts[0] if len(parts) == 1 else (f"({parts[0]}) and ({parts[1]})" if parts else cfg.obs_filter)
+    view = open_view(q.uri, q.census_organism, cfg.timestamp_ms)
+    return view, LoaderConfig(**{**cfg.to_dict(), "obs_filter": obs_filter})

@@ -14,19 +14,20 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from atlasflow.store import Store, open_store
+from atlasflow.store.runs import Labels, Runs
+from atlasflow.store.selection import check_columns, column_labels, obs_labels, query_runs
 
 from . import kernels as K
 from . import plan as P
 from .batching import TokenWindow, collate
 from .config import LoaderConfig
-from .io import BlockReader, Prefetcher
-from .memory import release_memory
-from .query import check_columns, column_labels, obs_labels, query_runs, restrict_to_split
-from .runs import Labels, Runs
-from .state import STATE_FORMAT_VERSION, STREAM_FORMAT, check_state
 from .encodings import get_encoding
 from .encodings.uce import column_coordinates
+from .io import BlockReader, Prefetcher
+from .memory import release_memory
 from .meta_tokens import MetaVocab
+from .split import restrict_to_split
+from .state import STATE_FORMAT_VERSION, STREAM_FORMAT, check_state
 from .tokenize import TokenBlock, Tokenizer, prepend_tokens
 from .vocab import N_SPECIAL, Vocab
 
@@ -122,7 +123,7 @@ class CellStream(IterableDataset):
             if enc.needs_coordinates else None
         with store.experiment() as exp:
             check_columns(exp, [cfg.balance_by, cfg.split_by if cfg.split else None, *cfg.obs_columns,
-                                *cfg.meta_columns], "balance_by / split_by / obs_columns / meta_columns")
+                                *cfg.meta_columns], "LoaderConfig.balance_by / split_by / obs_columns / meta_columns")
             runs = query_runs(exp, Runs.from_ranges(store.complete_ranges()), cfg.obs_filter)
             if cfg.split is not None:
                 runs = restrict_to_split(runs, column_labels(exp, runs, cfg.split_by, cfg.obs_filter),

@@ -42,8 +42,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from atlasflow.store.runs import Labels
+
 from .batching import batch_indices
-from .runs import Labels
 
 _TAG_CHUNKS, _TAG_BALANCE, _TAG_WINDOW, _TAG_BUCKET = 0xC4, 0xBA, 0x5E, 0xB0
 

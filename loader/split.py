@@ -13,6 +13,8 @@ import hashlib
 
 import numpy as np
 
+from atlasflow.store.runs import Labels, Runs
+
 SPLIT_NAMES = ("train", "val", "test")
 _SALT = b"atlasflow-split-v1:"
 
@@ -33,3 +35,14 @@ def split_of(value: str, fractions=(0.8, 0.1, 0.1)) -> str:
 def assign_splits(values, fractions=(0.8, 0.1, 0.1)) -> dict[str, str]:
     """{group value: split name} for every distinct value."""
     return {str(v): split_of(str(v), fractions) for v in dict.fromkeys(values)}
+
+
+def restrict_to_split(runs: Runs, labels: Labels, split: str, fractions) -> Runs:
+    """Keep the selected cells whose group (labels) falls in ``split``."""
+    wanted = np.array([split_of(v, fractions) == split for v in labels.categories], dtype=bool)
+    seg = np.flatnonzero(wanted[labels.codes])
+    cum = runs.cum()
+    ranges = []
+    for k in seg:  # a loop over label segments (datasets), not cells
+        ranges.extend(runs.to_joinids(int(labels.bounds[k]), int(labels.bounds[k + 1]), cum))
+    return Runs.from_ranges(ranges)

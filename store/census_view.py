@@ -13,25 +13,51 @@ Census experiments share the store's layout (``obs``, ``ms["RNA"].var`` keyed by
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
+from .genes import organism_key
+from .runs import Runs
 from .store import Store, StoreLocator
 
 CENSUS_VIEW_VERSION = 1
+# cellxgene_census defaults to 1 GiB read buffers per context; several workers share 24 GiB here.
+_TILEDB_CONFIG = {"soma.init_buffer_bytes": 128 * 1024**2, "py.init_buffer_bytes": 128 * 1024**2}
+
+
+@dataclass(frozen=True)
+class CensusSpec:
+    """Picklable description of which Census to open: a version (S3), or the uri of a mirror."""
+
+    census_version: str | None
+    uri: str | None
+    organism: str
+
+    def open(self):
+        import cellxgene_census
+
+        if self.uri:
+            return cellxgene_census.open_soma(uri=self.uri, tiledb_config=_TILEDB_CONFIG)
+        return cellxgene_census.open_soma(census_version=self.census_version or "stable", tiledb_config=_TILEDB_CONFIG)
+
+    @property
+    def label(self) -> str:
+        return f"census:{self.census_version}" if not self.uri else f"census:{self.uri}"
+
+    def experiment(self, census):
+        """``census_data/<organism>``; a missing organism is a ValueError naming the Census and what it has."""
+        key = organism_key(self.organism)
+        try:
+            return census["census_data"][key]
+        except KeyError:
+            raise ValueError(f"{self.uri or self.label}: no organism {key!r} in census_data "
+                             f"(has {sorted(census['census_data'].keys())})") from None
 
 
 def census_experiment_uri(root: str, organism: str) -> str:
     """The URI of ``census_data/<organism>`` under a Census root, checked the way cellxgene_census opens it."""
-    import cellxgene_census
-
-    from . import organism_key
-
-    key = organism_key(organism)
-    with cellxgene_census.open_soma(uri=root) as census:
-        try:
-            return census["census_data"][key].uri
-        except KeyError:
-            raise ValueError(f"{root}: no organism {key!r} in census_data "
-                             f"(has {sorted(census['census_data'].keys())})") from None
+    spec = CensusSpec(None, root, organism)
+    with spec.open() as census:
+        return spec.experiment(census).uri
 
 
 class CensusView(Store):
@@ -66,19 +92,6 @@ def _joinid_runs(exp) -> list[tuple[int, int]]:
     """Half-open runs of the joinids present in obs, from Arrow batches of the joinid column only."""
     import numpy as np
 
-    runs: list[tuple[int, int]] = []
-    for tbl in exp.obs.read(column_names=["soma_joinid"]):
-        ids = np.sort(tbl["soma_joinid"].to_numpy())
-        if len(ids) == 0:
-            continue
-        breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-        for a, b in zip(np.concatenate([[0], breaks]), np.concatenate([breaks, [len(ids)]])):
-            runs.append((int(ids[a]), int(ids[b - 1]) + 1))
-    runs.sort()
-    merged: list[tuple[int, int]] = []
-    for a, b in runs:
-        if merged and merged[-1][1] >= a:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
-        else:
-            merged.append((a, b))
-    return merged
+    runs = [Runs.from_sorted_ids(np.sort(tbl["soma_joinid"].to_numpy())).ranges()
+            for tbl in exp.obs.read(column_names=["soma_joinid"])]
+    return Runs.from_ranges([r for part in runs for r in part]).ranges()

@@ -164,15 +164,10 @@ class Store:
 
 
 def in_ranges(ids: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
-    """Boolean mask: which ids fall in any of the sorted half-open ranges."""
-    if not ranges:
-        return np.zeros(len(ids), dtype=bool)
-    starts = np.array([r[0] for r in ranges])
-    stops = np.array([r[1] for r in ranges])
-    pos = np.searchsorted(starts, ids, side="right") - 1
-    ok = pos >= 0
-    ok[ok] = ids[ok] < stops[pos[ok]]
-    return ok
+    """Boolean mask: which ids fall in any of the half-open ranges."""
+    from .runs import Runs
+
+    return Runs.from_ranges(ranges).contains(ids)
 
 
 def open_store(uri: str, timestamp_ms: int | None = None) -> Store:

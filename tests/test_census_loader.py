@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from atlasflow.train.query import QueryConfig, to_loader
+from atlasflow.loader import make_loader
+from atlasflow.store.query import QueryConfig
 
 FLT = "tissue_general == 'blood' or cell_type == 'B cell'"
 
@@ -34,7 +35,7 @@ def test_value_tokens_over_a_census_mirror_equal_get_anndata(census):
     var_joinid = ref.var["soma_joinid"].to_numpy()
     assert 0 < len(row_of) < 300
     cfg = QueryConfig(source="census", uri=census, organism="Homo sapiens", obs_filter=FLT)
-    loader = to_loader(cfg, LoaderConfig(tokenizer="value", max_len=512, batch_size=8, shuffle=False,
+    loader = make_loader(cfg, LoaderConfig(tokenizer="value", max_len=512, batch_size=8, shuffle=False,
                                          remainder="pad", obs_columns=("cell_type",)))
     cats = loader.dataset.obs_categories["cell_type"]
     seen = set()
@@ -59,15 +60,19 @@ def test_census_loader_refusals_name_the_field(census):
 
     cfg = QueryConfig(source="census", uri=census, organism="Homo sapiens", obs_filter=FLT)
     with pytest.raises(ValueError, match="LoaderConfig.tokenizer: 'rank' needs per-gene medians"):
-        to_loader(cfg, LoaderConfig(tokenizer="rank"))
+        make_loader(cfg, LoaderConfig(tokenizer="rank"))
     with pytest.raises(ValueError, match="QueryConfig.uri: a loader over Census reads a local mirror"):
-        to_loader(QueryConfig(source="census", census_version="stable"), LoaderConfig(tokenizer="bin"))
+        make_loader(QueryConfig(source="census", census_version="stable"), LoaderConfig(tokenizer="bin"))
     with pytest.raises(ValueError, match="QueryConfig.genes"):
-        to_loader(QueryConfig(source="census", uri=census, genes=("ENSG00000000003",)), LoaderConfig(tokenizer="bin"))
+        make_loader(QueryConfig(source="census", uri=census, genes=("ENSG00000000003",)), LoaderConfig(tokenizer="bin"))
     with pytest.raises(ValueError, match="query matches no cells"):
-        to_loader(QueryConfig(source="census", uri=census, obs_filter="cell_type == 'no such type'"),
+        make_loader(QueryConfig(source="census", uri=census, obs_filter="cell_type == 'no such type'"),
                   LoaderConfig(tokenizer="bin"))
     from atlasflow.store.census_view import CensusView
 
     with pytest.raises(ValueError, match="no organism 'mus_musculus'"):
         CensusView(census, "Mus musculus")
+    from atlasflow.store.view import StoreView, open_view
+
+    view = open_view(census, "Homo sapiens")  # the mirror behind the same protocol as a store
+    assert isinstance(view, CensusView) and isinstance(view, StoreView)

@@ -24,7 +24,8 @@ def stores(tmp_path_factory):
     from atlasflow.store import open_store
     from atlasflow.train import save_checkpoint
     from atlasflow.train.checkpoint import load_checkpoint, read_part
-    from atlasflow.train.query import QueryConfig, to_store
+    from atlasflow.ingest.export import to_store
+    from atlasflow.store.query import QueryConfig
 
     root = tmp_path_factory.mktemp("ft_stream")
     base = make_store(root / "base", seed=11, n_cells=200, n_genes=120, n_datasets=3)
@@ -140,7 +141,8 @@ def test_stream_from_a_census_mirror_in_place(tmp_path):
     from atlasflow.ingest.synth import synthesize
     from atlasflow.train.embed import PretrainedModel
     from atlasflow.train.finetune_data import plan_stream, stream_batches, streamable
-    from atlasflow.train.query import QueryConfig, to_store
+    from atlasflow.ingest.export import to_store
+    from atlasflow.store.query import QueryConfig
 
     root = str(tmp_path / "census")
     synthesize(root, 150, 90, 2, 9, layout="census")

@@ -12,7 +12,8 @@ import pytest
 import scipy.sparse as sp
 import tiledbsoma as soma
 
-from atlasflow.ingest.census import ingest_census, runs_of, split_runs
+from atlasflow.ingest.census import ingest_census, split_runs
+from atlasflow.store.runs import Runs
 from atlasflow.ingest.synth import synthesize
 from atlasflow.store import open_store
 
@@ -28,7 +29,7 @@ def census_root(tmp_path_factory):
 
 def test_runs_and_blocks_cover_ids_exactly():
     ids = np.array([0, 1, 2, 5, 6, 9, 10, 11, 12])
-    runs = runs_of(ids)
+    runs = Runs.from_sorted_ids(ids).ranges()
     assert runs == [(0, 3), (5, 7), (9, 13)]
     pieces = list(split_runs(runs, 4))
     flat = np.concatenate([np.arange(a, b) for _, p in pieces for a, b in p])

@@ -7,7 +7,7 @@ import pytest
 
 from atlasflow.loader.plan import (Phase, epoch_order, read_groups, stratified_order, window_spans,
                                    worker_batches_done)
-from atlasflow.loader.runs import Runs
+from atlasflow.store.runs import Runs
 
 
 def cells_of(starts, stops):

@@ -194,8 +194,8 @@ def test_obs_label_codes_decode_to_the_stored_values_for_every_column_type(tmp_p
 def test_one_obs_pass_gives_each_column_as_pandas_sees_it_under_a_filter(tmp_path_factory):
     """The loader reads every obs column it needs in one pass: run-length labels expand to exactly the
     query cells' values in joinid order; category-only columns list the query's distinct values."""
-    from atlasflow.loader.query import obs_labels, query_runs
-    from atlasflow.loader.runs import Runs
+    from atlasflow.store.selection import obs_labels, query_runs
+    from atlasflow.store.runs import Runs
 
     uri = synth_store(tmp_path_factory)
     s = open_store(uri)

@@ -13,7 +13,9 @@ import scipy.sparse as sp
 import tiledbsoma as soma
 
 from atlasflow.infra.cli import main as atlasflow_main
-from atlasflow.train.query import QueryConfig, select, subsample, to_h5ad, to_loader, to_store
+from atlasflow.ingest.export import to_h5ad, to_store
+from atlasflow.loader import make_loader
+from atlasflow.store.query import QueryConfig, select, subsample
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_subsample_codes_equals_the_per_label_definition():
     ascending positions (the definition, evaluated label by label with numpy)."""
     import hashlib
 
-    from atlasflow.train.query import subsample_codes
+    from atlasflow.store.query import subsample_codes
 
     rng = np.random.default_rng(5)
     cats = [f"type {i}" for i in range(40)]
@@ -148,12 +150,12 @@ def test_loader_over_query_without_copy(store):
 
     obs = open_store(store).obs(["cell_type"])
     want = set(obs.index[obs["cell_type"] == "B cell"])
-    loader = to_loader(QueryConfig(uri=store, obs_filter="cell_type == 'B cell'"),
+    loader = make_loader(QueryConfig(uri=store, obs_filter="cell_type == 'B cell'"),
                        LoaderConfig(batch_size=4, shuffle=False, remainder="pad", max_len=32))
     seen = {int(j) for b in loader for j in b["soma_joinid"]}
     assert seen == want
     with pytest.raises(ValueError, match="per_label_cap"):
-        to_loader(QueryConfig(uri=store, label="cell_type", per_label_cap=2))
+        make_loader(QueryConfig(uri=store, label="cell_type", per_label_cap=2))
 
 
 def test_census_mirror_matches_get_anndata(tmp_path):
@@ -195,8 +197,39 @@ def test_query_fingerprint_survives_the_obs_filter_rename():
     """QueryConfig.obs_value_filter became obs_filter (one name across loader, query, ingest and CLI);
     a store source written by a query is recognised by its fingerprint, so the fingerprint must not
     change: this value was computed by the pre-rename QueryConfig (commit 037383b) for the same query."""
-    from atlasflow.train.query import QueryConfig
+    from atlasflow.store.query import QueryConfig
 
     q = QueryConfig(source="store", uri="/data/atlas", obs_filter="tissue_general == 'lung'", label="cell_type",
                     seed=3)
     assert q.key() == "66cb3b7c512bb1d488b57e0c4b553931"
+
+
+def test_selection_layer_ordered_and_unordered_reads_select_the_same_cells(store):
+    """store.selection is the one obs-filter engine: its joinid-ordered (sliced) read and its
+    unordered (one streaming) read select the cells pandas selects from Store.obs."""
+    from atlasflow.store import open_store
+    from atlasflow.store import selection as S
+    from atlasflow.store.runs import Runs
+    from atlasflow.store.view import StoreView, open_view
+
+    view = open_view(store)
+    assert isinstance(view, StoreView)
+    obs = open_store(store).obs(["cell_type"])
+    want = obs.index[obs["cell_type"] == "B cell"].to_numpy()
+    assert 0 < len(want) < len(obs)
+    within = Runs.from_ranges(view.complete_ranges())
+    old_slice, S.OBS_SLICE = S.OBS_SLICE, 37  # several slices, the last one partial
+    try:
+        with view.experiment() as exp:
+            ordered = np.concatenate([t["soma_joinid"].to_numpy() for t in
+                                      S.obs_batches(exp, ["cell_type"], "cell_type == 'B cell'", within)])
+            unordered = np.concatenate([t["soma_joinid"].to_numpy() for t in
+                                        S.obs_batches(exp, [], "cell_type == 'B cell'", within, ordered=False)])
+            runs = S.query_runs(exp, within, "cell_type == 'B cell'")
+            with pytest.raises(ValueError, match="QueryConfig.obs_filter: 'no_such_column == 1'"):
+                list(S.obs_batches(exp, [], "no_such_column == 1", within, field="QueryConfig.obs_filter"))
+    finally:
+        S.OBS_SLICE = old_slice
+    assert np.array_equal(ordered, want)  # joinid order, every slice once
+    assert np.array_equal(np.sort(unordered), want)
+    assert np.array_equal(np.concatenate([np.arange(a, b) for a, b in runs.ranges()]), want)

@@ -188,7 +188,7 @@ def iter_h5ad(path: str, block_cells: int, organism: str = "homo_sapiens"):
 
 def iter_input(source, block_cells: int, obs_columns: tuple[str, ...] = ()):
     """``source``: a store path, an .h5ad path, or a ``QueryConfig``."""
-    from .query import QueryConfig, iter_blocks, select
+    from atlasflow.store.query import QueryConfig, iter_blocks, select
 
     if isinstance(source, (str, os.PathLike)) and str(source).rstrip("/").endswith((".h5ad", ".h5", ".zarr")):
         yield from iter_h5ad(str(source), block_cells)

@@ -19,7 +19,7 @@ def _add_source(p, required: bool = True, many: bool = False) -> None:
 
 
 def _sources(args) -> list:
-    from .query import QueryConfig
+    from atlasflow.store.query import QueryConfig
 
     census = args.census_version or args.census_uri
     inputs = args.input if isinstance(args.input, list) else ([args.input] if args.input else [])
@@ -140,7 +140,8 @@ def _fail(cmd: str, exc: Exception) -> int:
 
 
 def _query(args) -> int:
-    from .query import QueryConfig, select, to_h5ad, to_store
+    from atlasflow.ingest.export import to_h5ad, to_store
+    from atlasflow.store.query import QueryConfig, select
 
     try:
         src = _sources(args)[0]

@@ -119,7 +119,7 @@ class EvalSet:
 
 
 def source_name(src) -> str:
-    from .query import QueryConfig
+    from atlasflow.store.query import QueryConfig
 
     return src.describe() if isinstance(src, QueryConfig) else os.path.basename(os.path.normpath(str(src)))
 

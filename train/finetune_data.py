@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from atlasflow.store.schema import check_format
+from atlasflow.store.view import open_view
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class StreamSpec:
 def streamable(source) -> bool:
     """A store path, or a query of a store or a local Census mirror that selects by obs filter only
     (no subsample, no gene subset)."""
-    from .query import QueryConfig
+    from atlasflow.store.query import QueryConfig
 
     if isinstance(source, QueryConfig):
         where = source.source == "store" or bool(source.uri)  # remote Census: tokenized on the driver
@@ -74,10 +75,10 @@ def plan_stream(model, source, label: str, label_map: dict | None = None, val_by
     split (train / val); when that leaves either side empty (too few groups), there is no
     validation split and fine-tuning runs its full step count (said on stdout).
     """
-    from .query import QueryConfig, select
+    from atlasflow.store.query import QueryConfig, select
 
     q = source if isinstance(source, QueryConfig) else QueryConfig(source="store", uri=os.fspath(source))
-    store = _open(q.uri, q.organism if q.source == "census" else None, None)
+    store = open_view(q.uri, q.census_organism)
     try:
         sel = select(QueryConfig(**{**q.__dict__, "label": label, "obs_columns": ()}))
     except ValueError as exc:
@@ -154,19 +155,9 @@ def stream_loader(spec: StreamSpec, batch_size: int, seed: int, rank: int, world
                        shuffle=split != "val", seed=seed, obs_filter=spec.obs_filter, obs_columns=(spec.label,),
                        rank=rank, world_size=world_size, remainder="pad", timestamp_ms=spec.timestamp_ms,
                        num_workers=0, **extra)
-    store = _open(spec.store, spec.census_organism, spec.timestamp_ms)
+    store = open_view(spec.store, spec.census_organism, spec.timestamp_ms)
     return make_loader(store, cfg, vocab=Vocab.from_dict(spec.vocab), gene_medians=spec.gene_medians,
                        meta_vocab=spec.meta_vocab)
-
-
-def _open(uri: str, census_organism: str | None, timestamp_ms: int | None):
-    if census_organism:
-        from atlasflow.store.census_view import CensusView
-
-        return CensusView(uri, census_organism, timestamp_ms)
-    from atlasflow.store import open_store
-
-    return open_store(uri, timestamp_ms)
 
 
 def _class_of(loader, spec: StreamSpec) -> torch.Tensor:

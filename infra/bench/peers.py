@@ -4,7 +4,7 @@ interleaved; prints one JSON document.
     python -m atlasflow.infra.bench.peers --store /tmp/s200k --work /tmp/peers_work [--pairs 3]
 
 The corpus is one store; each peer reads it in its own format, converted once and cached in
-``--work`` (conversion time and disk size reported): an ``.h5ad`` written by ``train.query.to_h5ad``
+``--work`` (conversion time and disk size reported): an ``.h5ad`` written by ``ingest.export.to_h5ad``
 (the same cells, counts in CSR X) for scDataset, and BioNeMo SCDL's own memory-mapped conversion of
 that file. Peers, each at its documented settings and none tokenizing (each number says so):
 
@@ -65,14 +65,15 @@ def prepare(store: str, work: str, log=None) -> dict:
     meta = json.load(open(meta_path)) if os.path.exists(meta_path) else {}
     h5ad, scdl = os.path.join(work, "corpus.h5ad"), os.path.join(work, "corpus.scdl")
     if meta.get("store") != os.path.abspath(store) or not os.path.exists(h5ad):
-        from atlasflow.train.query import QueryConfig, to_h5ad
+        from atlasflow.ingest.export import to_h5ad
+        from atlasflow.store.query import QueryConfig
 
         t0 = time.perf_counter()
         with PeakRSS() as mem:
             to_h5ad(QueryConfig(source="store", uri=store, obs_columns=("dataset_id",)), h5ad)
         meta = {"store": os.path.abspath(store), "h5ad": {"seconds": round(time.perf_counter() - t0, 1),
                                                            "bytes": _du(h5ad), "peak_rss_gb": mem.peak_gib,
-                                                           "by": "atlasflow.train.query.to_h5ad"}}
+                                                           "by": "atlasflow.ingest.export.to_h5ad"}}
         if os.path.exists(scdl):
             import shutil
 

@@ -1,4 +1,4 @@
-"""A query's obs side at atlas scale: ``train.query.select`` (obs scan + filter + per-label cap and
+"""A query's obs side at atlas scale: ``store.query.select`` (obs scan + filter + per-label cap and
 stratified fraction + label counts) on a store with a 1M-row obs and hundreds of labels. Each
 measurement is a fresh child process (time, peak RSS); prints JSON.
 
@@ -62,7 +62,7 @@ def build_store(uri: str, n_cells: int, n_labels: int, sources: int = 20, seed: 
 
 def measure(store: str) -> dict:
     from atlasflow.infra.bench.util import PeakRSS
-    from atlasflow.train.query import QueryConfig, select
+    from atlasflow.store.query import QueryConfig, select
 
     mem = PeakRSS().start()
     t0 = time.perf_counter()

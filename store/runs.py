@@ -79,6 +79,18 @@ class Runs:
             k += 1
         return out
 
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        """Boolean mask: which ids fall in a run."""
+        ids = np.asarray(ids)
+        k = np.searchsorted(self.starts, ids, side="right") - 1
+        ok = k >= 0
+        ok[ok] = ids[ok] < self.stops[k[ok]]
+        return ok
+
+    def ranges(self) -> list[tuple[int, int]]:
+        """The runs as a list of (start, stop) ints (the manifest's and the ingest plan's form)."""
+        return [(int(a), int(b)) for a, b in zip(self.starts, self.stops)]
+
     def positions_of(self, joinids: np.ndarray, cum: np.ndarray | None = None) -> np.ndarray:
         """Query position of each joinid (which must be in the runs)."""
         cum = self.cum() if cum is None else cum
