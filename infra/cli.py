@@ -14,7 +14,7 @@ _AREAS = [
     "atlasflow.store.cli",
     "atlasflow.infra.bench.cli",
     "atlasflow.train.cli",
-    "atlasflow.train.eval_cli",
+    "atlasflow.train.tasks.cli",
     "atlasflow.infra.quickstart",
 ]
 

@@ -82,7 +82,7 @@ def run_quickstart(out: str, cells: int = 6000, genes: int = 2000, datasets: int
     if not skip_eval:
         t = _step("5/5 embed + evaluate against simple baselines")
         try:
-            from atlasflow.train.evaluate import EvalConfig, run_eval
+            from atlasflow.train.tasks.evaluate import EvalConfig, run_eval
         except ImportError:
             summary["eval"] = "evaluation module not installed"
         else:

@@ -17,9 +17,10 @@ import pytest
 import torch
 
 from atlasflow.infra.cli import main as atlasflow_main
-from atlasflow.train.baselines import log1p_normalize, scores
-from atlasflow.train.embed import EmbedConfig, PretrainedModel, embed
-from atlasflow.train.evaluate import EvalConfig, choose_split, run_eval
+from atlasflow.train.tasks.baselines import log1p_normalize, scores
+from atlasflow.train.tasks.embed import EmbedConfig, embed
+from atlasflow.train.tasks.pretrained import PretrainedModel
+from atlasflow.train.tasks.evaluate import EvalConfig, choose_split, run_eval
 
 D, MAX_LEN = 32, 64
 
@@ -186,10 +187,10 @@ def test_eval_table_split_and_leakage(setup, tmp_path):
 
 
 def test_finetune_frozen_keeps_encoder_full_updates_it(setup, tmp_path):
-    from atlasflow.train.finetune import FinetuneConfig, finetune_worker, load_classifier, predict
-    from atlasflow.train.finetune_data import labelled_counts, memory_set, tokenizer_spec, validation_split
-    from atlasflow.train.embed import tokenize
-    from atlasflow.train.loop import WorkerContext
+    from atlasflow.train.tasks.finetune import FinetuneConfig, finetune_worker, load_classifier, predict
+    from atlasflow.train.tasks.finetune_data import labelled_counts, memory_set, tokenizer_spec, validation_split
+    from atlasflow.train.tasks.pretrained import tokenize
+    from atlasflow.train.runtime import WorkerContext
 
     store, ckpt, _ = setup
     model = PretrainedModel(ckpt)

@@ -21,7 +21,7 @@ def _obs(a: int, b: int) -> pd.DataFrame:
 
 
 def test_h5ad_and_parquet_writers_grow_per_block_and_read_back(tmp_path):
-    from atlasflow.train.embed_write import OBSM_KEY, H5adEmbeddingWriter, ParquetEmbeddingWriter
+    from atlasflow.train.tasks.embed_write import OBSM_KEY, H5adEmbeddingWriter, ParquetEmbeddingWriter
 
     rng = np.random.default_rng(0)
     bounds = [0, 7, 7, 20, 33]  # includes an empty block
@@ -56,8 +56,9 @@ def test_h5ad_and_parquet_writers_grow_per_block_and_read_back(tmp_path):
 
 
 def test_embed_hands_each_block_to_the_writers(tmp_path, monkeypatch):
-    from atlasflow.train import embed_write
-    from atlasflow.train.embed import EmbedConfig, PretrainedModel, embed, iter_input, tokenize
+    from atlasflow.train.tasks import embed_write
+    from atlasflow.train.tasks.embed import EmbedConfig, embed
+    from atlasflow.train.tasks.pretrained import PretrainedModel, iter_input, tokenize
 
     store = make_store(tmp_path / "store", seed=7, n_cells=130, n_genes=80, n_datasets=2)
     ckpt = make_checkpoint(tmp_path / "ckpt", store)

@@ -34,7 +34,7 @@ def test_cv_label_prediction_matches_cross_val_score():
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from atlasflow.train.eval_metrics import cv_label_prediction
+    from atlasflow.train.tasks.eval_metrics import cv_label_prediction
 
     rng = np.random.default_rng(3)
     y = np.repeat(np.array(["a", "b", "c", "rare"]), [60, 50, 40, 4])
@@ -52,7 +52,7 @@ def test_cv_label_prediction_matches_cross_val_score():
 
 
 def test_aggregate_seeds_mean_sd():
-    from atlasflow.train.eval_metrics import aggregate_seeds
+    from atlasflow.train.tasks.eval_metrics import aggregate_seeds
 
     acc = [0.91, 0.85, 0.88]
     f1 = [0.8, 0.7, 0.75]
@@ -72,7 +72,7 @@ def test_aggregate_seeds_mean_sd():
 
 def test_random_init_control_same_architecture_other_weights(setup, tmp_path):
     from atlasflow.train import load_checkpoint, read_part
-    from atlasflow.train.eval_metrics import random_init_checkpoint
+    from atlasflow.train.tasks.eval_metrics import random_init_checkpoint
 
     _, ckpt, _ = setup
     base, _, vocab = load_checkpoint(ckpt)
@@ -93,7 +93,7 @@ def test_random_init_control_same_architecture_other_weights(setup, tmp_path):
 
 
 def test_head_is_layernorm_and_per_cell(setup):
-    from atlasflow.train.finetune import CellClassifier
+    from atlasflow.train.tasks.finetune import CellClassifier
     from atlasflow.train import load_checkpoint
 
     _, ckpt, _ = setup
@@ -112,10 +112,10 @@ def test_head_is_layernorm_and_per_cell(setup):
 def test_early_stopping_restores_the_best_validation_step(setup, tmp_path):
     import torch.nn.functional as F
 
-    from atlasflow.train.embed import PretrainedModel, tokenize
-    from atlasflow.train.finetune import FinetuneConfig, finetune_worker, load_classifier, predict
-    from atlasflow.train.finetune_data import labelled_counts, memory_set, tokenizer_spec, validation_split
-    from atlasflow.train.loop import WorkerContext
+    from atlasflow.train.tasks.pretrained import PretrainedModel, tokenize
+    from atlasflow.train.tasks.finetune import FinetuneConfig, finetune_worker, load_classifier, predict
+    from atlasflow.train.tasks.finetune_data import labelled_counts, memory_set, tokenizer_spec, validation_split
+    from atlasflow.train.runtime import WorkerContext
     from atlasflow.loader.batching import collate
 
     store, ckpt, _ = setup
@@ -160,7 +160,7 @@ def test_early_stopping_restores_the_best_validation_step(setup, tmp_path):
 
 
 def test_validation_split_single_group_is_stratified():
-    from atlasflow.train.finetune_data import validation_split
+    from atlasflow.train.tasks.finetune_data import validation_split
 
     y = np.repeat(["a", "b", "c"], [40, 20, 10])
     s = validation_split(y, np.full(len(y), "one"), 0.2, 0)
@@ -190,8 +190,8 @@ def _h5ad(path, store, ids, cols):
 def test_shared_gene_tokens_and_protocol_tables(setup, tmp_path):
     import scipy.sparse as sp
 
-    from atlasflow.train.embed import PretrainedModel, tokenize
-    from atlasflow.train.evaluate import EvalConfig, run_eval
+    from atlasflow.train.tasks.pretrained import PretrainedModel, tokenize
+    from atlasflow.train.tasks.evaluate import EvalConfig, run_eval
 
     store, ckpt, _ = setup
     a_ids, b_ids = np.arange(0, 120), np.arange(120, 200)
@@ -239,7 +239,7 @@ def test_shared_gene_tokens_and_protocol_tables(setup, tmp_path):
 
 def test_scib_table_when_installed(setup, tmp_path):
     pytest.importorskip("scib_metrics", reason="scib-metrics not installed (the 'eval' extra)")
-    from atlasflow.train.evaluate import EvalConfig, run_eval
+    from atlasflow.train.tasks.evaluate import EvalConfig, run_eval
 
     store, ckpt, _ = setup
     tab = run_eval(ckpt, store, str(tmp_path / "ev"), EvalConfig(finetune_steps=0, n_pcs=5, plot=False, cv_folds=0,
@@ -257,7 +257,7 @@ def test_scib_batch_silhouette_undefined_when_no_label_spans_two_batches():
     pytest.importorskip("scib_metrics", reason="scib-metrics not installed (the 'eval' extra)")
     import math
 
-    from atlasflow.train.eval_metrics import scib_scores
+    from atlasflow.train.tasks.eval_metrics import scib_scores
 
     rng = np.random.default_rng(0)
     Z = np.concatenate([rng.normal(0, 1, (30, 4)), rng.normal(5, 1, (30, 4))])

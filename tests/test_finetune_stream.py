@@ -60,8 +60,8 @@ def _store_labels(store: str) -> dict[int, str]:
 
 def test_stream_labels_and_tokens_match_the_store(stores, caplog):
     from atlasflow.store import open_store
-    from atlasflow.train.embed import PretrainedModel, iter_input, tokenize
-    from atlasflow.train.finetune_data import plan_stream, stream_batches, streamable
+    from atlasflow.train.tasks.pretrained import PretrainedModel, iter_input, tokenize
+    from atlasflow.train.tasks.finetune_data import plan_stream, stream_batches, streamable
 
     ft, ckpt, vocab = stores
     model = PretrainedModel(ckpt)
@@ -70,7 +70,7 @@ def test_stream_labels_and_tokens_match_the_store(stores, caplog):
     truth = _store_labels(ft)
     present = sorted(set(truth.values()))
     label_map.update({v: v for v in present if v not in label_map and v != present[-1]})  # the last: unlabelled
-    with caplog.at_level("WARNING", logger="atlasflow.train.finetune_data"):
+    with caplog.at_level("WARNING", logger="atlasflow.train.tasks.finetune_data"):
         spec = plan_stream(model, ft, "cell_type", label_map)
     out = caplog.text
     var = open_store(ft).var()
@@ -95,7 +95,7 @@ def test_stream_labels_and_tokens_match_the_store(stores, caplog):
         it = stream_batches(spec, 16, 0, rank, 2)
         n_batches = None
         for k, (batch, y) in enumerate(it):
-            from atlasflow.train.finetune_data import stream_loader
+            from atlasflow.train.tasks.finetune_data import stream_loader
 
             if n_batches is None:
                 n_batches = len(stream_loader(spec, 16, 0, rank, 2))
@@ -112,10 +112,10 @@ def test_stream_labels_and_tokens_match_the_store(stores, caplog):
 
 
 def test_finetune_worker_trains_from_the_stream(stores, tmp_path):
-    from atlasflow.train.embed import PretrainedModel
-    from atlasflow.train.finetune import FinetuneConfig, finetune_worker, load_classifier
-    from atlasflow.train.finetune_data import StreamSpec, plan_stream
-    from atlasflow.train.loop import WorkerContext
+    from atlasflow.train.tasks.pretrained import PretrainedModel
+    from atlasflow.train.tasks.finetune import FinetuneConfig, finetune_worker, load_classifier
+    from atlasflow.train.tasks.finetune_data import StreamSpec, plan_stream
+    from atlasflow.train.runtime import WorkerContext
 
     ft, ckpt, _ = stores
     spec = plan_stream(PretrainedModel(ckpt), ft, "cell_type")
@@ -139,8 +139,8 @@ def test_stream_from_a_census_mirror_in_place(tmp_path):
     import cellxgene_census
 
     from atlasflow.ingest.synth import synthesize
-    from atlasflow.train.embed import PretrainedModel
-    from atlasflow.train.finetune_data import plan_stream, stream_batches, streamable
+    from atlasflow.train.tasks.pretrained import PretrainedModel
+    from atlasflow.train.tasks.finetune_data import plan_stream, stream_batches, streamable
     from atlasflow.ingest.export import to_store
     from atlasflow.store.query import QueryConfig
 
@@ -158,7 +158,7 @@ def test_stream_from_a_census_mirror_in_place(tmp_path):
                                        column_names=["soma_joinid", "cell_type"])
     truth = dict(zip(obs["soma_joinid"].astype(int), obs["cell_type"].astype(str)))
     assert 0 < len(truth) < 150 and list(spec.classes) == sorted(set(truth.values()))
-    from atlasflow.train.finetune_data import stream_loader
+    from atlasflow.train.tasks.finetune_data import stream_loader
 
     seen = set()
     n_batches = len(stream_loader(spec, 8, 0, 0, 1))  # one epoch
@@ -172,7 +172,7 @@ def test_stream_from_a_census_mirror_in_place(tmp_path):
 def _ctx(root, fail_at=None):
     """A one-process WorkerContext keeping checkpoints under root/<step> (what Ray Train does); its
     report raises at step ``fail_at`` (a crash after the last checkpoint)."""
-    from atlasflow.train.loop import WorkerContext
+    from atlasflow.train.runtime import WorkerContext
 
     root.mkdir(parents=True, exist_ok=True)
 
@@ -193,9 +193,9 @@ def _ctx(root, fail_at=None):
 def test_a_restarted_finetune_continues_exactly(stores, tmp_path):
     """Crash after the step-4 resume checkpoint, restart: the result equals an uninterrupted run's."""
     from atlasflow.train.checkpoint import read_part
-    from atlasflow.train.embed import PretrainedModel
-    from atlasflow.train.finetune import FinetuneConfig, finetune_worker
-    from atlasflow.train.finetune_data import plan_stream
+    from atlasflow.train.tasks.pretrained import PretrainedModel
+    from atlasflow.train.tasks.finetune import FinetuneConfig, finetune_worker
+    from atlasflow.train.tasks.finetune_data import plan_stream
 
     ft, ckpt, _ = stores
     spec = plan_stream(PretrainedModel(ckpt), ft, "cell_type")
@@ -217,8 +217,8 @@ def test_a_finetune_stream_resumes_on_another_world_size(stores):
     """2 workers take 3 batches each, save; 3 workers stream the epoch's rest: every training cell
     of the epoch at least once (remainder="pad" repeats a few to even the shards), and no cell that
     was consumed before the resize comes back unless it is padding."""
-    from atlasflow.train.embed import PretrainedModel
-    from atlasflow.train.finetune_data import plan_stream, stream_batches
+    from atlasflow.train.tasks.pretrained import PretrainedModel
+    from atlasflow.train.tasks.finetune_data import plan_stream, stream_batches
 
     ft, ckpt, _ = stores
     spec = plan_stream(PretrainedModel(ckpt), ft, "cell_type")
@@ -246,7 +246,7 @@ def test_a_finetune_stream_resumes_on_another_world_size(stores):
 
 
 def _epoch_cells(spec):
-    from atlasflow.train.finetune_data import stream_loader
+    from atlasflow.train.tasks.finetune_data import stream_loader
 
     loader = stream_loader(spec, 8, 0, 0, 1, split="train")
     return [j for b in loader for j in b["soma_joinid"].tolist()]

@@ -143,13 +143,13 @@ def test_library_messages_go_to_stderr_at_the_cli_level(capsys):
 
     from atlasflow.infra.cli import configure_logging
 
-    log = logging.getLogger("atlasflow.train.evaluate")
+    log = logging.getLogger("atlasflow.train.tasks.evaluate")
     try:
         configure_logging(logging.INFO)
         configure_logging(logging.INFO)
         log.info("tokens over 7 genes")
         out, err = capsys.readouterr()
-        assert out == "" and err.count("tokens over 7 genes") == 1 and "atlasflow.train.evaluate" in err
+        assert out == "" and err.count("tokens over 7 genes") == 1 and "atlasflow.train.tasks.evaluate" in err
         configure_logging(logging.WARNING)
         log.info("hidden")
         log.warning("shown")

@@ -21,7 +21,8 @@ from atlasflow.loader.encodings import ENCODINGS
 from atlasflow.store import open_store
 from atlasflow.train.checkpoint import load_checkpoint, read_part
 from atlasflow.train.config import load_preset
-from atlasflow.train.loop import InjectedFailure, WorkerContext, loader_config, run_worker
+from atlasflow.train.loop import InjectedFailure, loader_config, run_worker
+from atlasflow.train.runtime import WorkerContext
 
 loader_mod = pytest.importorskip("atlasflow.loader")
 if not hasattr(loader_mod, "make_loader"):
@@ -179,7 +180,7 @@ def test_other_encodings_and_objectives_train_from_the_loader(store, tmp_path, t
     n_meta = 3 if meta else 0  # <unk:dataset_id> + the store's 2 datasets
     assert enc.gene_end == 4 + len(vocab.gene_joinids) and enc.n_tokens == enc.gene_end + extra + n_meta
     if meta:
-        from atlasflow.train.embed import PretrainedModel
+        from atlasflow.train.tasks.pretrained import PretrainedModel
 
         for mode, n_prefix in (("keep", 1), ("drop", 0)):
             m = PretrainedModel(str(tmp_path / "run" / "ckpt_3"), meta_tokens=mode)

@@ -317,7 +317,7 @@ def test_varlen_kernel_only_for_cuda_half_precision():
 
 
 def test_fsdp_wraps_each_block():
-    from atlasflow.train.loop import parallel_kwargs
+    from atlasflow.train.runtime import parallel_kwargs
     from atlasflow.train.model import Block
 
     assert parallel_kwargs("ddp") is None

@@ -1,7 +1,7 @@
 """The per-worker training loop.
 
 ``train_loop_per_worker`` is what Ray Train runs on every worker; the loop itself (``run_worker``)
-only talks to a small ``WorkerContext`` (rank, world, device, restore directory, report), so it
+only talks to a small ``runtime.WorkerContext`` (rank, world, device, restore directory, report), so it
 also runs in a plain process (world size 1) for tests and debugging.
 
 Order of business on every (re)start: restore first (model, optimizer, scheduler, train state, and
@@ -21,9 +21,7 @@ import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -39,6 +37,7 @@ from .masking import masking_generator
 from .model import N_SPECIAL
 from .objective import PretrainObjective
 from .pack import model_inputs
+from .runtime import WorkerContext, ray_worker_context
 from .signals import Baselines
 from .step_metrics import Tracer, Window
 
@@ -51,16 +50,6 @@ class InjectedFailure(RuntimeError):
     """Raised once by the fault-injection knob (run.fail_at_step)."""
 
 
-@dataclass
-class WorkerContext:
-    rank: int
-    world_size: int
-    device: torch.device
-    restore_dir: Callable[[], object]  # context manager yielding a checkpoint dir, or None
-    report: Callable[[dict, str | None], None]  # (metrics, checkpoint dir or None)
-    wrap: Callable[[torch.nn.Module, str], torch.nn.Module] = lambda m, strategy: m
-
-
 def loader_config(cfg: Config, rank: int, world_size: int):
     from atlasflow.loader import LoaderConfig
 
@@ -71,19 +60,6 @@ def loader_config(cfg: Config, rank: int, world_size: int):
                         n_bins=d.n_bins, gene_filter=d.gene_filter or None, bucket_batches=d.bucket_batches,
                         timestamp_ms=d.timestamp_ms or None, thin_range=tuple(d.thin_range) or None,
                         thin_prob=d.thin_prob, bin_width=d.bin_width, meta_columns=tuple(d.meta_columns))
-
-
-def parallel_kwargs(strategy: str) -> dict | None:
-    """Wrapper arguments for ray.train.torch.prepare_model (DDP: Ray's defaults)."""
-    if strategy != "fsdp":
-        return None
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
-
-    from .model import Block
-
-    # One FSDP unit per transformer block: parameters are gathered a block at a time (a root-only
-    # wrap gathers the whole model for every forward); original parameters for compiled blocks.
-    return {"auto_wrap_policy": ModuleWrapPolicy({Block}), "use_orig_params": True}
 
 
 def lr_factor(cfg: Config, step: float) -> float:
@@ -356,37 +332,6 @@ class _Trainer:
             self.ctx.report(metrics, tmp)
 
 
-@contextlib.contextmanager
-def ray_restore_dir():
-    """The latest committed Ray Train checkpoint of this run as a local directory, or None."""
-    import ray.train
-
-    ckpt = ray.train.get_checkpoint()
-    if ckpt is None:
-        yield None
-    else:
-        with ckpt.as_directory() as d:
-            yield d
-
-
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point (TorchTrainer(train_loop_per_worker, train_loop_config=cfg.to_dict()))."""
-    import ray.train
-    import ray.train.torch
-
-    cfg = Config.from_dict(config)
-    rc = ray.train.get_context()
-
-    def report(metrics: dict, ckpt_dir: str | None) -> None:
-        ckpt = ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None
-        ray.train.report(metrics, checkpoint=ckpt)
-
-    def wrap(model, strategy):
-        if rc.get_world_size() == 1 and strategy != "fsdp":  # FSDP on one rank: still sharded code paths
-            return model
-        return ray.train.torch.prepare_model(model, parallel_strategy=strategy,
-                                             parallel_strategy_kwargs=parallel_kwargs(strategy))
-
-    ctx = WorkerContext(rank=rc.get_world_rank(), world_size=rc.get_world_size(),
-                        device=ray.train.torch.get_device(), restore_dir=ray_restore_dir, report=report, wrap=wrap)
-    run_worker(cfg, ctx)
+    """Ray Train entry point (``runtime.fit_on_ray(train_loop_per_worker, cfg.to_dict(), ...)``)."""
+    run_worker(Config.from_dict(config), ray_worker_context())

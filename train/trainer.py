@@ -1,5 +1,5 @@
-"""Ray Train driver: TorchTrainer + ScalingConfig + RunConfig(storage_path, name, checkpoint_config,
-failure_config), and ``run_training(config) -> result dict`` used by the CLI and the README job.
+"""The pretraining driver: ``run_training(config) -> result dict`` (used by the CLI and the README job)
+runs the loop on Ray Train through ``runtime.fit_on_ray``, the runtime fine-tuning uses too.
 
 Re-running with the same ``run.storage_path``/``run.name`` resumes: Ray Train restores the latest
 checkpoint of that run and the loop continues from its step and loader positions.
@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .config import Config
 from .loop import FAIL_ENV, train_loop_per_worker
+from .runtime import RayRun, fit_on_ray
 
 
 def _is_local(path: str) -> bool:
@@ -45,36 +46,22 @@ def resolve(cfg: Config) -> Config:
     return cfg.with_overrides(over) if over else cfg
 
 
-def build_trainer(cfg: Config):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
+def ray_run(cfg: Config) -> RayRun:
+    """The run's placement. Elastic (min < max): Ray Train starts, and after a failure restarts, as many
+    workers as the cluster can place, at least min_workers; the loop resumes the epoch exactly on the new
+    count."""
     r = cfg.run
-    resources = {"CPU": r.cpus_per_worker}
-    if r.use_gpu:
-        resources["GPU"] = r.gpus_per_worker or 1.0
-    # Elastic (min < max): Ray Train starts, and after a failure restarts, as many workers as the
-    # cluster can place, at least min_workers; the loop resumes the epoch exactly on the new count.
-    workers = (r.min_workers, r.num_workers) if r.min_workers < r.num_workers else r.num_workers
-    scaling = ScalingConfig(num_workers=workers, use_gpu=r.use_gpu, resources_per_worker=resources)
-    run_config = RunConfig(name=r.name, storage_path=r.storage_path,
-                           checkpoint_config=CheckpointConfig(num_to_keep=r.num_to_keep),
-                           failure_config=FailureConfig(max_failures=r.max_failures))
-    return TorchTrainer(train_loop_per_worker, train_loop_config=cfg.to_dict(), scaling_config=scaling,
-                        run_config=run_config)
+    return RayRun(name=r.name, storage_path=r.storage_path, num_workers=r.num_workers, min_workers=r.min_workers,
+                  use_gpu=r.use_gpu, cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
+                  max_failures=r.max_failures, num_to_keep=r.num_to_keep)
 
 
 def run_training(config: Config, plot: bool = True) -> dict:
     """Train (or resume) and return {metrics, checkpoint, loss_png, history, run_dir}."""
     from .checkpoint import read_part
 
-    from atlasflow.store.ray_env import init_ray
-
     cfg = resolve(config)
-    init_ray()  # not TorchTrainer's implicit ray.init: see ray_env for why the State API is pinned
-    result = build_trainer(cfg).fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"run {cfg.run.name}: finished without a checkpoint (error: {result.error})")
+    result = fit_on_ray(train_loop_per_worker, cfg.to_dict(), ray_run(cfg))
     with result.checkpoint.as_directory() as d:
         state = read_part(d, "train_state.json")
     run_dir = os.path.join(cfg.run.storage_path, cfg.run.name)

@@ -114,7 +114,7 @@ def bin_occupancy_of(store: str, tokenizer: str, max_len: int, cells: int = 2000
 
 def run_variant(v: dict, store: str, data: Path, work: Path, seeds, steps: int, finetune_steps: int,
                 max_len: int, preset: str, scib: bool) -> dict:
-    from atlasflow.train.evaluate import EvalConfig, run_eval
+    from atlasflow.train.tasks.evaluate import EvalConfig, run_eval
 
     over = {"data.tokenizer": v["tokenizer"], "objective.kind": v["objective"], "data.max_len": max_len,
             "run.num_workers": 1, "run.cpus_per_worker": float(os.cpu_count() or 1)}

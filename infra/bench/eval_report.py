@@ -99,7 +99,7 @@ def pbmc_store(work: Path, data_dir: str | None = None) -> tuple[Path, str]:
 def run_real(work: Path, steps: int, finetune_steps: int, seeds=(0, 1, 2), pretrain_seeds: int = 3,
              preset: str = "debug", max_len: int = 1024, reverse: bool = False, scib: bool = True,
              data_dir: str | None = None) -> dict:
-    from atlasflow.train.evaluate import EvalConfig, run_eval
+    from atlasflow.train.tasks.evaluate import EvalConfig, run_eval
 
     data, store = pbmc_store(work, data_dir)
     pres = []
@@ -141,7 +141,7 @@ def run_synthetic(work: Path, steps: int, finetune_steps: int, n_cells: int = 60
     from atlasflow.ingest.synth import synthesize
     from atlasflow.store.stats import compute_gene_stats
 
-    from atlasflow.train.evaluate import EvalConfig, run_eval
+    from atlasflow.train.tasks.evaluate import EvalConfig, run_eval
 
     store = str(work / "synth_store")
     if not Path(store).exists():
@@ -158,7 +158,7 @@ def run_synthetic(work: Path, steps: int, finetune_steps: int, n_cells: int = 60
 
 
 def report_markdown(out: dict) -> str:
-    from atlasflow.train.evaluate import to_markdown
+    from atlasflow.train.tasks.evaluate import to_markdown
 
     parts = []
     real = out.get("real")

@@ -58,7 +58,7 @@ def finetune_worker(cfg: FinetuneConfig, base_checkpoint: str, data, classes: li
     ``data``: a memory set (``finetune_data.memory_set``) or a ``StreamSpec`` (this rank streams
     its partition of a store).
     """
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     torch.manual_seed(cfg.seed)
     encoder, tcfg, vocab = load_checkpoint(base_checkpoint)
@@ -167,7 +167,7 @@ def _train_step(model, opt, loss_fn, batch, y, device) -> tuple[float, float, in
 def _save_finetuned(tmp: str, cfg: FinetuneConfig, core, classes, base_checkpoint, tcfg, vocab, history, summary,
                     n_cells: int) -> None:
     """The fine-tuned checkpoint: the encoder as a checkpoint, plus classifier.pt, classes.json, finetune.json."""
-    from .checkpoint import read_part, save_checkpoint
+    from ..checkpoint import read_part, save_checkpoint
 
     meta = read_part(base_checkpoint, "model.json")
     save_checkpoint(tmp, model_state={k: v.cpu() for k, v in core.encoder.state_dict().items()},
@@ -186,23 +186,11 @@ def _core(model):
 
 def _ray_loop(config: dict) -> None:
     import ray
-    import ray.train
-    import ray.train.torch
 
-    from .loop import WorkerContext, ray_restore_dir
+    from ..runtime import ray_worker_context
 
-    rc = ray.train.get_context()
-
-    def report(metrics, ckpt_dir):
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt_dir) if ckpt_dir else None)
-
-    def wrap(m, strategy):
-        return ray.train.torch.prepare_model(m) if rc.get_world_size() > 1 else m.to(ray.train.torch.get_device())
-
-    ctx = WorkerContext(rc.get_world_rank(), rc.get_world_size(), ray.train.torch.get_device(),
-                        ray_restore_dir, report, wrap)
     data = ray.get(config["data_ref"])
-    finetune_worker(FinetuneConfig(**config["cfg"]), config["base"], data, config["classes"], ctx)
+    finetune_worker(FinetuneConfig(**config["cfg"]), config["base"], data, config["classes"], ray_worker_context())
 
 
 def run_finetune_counts(base_checkpoint: str, counts, feature_ids, labels: np.ndarray, cfg: FinetuneConfig,
@@ -213,7 +201,7 @@ def run_finetune_counts(base_checkpoint: str, counts, feature_ids, labels: np.nd
 
     Returns {checkpoint, classes, n_cells, genes_tokenized, validation, ...}.
     """
-    from .embed import PretrainedModel
+    from .pretrained import PretrainedModel
     from .finetune_data import memory_set, tokenizer_spec, validation_split
 
     labels = np.asarray(labels).astype(str)
@@ -237,23 +225,17 @@ def _fit(base_checkpoint: str, data, classes: list[str], cfg: FinetuneConfig, n_
     if cfg.in_process:
         return _fit_here(base_checkpoint, data, classes, cfg, n_cells, Path(storage) / cfg.name)
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from atlasflow.store.ray_env import init_ray
 
-    init_ray(None)
-    elastic = 0 < cfg.min_workers < cfg.num_workers
-    workers = (cfg.min_workers, cfg.num_workers) if elastic else cfg.num_workers
-    trainer = TorchTrainer(
-        _ray_loop,
-        train_loop_config={"cfg": asdict(cfg), "base": str(Path(base_checkpoint).resolve()),
-                           "classes": classes, "data_ref": ray.put(data)},
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=cfg.use_gpu),
-        run_config=RunConfig(name=cfg.name, storage_path=storage, failure_config=FailureConfig(cfg.max_failures)))
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"finetune {cfg.name}: finished without a checkpoint (error: {result.error})")
+    from ..runtime import RayRun, fit_on_ray
+
+    init_ray()  # before ray.put
+    run = RayRun(name=cfg.name, storage_path=storage, num_workers=cfg.num_workers, min_workers=cfg.min_workers,
+                 use_gpu=cfg.use_gpu, max_failures=cfg.max_failures)
+    config = {"cfg": asdict(cfg), "base": str(Path(base_checkpoint).resolve()), "classes": classes,
+              "data_ref": ray.put(data)}
+    result = fit_on_ray(_ray_loop, config, run, what="finetune")
     return {"checkpoint": result.checkpoint.path, "classes": classes, "metrics": dict(result.metrics or {}),
             "n_cells": n_cells}
 
@@ -262,7 +244,7 @@ def _fit_here(base_checkpoint: str, data, classes, cfg: FinetuneConfig, n_cells:
     """One worker in this process (no Ray): for evaluations that fine-tune many small models."""
     import shutil
 
-    from .loop import WorkerContext
+    from ..runtime import WorkerContext
 
     dev = torch.device("cuda" if cfg.use_gpu and torch.cuda.is_available() else "cpu")
     out = dest / "checkpoint_final"
@@ -288,7 +270,7 @@ def run_finetune(base_checkpoint: str, source, cfg: FinetuneConfig, label_map: d
     read on the driver first (sets that fit in memory). ``target``: a source the classifier is meant
     for (.h5ad or store); tokens are then restricted to the genes detected in both (in-memory only).
     """
-    from .embed import PretrainedModel
+    from .pretrained import PretrainedModel
     from .finetune_data import genes_shared_with, labelled_counts, plan_stream, streamable
 
     model = PretrainedModel(base_checkpoint, medians_store)
@@ -305,7 +287,7 @@ def run_finetune(base_checkpoint: str, source, cfg: FinetuneConfig, label_map: d
 
 
 def load_classifier(path: str, map_location="cpu") -> tuple[CellClassifier, list[str], dict]:
-    from .checkpoint import load_checkpoint
+    from ..checkpoint import load_checkpoint
 
     p = Path(path)
     meta_f = p / "finetune.json"

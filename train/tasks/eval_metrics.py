@@ -146,8 +146,8 @@ def random_init_checkpoint(base: str, dest: str, seed: int) -> str:
     """A checkpoint with ``base``'s config, vocabulary and architecture and fresh (seeded) weights."""
     import torch
 
-    from .checkpoint import build_encoder, read_part, save_checkpoint
-    from .config import Config
+    from ..checkpoint import build_encoder, read_part, save_checkpoint
+    from ..config import Config
 
     config = Config.from_dict(read_part(base, "config.json"))
     meta = read_part(base, "model.json")

@@ -29,7 +29,7 @@ class CellClassifier(nn.Module):
                 p.requires_grad_(False)
 
     def forward(self, batch: dict) -> torch.Tensor:
-        from .pack import model_inputs
+        from ..pack import model_inputs
 
         inputs = model_inputs(batch, pack=False)
         if self.frozen:

@@ -239,7 +239,7 @@ def labelled_counts(source, label: str, block_cells: int = 4096, label_map: dict
 
     import scipy.sparse as sp
 
-    from .embed import iter_input
+    from .pretrained import iter_input
 
     mats, labels, groups = [], [], []
     fids0 = None
@@ -278,7 +278,7 @@ def genes_shared_with(fids, X, target) -> set:
     """Feature ids of ``fids`` detected in ``X`` and in at least one cell of the ``target`` source."""
     import scipy.sparse as sp
 
-    from .embed import iter_input
+    from .pretrained import iter_input
 
     detected = set()
     for _, _, Xt, tf in iter_input(target, 4096):

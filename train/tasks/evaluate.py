@@ -137,7 +137,7 @@ def _fingerprints(src) -> set:
 def load_eval_set(sources, cfg: EvalConfig) -> EvalSet:
     """Counts, labels and groups of every labelled cell of the sources (tokenized later, once the
     split says which genes both sides share)."""
-    from .embed import iter_input
+    from .pretrained import iter_input
 
     col_of: dict[str, int] = {}
     labels, groups, names, mats, totals, fps = [], [], [], [], [], {}
@@ -262,7 +262,7 @@ def run_eval(checkpoint, store, out: str = "atlasflow_eval", cfg: EvalConfig | N
     checkpoint to score instead of fine-tuning here (one seed, no control fine-tune).
     """
     from .baselines import baseline_rows, scores
-    from .embed import PretrainedModel
+    from .pretrained import PretrainedModel
 
     cfg = cfg or EvalConfig()
     out = Path(out)
@@ -352,7 +352,7 @@ def _score_model(kind: str, ckpt: str, seed: int, cfg: EvalConfig, ctx: dict, ou
                  finetuned: str | None) -> dict:
     """Rows of one model (pretrained or control) at one seed: transfer, cv, cluster, scib."""
     from .baselines import embedding_rows, scores
-    from .embed import PretrainedModel, tokenize
+    from .pretrained import PretrainedModel, tokenize
     from .eval_metrics import clustering_scores, cv_label_prediction, scib_available, scib_scores
 
     es, tr, te, genes = ctx["es"], ctx["tr"], ctx["te"], ctx["genes"]

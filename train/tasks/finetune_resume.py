@@ -21,7 +21,7 @@ RESUME_FORMAT, RESUME_FORMAT_VERSION = "atlasflow.finetune_resume", 1
 
 def checkpoint_resume(ctx, metrics: dict, state: dict) -> None:
     """Rank 0 writes the resume checkpoint (every rank's stream is at the same position); all report."""
-    from .loop import _gather_objects
+    from ..loop import _gather_objects
 
     positions = {json.dumps(b["position"]) for b in _gather_objects(state["batches"], ctx.world_size)}
     if len(positions) != 1:
