@@ -25,7 +25,7 @@ from atlasflow.store.lease_writer import LeasedStoreWriter
 from atlasflow.store.runs import Runs
 from atlasflow.store.selection import obs_batches
 
-from .pipeline import BlockTracker, IngestReport, _Progress
+from .pipeline import DEFAULT_BLOCK_CELLS, BlockTracker, IngestReport, _Progress
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def _write_census_block(store_uri, spec, runs, joinid_start, var_map, source_id,
 
 def ingest_census(store_uri: str, *, census_version: str | None = None, census_uri: str | None = None,
                   organism: str = "Homo sapiens", obs_filter: str | None = None, genes: list[str] = (),
-                  primary_only: bool = True, block_cells: int = 10_000, num_cpus: int | None = None,
+                  primary_only: bool = True, block_cells: int = DEFAULT_BLOCK_CELLS, num_cpus: int | None = None,
                   progress: bool = True, wait_s: float = DEFAULT_WAIT_S) -> IngestReport:
     """Ingest the cells of a Census query (one manifest source per dataset). Idempotent.
 

@@ -7,6 +7,8 @@ import sys
 
 from atlasflow.store.lease import DEFAULT_WAIT_S
 
+from .pipeline import DEFAULT_BLOCK_CELLS
+
 EXIT_BUSY = 75  # EX_TEMPFAIL: another process holds the store's writer lease; try again later
 
 
@@ -33,7 +35,8 @@ def register_cli(sub) -> None:
     p.add_argument("--normalized", action="store_true",
                    help="accept non-integer (normalized) values; such a store is refused for pretraining")
     p.add_argument("--require-obs", default="", help="comma-separated obs columns every source must have")
-    p.add_argument("--block-cells", type=int, default=10_000, help="cells per write task (default 10000; memory per task grows with it)")
+    p.add_argument("--block-cells", type=int, default=DEFAULT_BLOCK_CELLS,
+                   help=f"cells per write task (default {DEFAULT_BLOCK_CELLS}; memory per task grows with it)")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--duplicate-genes", choices=("sum", "error"), default="sum",

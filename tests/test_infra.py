@@ -169,3 +169,33 @@ def test_encodings_shootout_variants_parse_and_refuse_what_cannot_train():
     for bad, msg in (("bin:ntp", "ordered encoding"), ("words", "not one of"), ("rank:gpt", "mlm or ntp")):
         with pytest.raises(ValueError, match=msg):
             parse_variant(bad)
+
+
+def test_cli_defaults_are_the_config_defaults():
+    """`atlasflow query|embed|finetune|eval` take every default from the config dataclasses."""
+    from dataclasses import fields
+
+    from atlasflow.infra.cli import build_parser
+    from atlasflow.store.query import QueryConfig
+    from atlasflow.train.tasks.embed import EmbedConfig
+    from atlasflow.train.tasks.evaluate import EvalConfig
+    from atlasflow.train.tasks.finetune_config import FinetuneConfig
+
+    parser = build_parser()
+    cases = {
+        ("query", "--input", "s"): (QueryConfig, {"per_label_cap", "fraction", "seed"}),
+        ("embed", "--checkpoint", "c", "--input", "s"): (EmbedConfig, {"pooling", "batch_size", "device"}),
+        ("finetune", "--checkpoint", "c", "--input", "s"): (FinetuneConfig, {
+            "label", "mode", "pooling", "steps", "batch_size", "lr", "encoder_lr", "layer_decay", "thin_prob",
+            "val_fraction", "val_by", "patience", "seed", "num_workers", "storage_path", "name"}),
+        ("eval", "--checkpoint", "c", "--input", "s"): (EvalConfig, {
+            "label", "split_by", "test_fraction", "pooling", "finetune_steps", "finetune_mode", "cv_folds",
+            "meta_tokens"}),
+    }
+    for argv, (cls, names) in cases.items():
+        args = vars(parser.parse_args(list(argv)))
+        want = {f.name: f.default for f in fields(cls) if f.name in names}
+        assert len(want) == len(names), (cls, names - set(want))
+        assert {k: args[k] for k in names} == want, argv[0]
+    ft = vars(parser.parse_args(["finetune", "--checkpoint", "c", "--input", "s"]))
+    assert tuple(float(v) for v in ft["thin_range"].split(",")) == FinetuneConfig().thin_range

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import functools
 import json
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 
@@ -56,80 +59,96 @@ def _label_map(text: str | None) -> dict:
     return d
 
 
+def _default(cls, name: str):
+    """A config field's default: the CLI takes its defaults from the config dataclasses, so the two never drift."""
+    return next(f.default for f in fields(cls) if f.name == name)
+
+
 def register_cli(subparsers) -> None:
-    q = subparsers.add_parser("query", help="cut a cell set from Census or a store into an .h5ad or a new store")
+    from atlasflow.store.query import QueryConfig
+
+    from .embed import EmbedConfig
+    from .evaluate import EvalConfig
+    from .finetune_config import FinetuneConfig
+
+    Q, E, F, V = (functools.partial(_default, c) for c in (QueryConfig, EmbedConfig, FinetuneConfig, EvalConfig))
+    q = subparsers.add_parser("query", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              help="cut a cell set from Census or a store into an .h5ad or a new store")
     _add_source(q)
     q.add_argument("--genes", default="", help="comma-separated Ensembl ids, or a file with one per line")
     q.add_argument("--obs-columns", default="", help="comma-separated obs columns to keep (default: all)")
     q.add_argument("--label", default="", help="label column: cells per label are printed, caps apply to it")
-    q.add_argument("--per-label-cap", type=int, default=0)
-    q.add_argument("--fraction", type=float, default=1.0, help="stratified subsample: fraction of every label")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--per-label-cap", type=int, default=Q("per_label_cap"), help="0 = no cap")
+    q.add_argument("--fraction", type=float, default=Q("fraction"), help="stratified subsample: fraction of every label")
+    q.add_argument("--seed", type=int, default=Q("seed"))
     q.add_argument("--out-h5ad")
     q.add_argument("--out-store")
     q.add_argument("--dry-run", action="store_true", help="print the cells per label and stop")
     q.set_defaults(func=_query)
 
-    e = subparsers.add_parser("embed", help="cell embeddings from a pretrained checkpoint")
+    e = subparsers.add_parser("embed", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              help="cell embeddings from a pretrained checkpoint")
     e.add_argument("--checkpoint", required=True)
     _add_source(e)
     e.add_argument("--out-h5ad", help="write obsm['X_atlasflow'] (+ obs) here")
     e.add_argument("--out-parquet", help="write soma_joinid + embedding here")
-    e.add_argument("--pooling", default="cls", choices=("cls", "mean"))
-    e.add_argument("--batch-size", type=int, default=64)
-    e.add_argument("--device", default="auto")
+    e.add_argument("--pooling", default=E("pooling"), choices=("cls", "mean"))
+    e.add_argument("--batch-size", type=int, default=E("batch_size"))
+    e.add_argument("--device", default=E("device"), help="auto | cpu | cuda | cuda:N")
     e.add_argument("--medians-store", help="store whose gene medians tokenize (default: the pretraining store)")
     e.set_defaults(func=_embed)
 
-    f = subparsers.add_parser("finetune", help="train a classification head on a checkpoint (Ray Train)")
+    f = subparsers.add_parser("finetune", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              help="train a classification head on a checkpoint (Ray Train)")
     f.add_argument("--checkpoint", required=True)
     _add_source(f)
-    f.add_argument("--label", default="cell_type")
+    f.add_argument("--label", default=F("label"))
     f.add_argument("--label-map", help="JSON file or text {label: harmonized label or null}")
-    f.add_argument("--mode", default="full", choices=("frozen", "full"))
-    f.add_argument("--pooling", default="mean", choices=("cls", "mean"))
-    f.add_argument("--steps", type=int, default=600, help="at most (early stopping on the validation split)")
-    f.add_argument("--batch-size", type=int, default=32)
-    f.add_argument("--lr", type=float, default=1e-3, help="head learning rate")
-    f.add_argument("--encoder-lr", type=float, default=1e-3, help="full mode: the top block's learning rate")
-    f.add_argument("--layer-decay", type=float, default=1.0, help="full mode: lr factor per block downwards")
-    f.add_argument("--thin-range", default="0.05,1.0",
+    f.add_argument("--mode", default=F("mode"), choices=("frozen", "full"))
+    f.add_argument("--pooling", default=F("pooling"), choices=("cls", "mean"))
+    f.add_argument("--steps", type=int, default=F("steps"), help="at most (early stopping on the validation split)")
+    f.add_argument("--batch-size", type=int, default=F("batch_size"))
+    f.add_argument("--lr", type=float, default=F("lr"), help="head learning rate")
+    f.add_argument("--encoder-lr", type=float, default=F("encoder_lr"), help="full mode: the top block's learning rate")
+    f.add_argument("--layer-decay", type=float, default=F("layer_decay"), help="full mode: lr factor per block downwards")
+    f.add_argument("--thin-range", default=",".join(map(str, F("thin_range") or ())) or "none",
                    help="depth augmentation: per-cell keep rate range lo,hi (log-uniform); 'none' = off")
-    f.add_argument("--thin-prob", type=float, default=0.5, help="share of cells thinned")
-    f.add_argument("--val-fraction", type=float, default=0.15, help="early-stopping split (0 = none)")
-    f.add_argument("--val-by", default="dataset_id", help="group column of the validation split")
-    f.add_argument("--patience", type=int, default=6, help="evaluations without improvement before stopping")
+    f.add_argument("--thin-prob", type=float, default=F("thin_prob"), help="share of cells thinned")
+    f.add_argument("--val-fraction", type=float, default=F("val_fraction"), help="early-stopping split (0 = none)")
+    f.add_argument("--val-by", default=F("val_by"), help="group column of the validation split")
+    f.add_argument("--patience", type=int, default=F("patience"), help="evaluations without improvement before stopping")
     f.add_argument("--target", help="a source (.h5ad/store) to classify later: tokens use only the genes "
                                     "detected in both")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--num-workers", type=int, default=1)
+    f.add_argument("--seed", type=int, default=F("seed"))
+    f.add_argument("--num-workers", type=int, default=F("num_workers"), help="Ray Train workers")
     f.add_argument("--use-gpu", action="store_true")
-    f.add_argument("--storage-path", default="./atlasflow_runs")
-    f.add_argument("--name", default="finetune")
+    f.add_argument("--storage-path", default=F("storage_path"))
+    f.add_argument("--name", default=F("name"))
     f.add_argument("--medians-store")
     f.set_defaults(func=_finetune)
 
-    v = subparsers.add_parser("eval", help="cell-type scores of embeddings vs PCA / logistic-regression baselines")
+    v = subparsers.add_parser("eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                              help="cell-type scores of embeddings vs PCA / logistic-regression baselines")
     v.add_argument("--checkpoint", required=True)
     _add_source(v, many=True)
-    v.add_argument("--label", default="cell_type")
+    v.add_argument("--label", default=V("label"))
     v.add_argument("--label-map", help="JSON file or text {label: harmonized label or null}")
-    v.add_argument("--split-by", default="dataset_id", help="grouping column (dataset_id, donor_id)")
+    v.add_argument("--split-by", default=V("split_by"), help="grouping column (dataset_id, donor_id)")
     v.add_argument("--test-group", action="append", default=[], help="held-out group (repeatable)")
-    v.add_argument("--test-fraction", type=float, default=0.3)
-    v.add_argument("--pooling", default="mean", choices=("cls", "mean"), help="fine-tuned head and plot")
-    v.add_argument("--finetune-steps", type=int, default=600, help="at most (early stopping); 0 = no fine-tuned rows")
-    v.add_argument("--finetune-mode", default="full", choices=("frozen", "full"))
+    v.add_argument("--test-fraction", type=float, default=V("test_fraction"))
+    v.add_argument("--pooling", default=V("pooling"), choices=("cls", "mean"), help="fine-tuned head and plot")
+    v.add_argument("--finetune-steps", type=int, default=V("finetune_steps"), help="at most (early stopping); 0 = no fine-tuned rows")
+    v.add_argument("--finetune-mode", default=V("finetune_mode"), choices=("frozen", "full"))
     v.add_argument("--seed", type=int, action="append", default=[], dest="seeds",
                    help="seed of the trained rows (repeatable; rows report mean ± sd over them)")
     v.add_argument("--no-control", action="store_true", help="no random-init control rows")
-    v.add_argument("--cv-folds", type=int, default=5, help="CV folds on the test cells (0 = off)")
+    v.add_argument("--cv-folds", type=int, default=V("cv_folds"), help="CV folds on the test cells (0 = off)")
     v.add_argument("--no-scib", action="store_true", help="skip the scib-metrics table")
     v.add_argument("--finetuned", help="score this fine-tuned checkpoint instead of fine-tuning")
     v.add_argument("--medians-store")
     v.add_argument("--out", default="atlasflow_eval")
     v.add_argument("--no-plot", action="store_true")
-    v.add_argument("--meta-tokens", default="keep", choices=("keep", "drop"),
+    v.add_argument("--meta-tokens", default=V("meta_tokens"), choices=("keep", "drop"),
                    help="a model with metadata tokens: keep them (<unk> for unknown values) or drop them")
     v.set_defaults(func=_eval)
 
