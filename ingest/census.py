@@ -20,12 +20,12 @@ import numpy as np
 
 from atlasflow.store import COMPLETE, SourceEntry, map_genes, organism_key
 from atlasflow.store.census_view import CensusSpec
-from atlasflow.store.lease import DEFAULT_WAIT_S, LeaseLost, writer_lease
+from atlasflow.store.lease import DEFAULT_WAIT_S, writer_lease
 from atlasflow.store.lease_writer import LeasedStoreWriter
 from atlasflow.store.runs import Runs
 from atlasflow.store.selection import obs_batches
 
-from .pipeline import DEFAULT_BLOCK_CELLS, BlockTracker, IngestReport, _Progress
+from .pipeline import DEFAULT_BLOCK_CELLS, BlockTracker, IngestReport, _Progress, completed
 
 log = logging.getLogger(__name__)
 
@@ -153,18 +153,13 @@ def _census_genes(spec, writer, genes) -> tuple:
 
 
 def _drain(waiting: dict, tracker) -> None:
-    """Collect the block tasks as they finish: a source is committed when all its blocks are."""
-    import ray
-
-    while waiting:
-        ready, _ = ray.wait(list(waiting), num_returns=1)
-        sid = waiting.pop(ready[0])
-        try:
-            tracker.done(sid, ray.get(ready[0]))
-        except LeaseLost:
-            raise  # another driver owns the store now: stop, write nothing more
-        except Exception as exc:
+    """Collect the block tasks as they finish: a source is committed when all its blocks are (a lost
+    writer lease raises out of the commit: another driver owns the store now, nothing more is written)."""
+    for sid, result, exc in completed(waiting):
+        if exc is not None:
             tracker.failed(sid, f"{tracker.pending[sid]['entry'].name}: {exc}")
+        else:
+            tracker.done(sid, result)
 
 
 def _ingest_census(store_uri, lease, spec, obs_filter, genes, primary_only, block_cells, num_cpus,

@@ -151,6 +151,22 @@ class BlockTracker:
             self.report.failed.append({"source": st["entry"].name, "error": error})
 
 
+def completed(waiting: dict):
+    """(tag, result, error) of the Ray tasks in ``waiting`` (ref -> tag) as each finishes; exactly one of
+    result / error is None. ``waiting`` may grow while this runs (a probe launching its blocks). The one
+    collection loop of both ingest drivers (files and Census)."""
+    import ray
+
+    while waiting:
+        ready, _ = ray.wait(list(waiting), num_returns=1)
+        tag = waiting.pop(ready[0])
+        try:
+            result, error = ray.get(ready[0]), None
+        except Exception as exc:  # a worker died or raised: the caller names the source
+            result, error = None, exc
+        yield tag, result, error
+
+
 def ingest_paths(store_uri: str, sources: list[str], *, organism: str = "homo_sapiens",
                  allow_normalized: bool = False, require_obs: tuple[str, ...] = (),
                  block_cells: int = DEFAULT_BLOCK_CELLS, num_cpus: int | None = None,
@@ -243,13 +259,8 @@ def _ingest_paths(store_uri, sources, lease, *, organism, allow_normalized, requ
     waiting: dict = {probe_task.remote(p, organism, allow_normalized, list(require_obs), duplicate_genes,
                                              memory_budget): ("probe", p) for p in paths}
     try:
-        while waiting:
-            ready, _ = ray.wait(list(waiting), num_returns=1)
-            ref = ready[0]
-            kind, key = waiting.pop(ref)
-            try:
-                result = ray.get(ref)
-            except Exception as exc:  # a worker died or raised: name the source
+        for (kind, key), result, exc in completed(waiting):
+            if exc is not None:
                 err = f"{os.path.basename(key if kind == 'probe' else tracker.pending[key]['entry'].name)}: {exc}"
                 if kind == "probe":
                     report.failed.append({"source": key, "error": err})

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import pandas as pd
-import polars as pl
 import pyarrow as pa
 import scipy.sparse as sp
 
@@ -150,6 +149,8 @@ def subsample_codes(codes: np.ndarray, categories: list, cap: int, fraction: flo
     """``subsample`` over integer label codes (``categories[code]`` is the label): one polars group-by
     gives every label's positions at once (a pass per label over an object array was quadratic in
     the number of labels: 20 s for 600 labels on 1M cells)."""
+    import polars as pl  # here, not at import: the loader (and every DataLoader worker) imports this module
+
     groups = (pl.DataFrame({"code": np.asarray(codes)}).with_row_index("pos")
               .group_by("code").agg(pl.col("pos")))  # positions stay ascending within a group
     flat = groups["pos"].explode().to_numpy().astype(np.int64)
@@ -200,6 +201,8 @@ def select(cfg: QueryConfig) -> Selection:
         if missing:
             log.warning("%d requested genes not in var, skipped (e.g. %s)", len(missing), missing[:5])
         var = var[var["feature_id"].isin(cfg.genes)]
+    import polars as pl
+
     counts = {} if codes is None else \
         {categories[k]: n for k, n in pl.Series("code", codes).value_counts(name="n").sort("code").rows()}
     return Selection(joinids.astype(np.int64), codes, var, categories, counts, matched)

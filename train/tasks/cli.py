@@ -17,7 +17,9 @@ def _add_source(p, required: bool = True, many: bool = False) -> None:
     g.add_argument("--census-version", help="query CELLxGENE Census (e.g. stable) instead of --input")
     g.add_argument("--census-uri", help="query a local Census mirror (root directory) instead of --input")
     g.add_argument("--organism", default="homo_sapiens")
-    g.add_argument("--obs-filter", "--filter", dest="obs_filter", default="", help="obs value filter, e.g. \"tissue_general == 'lung'\"")
+    g.add_argument("--obs-filter", dest="obs_filter", default="",
+                   help="obs value filter, e.g. \"tissue_general == 'lung'\"")
+    g.add_argument("--filter", dest="obs_filter", default=argparse.SUPPRESS, help=argparse.SUPPRESS)  # earlier name
     p.set_defaults(_source_required=required)
 
 
