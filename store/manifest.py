@@ -71,15 +71,9 @@ class Manifest:
 
     def complete_ranges(self) -> list[tuple[int, int]]:
         """Half-open soma_joinid ranges of committed cells, merged and sorted."""
-        out: list[tuple[int, int]] = []
-        for s in self.complete():
-            if s.n_cells == 0:
-                continue
-            if out and out[-1][1] == s.joinid_start:
-                out[-1] = (out[-1][0], s.joinid_stop)
-            else:
-                out.append((s.joinid_start, s.joinid_stop))
-        return out
+        from .runs import Runs
+
+        return Runs.from_ranges([(s.joinid_start, s.joinid_stop) for s in self.complete() if s.n_cells]).ranges()
 
     @property
     def n_cells(self) -> int:
