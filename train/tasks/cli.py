@@ -73,7 +73,13 @@ def register_cli(subparsers) -> None:
     from .evaluate import EvalConfig
     from .finetune_config import FinetuneConfig
 
-    Q, E, F, V = (functools.partial(_default, c) for c in (QueryConfig, EmbedConfig, FinetuneConfig, EvalConfig))
+    _register_query(subparsers, functools.partial(_default, QueryConfig))
+    _register_embed(subparsers, functools.partial(_default, EmbedConfig))
+    _register_finetune(subparsers, functools.partial(_default, FinetuneConfig))
+    _register_eval(subparsers, functools.partial(_default, EvalConfig))
+
+
+def _register_query(subparsers, Q) -> None:
     q = subparsers.add_parser("query", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                               help="cut a cell set from Census or a store into an .h5ad or a new store")
     _add_source(q)
@@ -88,6 +94,8 @@ def register_cli(subparsers) -> None:
     q.add_argument("--dry-run", action="store_true", help="print the cells per label and stop")
     q.set_defaults(func=_query)
 
+
+def _register_embed(subparsers, E) -> None:
     e = subparsers.add_parser("embed", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                               help="cell embeddings from a pretrained checkpoint")
     e.add_argument("--checkpoint", required=True)
@@ -100,6 +108,8 @@ def register_cli(subparsers) -> None:
     e.add_argument("--medians-store", help="store whose gene medians tokenize (default: the pretraining store)")
     e.set_defaults(func=_embed)
 
+
+def _register_finetune(subparsers, F) -> None:
     f = subparsers.add_parser("finetune", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                               help="train a classification head on a checkpoint (Ray Train)")
     f.add_argument("--checkpoint", required=True)
@@ -129,6 +139,8 @@ def register_cli(subparsers) -> None:
     f.add_argument("--medians-store")
     f.set_defaults(func=_finetune)
 
+
+def _register_eval(subparsers, V) -> None:
     v = subparsers.add_parser("eval", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                               help="cell-type scores of embeddings vs PCA / logistic-regression baselines")
     v.add_argument("--checkpoint", required=True)
