@@ -114,7 +114,7 @@ def _query_source(q: QueryConfig, cfg: LoaderConfig):
                              "experiment does not have; use 'bin', 'ebin', 'value' or 'uce', or write the query "
                              "with to_store (gene stats are computed there)")
     select(q)  # refuse an empty query with the query's own message
-    parts = [f for f in (cfg.obs_filter, q.obs_filter) if f]
-    obs_filter = parts[0] if len(parts) == 1 else (f"({parts[0]}) and ({parts[1]})" if parts else cfg.obs_filter)
+    parts = [f for f in (cfg.obs_filter, q.obs_filter) if f]  # the loader's own filter, then the query's
+    obs_filter = parts[0] if len(parts) == 1 else " and ".join(f"({f})" for f in parts) or None
     view = open_view(q.uri, q.census_organism, cfg.timestamp_ms)
     return view, LoaderConfig(**{**cfg.to_dict(), "obs_filter": obs_filter})
