@@ -149,3 +149,48 @@ def test_ntp_needs_an_ordered_encoding():
         Config().with_overrides({"objective.kind": "ntp", "data.tokenizer": "value"})
     with pytest.raises(ValueError, match="data.max_len"):
         Config().with_overrides({"data.tokenizer": "uce", "data.max_len": 32})
+
+
+def test_rank_mean_pooling_weighs_genes_by_their_rank_and_needs_a_ranked_encoding():
+    import numpy as np
+
+    torch.manual_seed(0)
+    lengths = [9, 6, 12]
+    enc = CellEncoder(SMALL, "rank", N_TOKENS, max_len=32, gene_end=GENE_END).eval()
+    batch = with_extra_tokens(contract_batch(lengths, seed=7))  # an own token at position 1 of every cell
+    with torch.no_grad():
+        h = enc(model_inputs(batch, pack=False)).double().numpy()
+        got = enc.embed(batch, pooling="rank_mean").double().numpy()
+    ids = batch["input_ids"].numpy()
+    for i, n in enumerate(lengths):
+        pos = [t for t in range(n) if 4 <= ids[i, t] < GENE_END]  # genes only: <cls>, <eos>, own token out
+        w = 1.0 / np.sqrt(np.arange(1, len(pos) + 1))  # the first gene is rank 1
+        np.testing.assert_allclose(got[i], (w[:, None] * h[i, pos]).sum(0) / w.sum(), rtol=1e-5, atol=1e-6)
+    for name in ("bin", "value", "uce"):
+        with pytest.raises(ValueError, match="rank_mean"):
+            CellEncoder(SMALL, name, N_TOKENS, max_len=32).embed(batch, pooling="rank_mean")
+
+
+@pytest.mark.parametrize("tokenizer,causal", [("rank", False), ("uce", True)])
+def test_embed_poolings_is_the_encoders_own_pooling(tokenizer, causal):
+    """The evaluation's one-pass embedding of several poolings equals ``CellEncoder.embed`` per pooling
+    (it used to take <cls> for a causal model and count an encoding's own tokens in the mean)."""
+    import numpy as np
+
+    from atlasflow.loader.tokenize import TokenBlock
+    from atlasflow.train.tasks.pretrained import PretrainedModel
+
+    torch.manual_seed(0)
+    enc = CellEncoder(SMALL, tokenizer, N_TOKENS, max_len=32, causal=causal, gene_end=GENE_END).eval()
+    lengths = [9, 6, 12]
+    batch = with_extra_tokens(contract_batch(lengths, seed=8))
+    ids = batch["input_ids"].numpy()
+    block = TokenBlock(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                       np.concatenate([ids[i, :n] for i, n in enumerate(lengths)]).astype(np.int32),
+                       np.arange(3, dtype=np.int64))
+    model = PretrainedModel.__new__(PretrainedModel)
+    model.encoder = enc
+    pools = ("cls", "mean") + (("rank_mean",) if tokenizer == "rank" else ())
+    got = model.embed_poolings(block, pools)
+    for p in pools:
+        torch.testing.assert_close(torch.from_numpy(got[p]), enc.embed(batch, pooling=p), rtol=1e-5, atol=1e-6)

@@ -115,14 +115,18 @@ class MaskingConfig:
 class ObjectiveConfig:
     """``kind``: "mlm" (masked tokens, ``masking``) or "ntp" (next-token prediction with a causal model,
     tGPT; needs an ordered encoding with gene-id targets: rank, rank_value, uce). ``value_weight``: beta
-    of the joint gene + value loss L_id + beta * L_value (rank_value)."""
+    of the joint gene + value loss L_id + beta * L_value (rank_value). ``cell_weight``: gamma of the
+    cell term L + gamma * L_cell, where L_cell scores the cell's whole gene set from its mean-pooled vector
+    alone (``objective``; 0 = off, the model then has no cell head)."""
 
     kind: str = "mlm"
     value_weight: float = 1.0
+    cell_weight: float = 0.0
 
     def __post_init__(self):
         _check(self.kind in ("mlm", "ntp"), "objective.kind", f"must be mlm|ntp, got {self.kind!r}")
         _check(self.value_weight >= 0, "objective.value_weight", f"must be >= 0, got {self.value_weight}")
+        _check(self.cell_weight >= 0, "objective.cell_weight", f"must be >= 0, got {self.cell_weight}")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ from atlasflow.loader.encodings import get_encoding
 
 from .masking import masking_generator
 from .model import N_SPECIAL
-from .objective import PretrainObjective
+from .objective import PretrainObjective, original_ids
 from .pack import model_inputs
 from .runtime import WorkerContext, ray_worker_context
 from .signals import Baselines
@@ -166,14 +166,15 @@ class _Trainer:
         model_meta = {"tokenizer": cfg.data.tokenizer, "n_tokens": n_tokens, "max_len": cfg.data.max_len,
                       "n_bins": cfg.data.n_bins, "bin_width": cfg.data.bin_width, "gene_end": gene_end,
                       "extra_tokens": list(enc.extra_tokens), "objective": cfg.objective.kind,
-                      "meta_vocab": meta.to_dict() if meta else None}
+                      "meta_vocab": meta.to_dict() if meta else None, "cell_head": cfg.objective.cell_weight > 0}
         torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
         encoder = build_encoder(cfg, model_meta)
         if cfg.train.compile:
             for blk in encoder.blocks:  # in place: state-dict keys stay unchanged
                 blk.compile(dynamic=True)
-        model = ctx.wrap(PretrainObjective(encoder, cfg.objective.kind, cfg.objective.value_weight).to(ctx.device),
-                         cfg.train.strategy)
+        objective = PretrainObjective(encoder, cfg.objective.kind, cfg.objective.value_weight,
+                                      cfg.objective.cell_weight)
+        model = ctx.wrap(objective.to(ctx.device), cfg.train.strategy)
         o = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,
                                       weight_decay=o.weight_decay, fused=ctx.device.type == "cuda")
@@ -266,8 +267,12 @@ class _Trainer:
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=self.amp):
                 loss, stats = model(inputs)
             (loss / cfg.optim.grad_accum).backward()  # outside autocast: backward ops take the forward's dtypes
-        self.window.add(loss.item(), stats, batch, inputs, wait,
-                        S.batch_baselines(self.baselines, inputs))
+        cell_base = None
+        if "cell_loss" in stats:
+            ids = original_ids(inputs, cfg.objective.kind, get_encoding(cfg.data.tokenizer))
+            cell_base = S.cell_baseline(self.baselines, ids, inputs["segment_ids"], self.model_meta["gene_end"])
+        self.window.add(stats["mlm_loss"], stats, batch, inputs, wait,
+                        S.batch_baselines(self.baselines, inputs), cell_base)
         st["cells_seen"] += int(batch["soma_joinid"].shape[0])
         st["tokens_seen"] += inputs["n_tokens"]
 

@@ -35,6 +35,18 @@ from atlasflow.loader.vocab import CLS, EOS, MASK, N_SPECIAL, PAD  # noqa: F401 
 from .config import ModelConfig
 
 
+POOLINGS = ("cls", "mean", "rank_mean")
+
+
+def check_pooling(pooling: str, where: str, encoding=None) -> None:
+    """A pooling ``CellEncoder.pool`` knows; "rank_mean" needs a ranked encoding (when one is given)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"{where}: must be one of {'|'.join(POOLINGS)}, got {pooling!r}")
+    if pooling == "rank_mean" and encoding is not None and not encoding.ranked:
+        raise ValueError(f"{where}: 'rank_mean' weighs genes by their rank in the cell; the {encoding.name!r} "
+                         "encoding does not order genes by expression (use 'mean')")
+
+
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -84,7 +96,7 @@ class CellEncoder(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, tokenizer: str, n_tokens: int, max_len: int, n_bins: int = 51, *,
-                 causal: bool = False, gene_end: int | None = None):
+                 causal: bool = False, gene_end: int | None = None, cell_head: bool = False):
         super().__init__()
         from atlasflow.loader.encodings import get_encoding
 
@@ -118,6 +130,13 @@ class CellEncoder(nn.Module):
             self.head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.LayerNorm(d),
                                       nn.Linear(d, n_bins if self.other_target == "bin" else 1))
         self.apply(self._init)
+        # The cell head (objective.cell_weight): the cell's gene set from its mean-pooled vector alone.
+        # Built after the rest is initialised, so every other weight equals a model without it (same seed).
+        self.has_cell_head = bool(cell_head)
+        if self.has_cell_head:
+            self.cell_proj = nn.Linear(d, d)
+            self._init(self.cell_proj)
+            self.cell_bias = nn.Parameter(torch.zeros(self.gene_end - N_SPECIAL))
 
     @staticmethod
     def _init(m: nn.Module) -> None:
@@ -173,29 +192,41 @@ class CellEncoder(nn.Module):
             out[self.other_target] = h.squeeze(-1) if self.other_target == "value" else h
         return out
 
+    def cell_gene_logits(self, cells: torch.Tensor) -> torch.Tensor:
+        """Logits [C, n_genes] over the vocabulary genes (ids ``N_SPECIAL + column``) for cell vectors
+        [C, d]: a bilinear decoder tied to the gene embedding (scGPT's GEPC, for a gene set)."""
+        genes = self.gene_emb.weight[N_SPECIAL:self.gene_end]
+        return self.cell_proj(cells) @ genes.t() + self.cell_bias
+
     # -- cell embeddings -----------------------------------------------------------------
     @torch.no_grad()
     def embed(self, batch: dict, pooling: str = "cls") -> torch.Tensor:
         """Cell embeddings [B, d] for a loader batch: the <cls> output, or the mean over gene tokens."""
         from .pack import model_inputs
 
-        if pooling not in ("cls", "mean"):
-            raise ValueError(f"pooling: must be 'cls' or 'mean', got {pooling!r}")
+        check_pooling(pooling, "pooling", self.encoding)
         dev = next(self.parameters()).device
         inputs = model_inputs({k: v.to(dev) if torch.is_tensor(v) else v for k, v in batch.items()}, pack=False)
         return self.pool(self.forward(inputs), inputs, pooling).float()
 
     def pool(self, h: torch.Tensor, inputs: dict, pooling: str) -> torch.Tensor:
-        """Cell vectors [B, d] from hidden states of unpacked inputs: "cls" (a causal model: its last
-        token), or "mean" over the gene tokens (not specials, not an encoding's own tokens)."""
+        """Cell vectors [B, d] from hidden states of unpacked inputs (``POOLINGS``): "cls" (a causal
+        model: its last token), "mean" over the gene tokens (not specials, not an encoding's own
+        tokens), "rank_mean" (ranked encodings) the mean over the gene tokens weighted by 1/sqrt(r),
+        r the gene's rank in the cell (1 = its most over-expressed gene): a cell's few top-ranked genes,
+        its identity genes in Geneformer's ordering, outweigh its hundreds of low-ranked ones."""
         if pooling == "cls" and self.causal:  # the last real token: the only one that saw the whole cell
             last = (inputs["segment_ids"] > 0).sum(1) - 1
             return h[torch.arange(h.shape[0], device=h.device), last]
         if pooling == "cls":
             return h[:, 0]
         ids = inputs["input_ids"]
-        genes = ((ids >= N_SPECIAL) & (ids < self.gene_end)).unsqueeze(-1).to(h.dtype)
-        return (h * genes).sum(1) / genes.sum(1).clamp(min=1)
+        genes = ((ids >= N_SPECIAL) & (ids < self.gene_end)).to(h.dtype)
+        if pooling == "rank_mean":
+            check_pooling(pooling, "pooling", self.encoding)
+            genes = genes / genes.cumsum(1).clamp(min=1).sqrt()
+        genes = genes.unsqueeze(-1)
+        return (h * genes).sum(1) / genes.sum(1).clamp(min=1e-12)
 
     def n_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -225,6 +256,21 @@ def varlen_kernel(x: torch.Tensor, causal: bool = False):
         return None
     return lambda q, k, v, cu_q, cu_k, max_q, max_k: flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k,
                                                                             causal=causal)
+
+
+def mean_pool_cells(h: torch.Tensor, seg: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cell vectors [C, d], cell index [R, L]) for padded or packed hidden states: the mean of ``h`` over
+    each cell's positions where ``keep``; cells numbered row by row, then by segment (-1 off-cell)."""
+    per_row = seg.amax(1)
+    base = per_row.cumsum(0) - per_row
+    cid = torch.where(seg > 0, base.unsqueeze(1) + seg - 1, torch.full_like(seg, -1))
+    n_cells = int(per_row.sum())
+    sel = keep & (seg > 0)
+    idx = cid[sel]
+    # float32 sums: bf16 counts are not exact past 256 tokens
+    sums = torch.zeros(n_cells, h.shape[-1], device=h.device).index_add_(0, idx, h[sel].float())
+    counts = torch.zeros(n_cells, device=h.device).index_add_(0, idx, torch.ones(idx.shape, device=h.device))
+    return sums / counts.clamp(min=1).unsqueeze(1), cid
 
 
 def _cu_seqlens(seg: torch.Tensor) -> tuple[torch.Tensor, int]:

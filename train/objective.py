@@ -9,6 +9,14 @@ NTP (next-token prediction, tGPT, Shen et al. iScience 2023): a causal model rea
 sequence and every token predicts the next token of its cell, L = -(1/N) sum_t log p(x_{t+1} | x_<=t),
 over the positions ``next_token_batch`` selects. The same ``mlm_mask`` / ``targets`` fields carry the
 scored positions and their targets, so packing and the loop need no second path.
+
+The cell term (``cell_weight`` > 0; scGPT's GEPC, "gene expression prediction for cell modelling", for a
+gene set): a cell's vector c is the mean of its gene tokens' final states (what ``mean`` pooling embeds),
+and a bilinear decoder tied to the gene embedding scores every vocabulary gene from c alone:
+L_cell = mean over cells of -(1/|G|) sum_{g in G} log softmax_g(W c . E_g + b), G the cell's genes (masked
+ones included, as their original ids). MLM can be solved from neighbouring tokens without any summary of
+the cell; this term makes the pooled vector a summary, which is what a frozen embedding is used as.
+Its baseline (``cell_unigram_loss``) scores every cell's genes with the genes' frequency over all cells.
 """
 
 from __future__ import annotations
@@ -17,23 +25,60 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .model import CellEncoder
+from .model import N_SPECIAL, CellEncoder, mean_pool_cells
 
 OBJECTIVES = ("mlm", "ntp")
 
 
+def original_ids(inputs: dict, kind: str, encoding) -> torch.Tensor:
+    """Each position's original token id: MLM on gene ids replaced some inputs (``targets`` holds the
+    originals); bin / value MLM and next-token prediction leave the ids as they were."""
+    if kind == "mlm" and "gene" in encoding.targets:
+        return inputs["targets"]
+    return inputs["input_ids"]
+
+
 class PretrainObjective(nn.Module):
-    def __init__(self, encoder: CellEncoder, kind: str = "mlm", value_weight: float = 1.0):
+    def __init__(self, encoder: CellEncoder, kind: str = "mlm", value_weight: float = 1.0, cell_weight: float = 0.0):
         super().__init__()
         if kind not in OBJECTIVES:
             raise ValueError(f"objective.kind: must be one of {'|'.join(OBJECTIVES)}, got {kind!r}")
         if (kind == "ntp") != encoder.causal:
             raise ValueError(f"objective.kind={kind!r} needs {'a causal' if kind == 'ntp' else 'a bidirectional'} "
                              "encoder")
+        if cell_weight < 0:
+            raise ValueError(f"objective.cell_weight: must be >= 0, got {cell_weight}")
+        if cell_weight > 0 and not encoder.has_cell_head:
+            raise ValueError("objective.cell_weight > 0 needs an encoder built with cell_head=True")
         self.encoder, self.kind, self.value_weight = encoder, kind, float(value_weight)
+        self.cell_weight = float(cell_weight)
 
     def forward(self, inputs: dict) -> tuple[torch.Tensor, dict]:
+        """(loss to optimize, stats): ``mlm_loss`` (the masked-token / next-token term alone, what the
+        unigram baselines compare with), ``cell_loss`` with the cell term, counts of masked / correct."""
         hidden = self.encoder(inputs)
+        loss, stats = self._token_loss(hidden, inputs)
+        stats["mlm_loss"] = float(loss.detach())
+        if self.cell_weight > 0:
+            cell = self.cell_loss(hidden, inputs)
+            stats["cell_loss"] = float(cell.detach())
+            loss = loss + self.cell_weight * cell
+        return loss, stats
+
+    def cell_loss(self, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
+        ids = original_ids(inputs, self.kind, self.encoder.encoding)
+        genes = (ids >= N_SPECIAL) & (ids < self.encoder.gene_end)
+        cells, cid = mean_pool_cells(hidden, inputs["segment_ids"], genes)
+        logp = F.log_softmax(self.encoder.cell_gene_logits(cells).float(), -1)
+        sel = genes & (cid >= 0)
+        nll = -logp[cid[sel], ids[sel] - N_SPECIAL]
+        n_cells = cells.shape[0]
+        per_cell = torch.zeros(n_cells, device=nll.device).index_add_(0, cid[sel], nll)
+        n_genes = torch.zeros(n_cells, device=nll.device).index_add_(0, cid[sel], torch.ones_like(nll))
+        has = n_genes > 0
+        return (per_cell[has] / n_genes[has]).mean() if bool(has.any()) else logp.sum() * 0.0
+
+    def _token_loss(self, hidden: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, dict]:
         sel = inputs["mlm_mask"]
         n = int(sel.sum())
         if n == 0:

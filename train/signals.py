@@ -271,6 +271,26 @@ def batch_baselines(baselines: Baselines, inputs: dict) -> tuple[float, float]:
     return u / n, c / n
 
 
+def cell_baseline(baselines: Baselines, ids: torch.Tensor, seg: torch.Tensor, gene_end: int) -> float | None:
+    """The cell term's context-free baseline on a batch: every cell's genes scored by the genes' frequency
+    (the unigram, renormalized over vocabulary genes), averaged per cell then over cells like
+    ``objective.cell_loss``; None where the unigram is not over gene ids (bin / value targets)."""
+    if baselines.tokenizer not in ("rank", "next"):
+        return None
+    log_p = baselines.uni.double()[N_SPECIAL:gene_end]
+    log_p = log_p - torch.logsumexp(log_p, 0)
+    ids, seg = ids.cpu(), seg.cpu()
+    genes = (ids >= N_SPECIAL) & (ids < gene_end) & (seg > 0)
+    per_row = seg.amax(1)
+    cid = ((per_row.cumsum(0) - per_row).unsqueeze(1) + seg - 1)[genes]
+    nll = -log_p[ids[genes] - N_SPECIAL]
+    n = int(per_row.sum())
+    tot = torch.zeros(n, dtype=torch.float64).index_add_(0, cid, nll)
+    cnt = torch.zeros(n, dtype=torch.float64).index_add_(0, cid, torch.ones_like(nll))
+    has = cnt > 0
+    return float((tot[has] / cnt[has]).mean()) if bool(has.any()) else None
+
+
 def val_inputs(cfg, lcfg, vocab, medians, n_tokens: int, baselines: Baselines, rank: int,
                meta_vocab=None) -> dict | None:
     """The fixed held-out set: masked model inputs of this rank's first val cells (same every call)."""
@@ -337,16 +357,22 @@ def val_baselines(val_set: dict | None, ctx) -> dict:
 def evaluate(model, val_set: dict, ctx, amp: bool) -> dict:
     """Token-weighted MLM loss and accuracy of the model on the fixed held-out set (all ranks)."""
     model.eval()
-    loss_sum = correct = masked = 0.0
+    loss_sum = correct = masked = cell_sum = n_cell = 0.0
     try:
         for inputs in val_set["inputs"]:
             inputs = {k: v.to(ctx.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
             with torch.autocast(ctx.device.type, dtype=torch.bfloat16, enabled=amp):
-                loss, stats = model(inputs)
-            loss_sum += float(loss) * stats["n_masked"]
+                _, stats = model(inputs)
+            loss_sum += stats["mlm_loss"] * stats["n_masked"]
             correct += stats["n_correct"]
             masked += stats["n_masked"]
+            if "cell_loss" in stats:
+                cell_sum += stats["cell_loss"]
+                n_cell += 1
     finally:
         model.train()
-    loss_sum, correct, masked = _reduce([loss_sum, correct, masked], ctx.device)
-    return {"val_loss": loss_sum / max(masked, 1), "val_masked_accuracy": correct / max(masked, 1)}
+    loss_sum, correct, masked, cell_sum, n_cell = _reduce([loss_sum, correct, masked, cell_sum, n_cell], ctx.device)
+    out = {"val_loss": loss_sum / max(masked, 1), "val_masked_accuracy": correct / max(masked, 1)}
+    if n_cell:
+        out["val_cell_loss"] = cell_sum / n_cell
+    return out

@@ -22,6 +22,7 @@ class Encoding:
     needs_coordinates: bool = False  # chromosome and start of each gene (CELLxGENE gene reference)
     extra_tokens: tuple[str, ...] = ()  # tokens of the encoding's own, numbered after the vocabulary
     min_len: int = 3  # smallest max_len that leaves room for one gene
+    ranked: bool = False  # genes in descending order of the cell's (relative) expression: position = rank
 
     def __post_init__(self):
         if self.side not in SIDES:

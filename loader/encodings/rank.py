@@ -110,4 +110,4 @@ def warm() -> None:
 
 
 ENCODING = Encoding("rank", tokenize, warm, (rank_tokens,), positional=True, side=None, targets=("gene",),
-                    needs_medians=True)
+                    needs_medians=True, ranked=True)

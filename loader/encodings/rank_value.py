@@ -31,4 +31,4 @@ def warm() -> None:
 
 
 ENCODING = Encoding("rank_value", tokenize, warm, (rank_tokens,), positional=True, side="values",
-                    targets=("gene", "value"), needs_medians=True)
+                    targets=("gene", "value"), needs_medians=True, ranked=True)

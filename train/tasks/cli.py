@@ -9,6 +9,8 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from ..model import POOLINGS
+
 
 def _add_source(p, required: bool = True, many: bool = False) -> None:
     g = p.add_argument_group("input (an atlasflow store, an .h5ad, or a Census query)")
@@ -102,7 +104,7 @@ def _register_embed(subparsers, E) -> None:
     _add_source(e)
     e.add_argument("--out-h5ad", help="write obsm['X_atlasflow'] (+ obs) here")
     e.add_argument("--out-parquet", help="write soma_joinid + embedding here")
-    e.add_argument("--pooling", default=E("pooling"), choices=("cls", "mean"))
+    e.add_argument("--pooling", default=E("pooling"), choices=POOLINGS)
     e.add_argument("--batch-size", type=int, default=E("batch_size"))
     e.add_argument("--device", default=E("device"), help="auto | cpu | cuda | cuda:N")
     e.add_argument("--medians-store", help="store whose gene medians tokenize (default: the pretraining store)")
@@ -117,7 +119,7 @@ def _register_finetune(subparsers, F) -> None:
     f.add_argument("--label", default=F("label"))
     f.add_argument("--label-map", help="JSON file or text {label: harmonized label or null}")
     f.add_argument("--mode", default=F("mode"), choices=("frozen", "full"))
-    f.add_argument("--pooling", default=F("pooling"), choices=("cls", "mean"))
+    f.add_argument("--pooling", default=F("pooling"), choices=POOLINGS)
     f.add_argument("--steps", type=int, default=F("steps"), help="at most (early stopping on the validation split)")
     f.add_argument("--batch-size", type=int, default=F("batch_size"))
     f.add_argument("--lr", type=float, default=F("lr"), help="head learning rate")
@@ -150,7 +152,7 @@ def _register_eval(subparsers, V) -> None:
     v.add_argument("--split-by", default=V("split_by"), help="grouping column (dataset_id, donor_id)")
     v.add_argument("--test-group", action="append", default=[], help="held-out group (repeatable)")
     v.add_argument("--test-fraction", type=float, default=V("test_fraction"))
-    v.add_argument("--pooling", default=V("pooling"), choices=("cls", "mean"), help="fine-tuned head and plot")
+    v.add_argument("--pooling", default=V("pooling"), choices=POOLINGS, help="fine-tuned head and plot")
     v.add_argument("--finetune-steps", type=int, default=V("finetune_steps"), help="at most (early stopping); 0 = no fine-tuned rows")
     v.add_argument("--finetune-mode", default=V("finetune_mode"), choices=("frozen", "full"))
     v.add_argument("--seed", type=int, action="append", default=[], dest="seeds",

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..model import check_pooling
 from .embed_write import EMBED_FORMAT_VERSION, OBSM_KEY  # noqa: F401  (re-exported)
 from .pretrained import PretrainedModel, iter_input, tokenize
 
@@ -24,14 +25,13 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    pooling: str = "cls"  # cls | mean
+    pooling: str = "cls"  # cls | mean | rank_mean (model.POOLINGS)
     batch_size: int = 64
     block_cells: int = 4096
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self):
-        if self.pooling not in ("cls", "mean"):
-            raise ValueError(f"EmbedConfig.pooling: must be 'cls' or 'mean', got {self.pooling!r}")
+        check_pooling(self.pooling, "EmbedConfig.pooling")
         for name in ("batch_size", "block_cells"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import scipy.sparse as sp
 
+from ..model import POOLINGS, check_pooling
 from .eval_tables import EVAL_FORMAT_VERSION, assemble, to_markdown  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,8 @@ class EvalConfig:
     n_pcs: int = 50
     n_hvg: int = 2000
     pooling: str = "mean"  # the fine-tuned head's pooling and the plotted embedding
-    embedding_poolings: tuple[str, ...] = ("cls", "mean")  # one pair of (a) rows each
+    # one pair of (a) rows each; rank_mean only for a model of a ranked encoding (rank, rank_value)
+    embedding_poolings: tuple[str, ...] = ("cls", "mean", "rank_mean")
     finetune_steps: int = 600  # at most (early stopping); 0 = no fine-tuned rows
     finetune_mode: str = "full"
     finetune_workers: int = 1
@@ -89,10 +91,9 @@ class EvalConfig:
             if isinstance(v, bool) or not isinstance(v, int) or v < lo:
                 raise ValueError(f"EvalConfig.{name}: must be an int >= {lo}, got {v!r}")
         object.__setattr__(self, "embedding_poolings", tuple(self.embedding_poolings))
-        if self.pooling not in ("cls", "mean"):
-            raise ValueError(f"EvalConfig.pooling: must be 'cls' or 'mean', got {self.pooling!r}")
-        if not self.embedding_poolings or not set(self.embedding_poolings) <= {"cls", "mean"}:
-            raise ValueError(f"EvalConfig.embedding_poolings: a non-empty subset of cls/mean, "
+        check_pooling(self.pooling, "EvalConfig.pooling")
+        if not self.embedding_poolings or not set(self.embedding_poolings) <= set(POOLINGS):
+            raise ValueError(f"EvalConfig.embedding_poolings: a non-empty subset of {'/'.join(POOLINGS)}, "
                              f"got {self.embedding_poolings!r}")
         if self.finetune_mode not in ("frozen", "full"):
             raise ValueError(f"EvalConfig.finetune_mode: must be 'frozen' or 'full', got {self.finetune_mode!r}")
@@ -361,10 +362,11 @@ def _score_model(kind: str, ckpt: str, seed: int, cfg: EvalConfig, ctx: dict, ou
     tok, _ = model.tokenizer_for(es.feature_ids, genes)
     block = tokenize(tok, es.X, np.arange(es.X.shape[0]))
     pools = tuple(dict.fromkeys((*cfg.embedding_poolings, cfg.pooling)))
+    pools = tuple(p for p in pools if p != "rank_mean" or model.encoding.ranked or p == cfg.pooling)
     emb = model.embed_poolings(block, pools)
     name = "atlasflow embedding" if kind == "atlasflow" else "random-init control embedding"
     res = {"transfer": [], "cv": [], "cluster": [], "scib": [], "finetune": None, "emb": emb}
-    for p in cfg.embedding_poolings:
+    for p in (p for p in cfg.embedding_poolings if p in pools):
         res["transfer"] += embedding_rows(emb[p][tr], emb[p][te], ytr, yte, name=f"{name} ({p} pooling)",
                                           k=cfg.k, seed=seed)
     z = emb[cfg.pooling]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+from ..model import check_pooling
+
 MODES = ("frozen", "full")
 
 
@@ -43,8 +45,7 @@ class FinetuneConfig:
             object.__setattr__(self, "thin_range", tuple(float(v) for v in self.thin_range))
         if self.mode not in MODES:
             raise ValueError(f"FinetuneConfig.mode: must be one of {MODES}, got {self.mode!r}")
-        if self.pooling not in ("cls", "mean"):
-            raise ValueError(f"FinetuneConfig.pooling: must be 'cls' or 'mean', got {self.pooling!r}")
+        check_pooling(self.pooling, "FinetuneConfig.pooling")
         if not self.label:
             raise ValueError("FinetuneConfig.label: name the obs column holding the labels")
         for name, lo in (("steps", 1), ("batch_size", 1), ("num_workers", 1), ("warmup_steps", 0),

@@ -117,10 +117,9 @@ class PretrainedModel:
 
     @torch.no_grad()
     def embed_poolings(self, block, poolings, batch_size: int = 64) -> dict:
-        """{pooling: embeddings [n, d]} from one forward pass per batch (cls and/or mean)."""
+        """{pooling: embeddings [n, d]} from one forward pass per batch (``CellEncoder.pool`` each)."""
         from atlasflow.loader.batching import collate
 
-        from ..model import N_SPECIAL
         from ..pack import model_inputs
 
         enc = self.encoder.eval()
@@ -130,10 +129,8 @@ class PretrainedModel:
             b = collate(block, np.arange(a, min(len(block), a + batch_size)))
             inputs = model_inputs({k: v.to(dev) for k, v in b.items()}, pack=False)
             h = enc(inputs)
-            g = (inputs["input_ids"] >= N_SPECIAL).unsqueeze(-1).to(h.dtype)
-            z = {"cls": h[:, 0], "mean": (h * g).sum(1) / g.sum(1).clamp(min=1)}
             for p in poolings:
-                out[p].append(z[p].float().cpu().numpy())
+                out[p].append(enc.pool(h, inputs, p).float().cpu().numpy())
         d = enc.cfg.d_model
         return {p: np.concatenate(v) if v else np.zeros((0, d), np.float32) for p, v in out.items()}
 
