@@ -233,3 +233,34 @@ def test_selection_layer_ordered_and_unordered_reads_select_the_same_cells(store
     assert np.array_equal(ordered, want)  # joinid order, every slice once
     assert np.array_equal(np.sort(unordered), want)
     assert np.array_equal(np.concatenate([np.arange(a, b) for a, b in runs.ranges()]), want)
+
+
+def test_ordered_obs_reads_are_in_joinid_order_when_fragments_are_not(tmp_path):
+    """Two writers commit obs rows out of joinid order (the later range first, as concurrent ingests can):
+    the ordered read still yields each slice sorted by joinid, every row once, labels aligned. (tiledbsoma
+    2.3 happened to return these rows sorted without being asked; the ordered read must not rely on it.)"""
+    import pyarrow as pa
+    import tiledbsoma as soma
+
+    from atlasflow.store import selection as S
+    from atlasflow.store.runs import Runs
+
+    schema = pa.schema([("soma_joinid", pa.int64()), ("dataset_id", pa.large_string())])
+    uri = str(tmp_path / "exp")
+    with soma.Experiment.create(uri) as exp:
+        exp.add_new_dataframe("obs", schema=schema, index_column_names=["soma_joinid"], domain=[(0, 999)])
+    parts = [np.arange(60, 100), np.arange(0, 60), np.arange(100, 130)]  # three fragments, out of order
+    for ids in parts:
+        with soma.Experiment.open(uri, "w") as exp:
+            exp.obs.write(pa.table({"soma_joinid": ids, "dataset_id": [f"d{i // 50}" for i in ids]}, schema=schema))
+    old_slice, S.OBS_SLICE = S.OBS_SLICE, 80  # a slice spans fragments
+    try:
+        with soma.Experiment.open(uri) as exp:
+            tables = list(S.obs_batches(exp, ["dataset_id"], None, Runs.from_ranges([(0, 130)])))
+            labels = S.obs_labels(exp, Runs.from_ranges([(0, 130)]), {"dataset_id": True}, None)["dataset_id"]
+    finally:
+        S.OBS_SLICE = old_slice
+    ids = np.concatenate([t["soma_joinid"].to_numpy() for t in tables])
+    assert np.array_equal(ids, np.arange(130))
+    assert [v for t in tables for v in t["dataset_id"].to_pylist()] == [f"d{i // 50}" for i in range(130)]
+    assert list(labels.bounds) == [0, 50, 100, 130] and labels.categories == ["d0", "d1", "d2"]
