@@ -258,13 +258,18 @@ def varlen_kernel(x: torch.Tensor, causal: bool = False):
                                                                             causal=causal)
 
 
-def mean_pool_cells(h: torch.Tensor, seg: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cell vectors [C, d], cell index [R, L]) for padded or packed hidden states: the mean of ``h`` over
-    each cell's positions where ``keep``; cells numbered row by row, then by segment (-1 off-cell)."""
+def cell_index(seg: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(cell index [R, L], number of cells) of padded or packed segment ids: cells numbered row by row,
+    then by segment; -1 off-cell."""
     per_row = seg.amax(1)
     base = per_row.cumsum(0) - per_row
-    cid = torch.where(seg > 0, base.unsqueeze(1) + seg - 1, torch.full_like(seg, -1))
-    n_cells = int(per_row.sum())
+    return torch.where(seg > 0, base.unsqueeze(1) + seg - 1, torch.full_like(seg, -1)), int(per_row.sum())
+
+
+def mean_pool_cells(h: torch.Tensor, seg: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cell vectors [C, d], cell index [R, L] as ``cell_index``) for padded or packed hidden states: the
+    mean of ``h`` over each cell's positions where ``keep``."""
+    cid, n_cells = cell_index(seg)
     sel = keep & (seg > 0)
     idx = cid[sel]
     # float32 sums: bf16 counts are not exact past 256 tokens

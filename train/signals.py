@@ -30,7 +30,7 @@ import torch
 
 from atlasflow.store.schema import check_format
 
-from .model import N_SPECIAL
+from .model import N_SPECIAL, cell_index
 
 log = logging.getLogger(__name__)
 
@@ -281,10 +281,9 @@ def cell_baseline(baselines: Baselines, ids: torch.Tensor, seg: torch.Tensor, ge
     log_p = log_p - torch.logsumexp(log_p, 0)
     ids, seg = ids.cpu(), seg.cpu()
     genes = (ids >= N_SPECIAL) & (ids < gene_end) & (seg > 0)
-    per_row = seg.amax(1)
-    cid = ((per_row.cumsum(0) - per_row).unsqueeze(1) + seg - 1)[genes]
+    cid, n = cell_index(seg)
+    cid = cid[genes]
     nll = -log_p[ids[genes] - N_SPECIAL]
-    n = int(per_row.sum())
     tot = torch.zeros(n, dtype=torch.float64).index_add_(0, cid, nll)
     cnt = torch.zeros(n, dtype=torch.float64).index_add_(0, cid, torch.ones_like(nll))
     has = cnt > 0
