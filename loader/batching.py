@@ -73,6 +73,8 @@ class _Arena:
 
     def tensor(self, name: str) -> torch.Tensor:
         off, dt, shape = self.layout[name]
+        if math.prod(shape) == 0:  # torch cannot reinterpret an empty byte slice (its stride is 0)
+            return torch.empty(shape, dtype=_TORCH[dt])
         return self.buf[off:off + math.prod(shape) * dt.itemsize].view(_TORCH[dt]).view(shape)
 
 
@@ -102,9 +104,11 @@ def collate(window: TokenWindow | TokenBlock, idx: np.ndarray, label_columns=())
     bins = arena.array("bins").reshape(-1) if window.has_bins else None
     blk = np.searchsorted(window.cum, idx, side="right") - 1
     local, rows = idx - window.cum[blk], np.arange(B, dtype=np.int64)
-    for b in np.unique(blk):  # one kernel call per block of the window and field
-        sel = blk == b
-        block, cells, at = window.blocks[b], local[sel], rows[sel]
+    o = np.argsort(blk, kind="stable")  # the batch's cells grouped by the block they sit in
+    blk, local, rows = blk[o], local[o], rows[o]
+    cuts = (np.flatnonzero(blk[1:] != blk[:-1]) + 1).tolist()
+    for a, e in zip([0, *cuts], [*cuts, B]) if B else ():  # one kernel call per block of the window and field
+        block, cells, at = window.blocks[int(blk[a])], local[a:e], rows[a:e]
         K.scatter_rows(block.offsets, block.ids, cells, at, L, ids)
         if vals is not None:
             K.scatter_rows(block.offsets, block.values, cells, at, L, vals)

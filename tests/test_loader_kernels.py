@@ -200,3 +200,41 @@ print(json.dumps({"applied": applied, "digest": h.hexdigest(), "batches": n}))
     assert out["tuned"]["applied"] == {"arena_max": 1, "mmap_threshold": 32 << 20, "trim_threshold": 256 << 20}
     assert out["tuned"]["digest"] == out["default"]["digest"]
     assert out["tuned"]["batches"] == out["default"]["batches"] > 0
+
+
+@pytest.mark.parametrize("n_blocks", [1, 5])
+def test_collate_pads_each_cell_of_a_multi_block_window_like_numpy(n_blocks):
+    """A batch whose cells sit in any order across the window's blocks: every row is the cell's own
+    tokens (ids, values, bins) then zeros, the mask marks exactly its length, labels follow the cells."""
+    from atlasflow.loader.batching import TokenWindow, collate
+    from atlasflow.loader.tokenize import TokenBlock
+
+    rng = np.random.default_rng(n_blocks)
+    blocks, cells = [], []
+    for b in range(n_blocks):
+        lens = rng.integers(1, 40, size=int(rng.integers(3, 9)))
+        off = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        ids = rng.integers(1, 1000, off[-1]).astype(np.int32)
+        vals = rng.random(off[-1]).astype(np.float32)
+        bins = rng.integers(0, 50, off[-1]).astype(np.int16)
+        j0 = 100 * b
+        lab = rng.integers(0, 7, len(lens))
+        blocks.append(TokenBlock(off, ids, np.arange(j0, j0 + len(lens)), vals, bins, {"dataset_id": lab}))
+        cells += [(j0 + i, ids[off[i]:off[i + 1]], vals[off[i]:off[i + 1]], bins[off[i]:off[i + 1]], lab[i])
+                  for i in range(len(lens))]
+    window = TokenWindow(blocks)
+    idx = rng.permutation(len(window))[: max(1, len(window) - 2)]
+    out = collate(window, idx, ("dataset_id",))
+    L = max(len(cells[i][1]) for i in idx)
+    assert out["input_ids"].shape == (len(idx), L)
+    for row, i in enumerate(idx):
+        joinid, ids, vals, bins, lab = cells[i]
+        n = len(ids)
+        assert int(out["soma_joinid"][row]) == joinid and int(out["obs.dataset_id"][row]) == lab
+        assert int(out["lengths"][row]) == n
+        np.testing.assert_array_equal(out["input_ids"][row].numpy(), np.pad(ids.astype(np.int64), (0, L - n)))
+        np.testing.assert_array_equal(out["values"][row].numpy(), np.pad(vals, (0, L - n)))
+        np.testing.assert_array_equal(out["bins"][row].numpy(), np.pad(bins.astype(np.int64), (0, L - n)))
+        np.testing.assert_array_equal(out["attention_mask"][row].numpy(), np.arange(L) < n)
+    empty = collate(window, np.array([], dtype=np.int64), ("dataset_id",))
+    assert empty["input_ids"].shape == (0, 0)
