@@ -187,7 +187,10 @@ def main(argv=None) -> int:
     p.add_argument("--work", default="./atlasflow_eval_report")
     p.add_argument("--only", choices=("real", "synthetic"))
     p.add_argument("--steps", type=int, default=600, help="pretraining optimizer steps")
-    p.add_argument("--finetune-steps", type=int, default=400, help="at most (early stopping)")
+    from atlasflow.train.tasks.finetune_config import FinetuneConfig
+
+    p.add_argument("--finetune-steps", type=int, default=FinetuneConfig().steps,
+                   help="at most (early stopping); default: atlasflow finetune's")
     p.add_argument("--seeds", default="0,1,2", help="seeds of every trained row")
     p.add_argument("--pretrain-seeds", type=int, default=3, help="pretraining runs (<= number of seeds)")
     p.add_argument("--preset", default="debug")
