@@ -201,7 +201,7 @@ class CellEncoder(nn.Module):
     # -- cell embeddings -----------------------------------------------------------------
     @torch.no_grad()
     def embed(self, batch: dict, pooling: str = "mean") -> torch.Tensor:
-        """Cell embeddings [B, d] for a loader batch: the <cls> output, or the mean over gene tokens."""
+        """Cell embeddings [B, d] for a loader batch, pooled as ``pool`` does (default: the mean over gene tokens)."""
         from .pack import model_inputs
 
         check_pooling(pooling, "pooling", self.encoding)
