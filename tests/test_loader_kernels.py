@@ -238,3 +238,48 @@ def test_collate_pads_each_cell_of_a_multi_block_window_like_numpy(n_blocks):
         np.testing.assert_array_equal(out["attention_mask"][row].numpy(), np.arange(L) < n)
     empty = collate(window, np.array([], dtype=np.int64), ("dataset_id",))
     assert empty["input_ids"].shape == (0, 0)
+
+
+def test_heap_trimmer_keeps_free_heap_up_to_its_budget_and_returns_the_rest():
+    """In a fresh process, with real freed heap: under the budget the pages stay resident (no trim),
+    over it they go back to the OS; keep=0 trims at every call."""
+    import subprocess
+    import sys
+
+    script = """
+import json
+import numpy as np
+from atlasflow.loader.memory import HeapTrimmer, resident_bytes
+
+def churn():  # ~320 MB of 64 KB heap chunks, touched, then freed but for the last one (pins the heap top)
+    chunks = [np.ones(8000) for _ in range(5000)]
+    last = chunks.pop()
+    del chunks
+    return last
+
+MB = 1 << 20
+out, pins = {}, [churn()]
+t = HeapTrimmer(keep=1 << 30)
+out["first"] = t()                      # the first call trims and sets the floor
+floor = resident_bytes()
+pins.append(churn())
+grown = resident_bytes()
+out["grown_mb"] = (grown - floor) // MB
+out["under_budget"] = t()               # ~320 MB over the floor, budget 1 GB: kept
+out["kept_mb"] = (resident_bytes() - floor) // MB
+t.keep = 64 * MB
+out["over_budget"] = t()                # over a 64 MB budget: trimmed
+out["after_trim_mb"] = (resident_bytes() - floor) // MB
+every = HeapTrimmer(keep=0)
+out["keep0"] = [every(), every()]
+out["trims"] = [t.trims, every.trims]
+print(json.dumps(out))
+"""
+    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = __import__("json").loads(p.stdout.strip().splitlines()[-1])
+    assert out["first"] is True
+    assert out["grown_mb"] >= 250, out          # the churn left its pages resident
+    assert out["under_budget"] is False and out["kept_mb"] >= 250, out
+    assert out["over_budget"] is True and out["after_trim_mb"] <= 64, out
+    assert out["keep0"] == [True, True] and out["trims"] == [2, 2], out
