@@ -93,12 +93,18 @@ GENE_STATS_SCHEMA = pa.schema(
 # them as small as the Census' double-delta does (114.5 vs 114.9 MB for 40k cells of the bench
 # store), and double-delta decoding was a third of a random read's CPU (4 x 256-cell chunks with
 # the loader's read settings: 18.4 vs 29 us/cell).
+# Capacity (nonzeros per data tile) 25,000: a read decodes whole data tiles, so each of the loader's
+# random chunks pays for the part-tiles at its two ends. Measured 2026-12-03 on 50k cells x 20k genes
+# (1,200 nnz per cell, one store per capacity, median of 5 interleaved rounds of 10 reads of 1,024
+# cells, CPU per cell): 4 x 256-cell chunks (the loader's default) 35.7 / 32.0 / 30.6 / 35.3 us at
+# 100k / 50k / 25k / 12.5k; 2 x 512 32.4 / 27.3 / 28.4 / 31.3; one contiguous 1,024-cell range
+# 26.1 / 27.8 / 26.7 / 30.4. The same disk size.
 _ZSTD = {"_type": "ZstdFilter", "level": 3}
 X_PLATFORM_CONFIG = {"tiledb": {"create": {
     "dims": {"soma_dim_0": {"tile": 2048, "filters": [_ZSTD]},
              "soma_dim_1": {"tile": 65536, "filters": ["ByteShuffleFilter", _ZSTD]}},
     "attrs": {"soma_data": {"filters": ["ByteShuffleFilter", _ZSTD]}},
-    "capacity": 100_000,
+    "capacity": 25_000,
 }}}
 
 # Value used for obs columns a source does not have.

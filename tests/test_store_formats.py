@@ -75,3 +75,23 @@ def test_one_version_check_for_every_artifact():
              if "check_format(" in p.read_text()}
     assert {"store.py", "manifest.py", "lease.py", "stats.py", "state.py", "vocab.py", "config.py", "signals.py",
             "checkpoint.py", "finetune.py", "finetune_data.py"} <= users
+
+
+def test_a_new_store_x_has_the_configured_tiling(tmp_path):
+    """The X tiling the loader's reads were measured with reaches TileDB: data-tile capacity, one
+    space tile per row's genes, and the filter pipelines (tiledbsoma drops unknown keys silently)."""
+    from atlasflow.store.store import create_store
+
+    uri = str(tmp_path / "s")
+    create_store(uri)
+    want = schema.X_PLATFORM_CONFIG["tiledb"]["create"]
+    with soma.SparseNDArray.open(f"{uri}/ms/RNA/X/raw") as X:
+        opts = X.schema_config_options()
+        dims, attrs = json.loads(opts.dims), json.loads(opts.attrs)
+    assert opts.capacity == want["capacity"] == 25_000
+    assert opts.cell_order == opts.tile_order == "row-major"
+    for d in ("soma_dim_0", "soma_dim_1"):
+        assert int(dims[d]["tile"]) == want["dims"][d]["tile"]
+    assert [f["name"] for f in dims["soma_dim_1"]["filters"]] == ["BYTESHUFFLE", "ZSTD"]
+    assert [f["name"] for f in attrs["soma_data"]["filters"]] == ["BYTESHUFFLE", "ZSTD"]
+    assert [f["name"] for f in dims["soma_dim_0"]["filters"]] == ["ZSTD"]
