@@ -23,15 +23,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import statistics
 import sys
 import time
 
-GPU_CHECK_FORMAT_VERSION = 2  # gpu_check.json; 2: variants, MFU, GPU memory, varlen diff, loader workers
+GPU_CHECK_FORMAT_VERSION = 3  # gpu_check.json; 2: variants, MFU, GPU memory, varlen diff, loader workers;
+# 3: written after every stage, with per-stage errors and `complete`
 
 # dense bf16 peak FLOP/s by device name (vendor datasheets; no sparsity)
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
+log = logging.getLogger(__name__)
+
 VARIANTS = {  # name -> settings changed from the main run
     "no_compile": {"train.compile": False},
     "sdpa_padded": {"data.pack": False, "model.attention": "sdpa", "data.bucket_batches": 8},
@@ -154,8 +158,24 @@ def run_check(out: str, steps: int = 300, cells: int = 20000, genes: int = 2000,
         compute_gene_stats(store)
     base = load_preset("gpu").with_overrides(overrides(store, os.path.join(out, "runs"), steps, cpu))
     dev = device_info()
-    runs = {}
-    for name in ("main", *variants):
+    report = {"format_version": GPU_CHECK_FORMAT_VERSION, "preset": "gpu", "cpu_logic_check": cpu, **dev,
+              "cells": cells, "genes": genes, "max_len": base.data.max_len, "batch_size": base.data.batch_size,
+              "precision": base.train.precision, "cpu_count": os.cpu_count(), "runs": {}, "errors": {},
+              "complete": False}
+
+    def stage(name: str, fn) -> None:
+        # A device lease is short: each stage's result (or its error) is on disk as soon as it ends,
+        # so a failed or cut-off stage still leaves every number measured before it.
+        t0 = time.time()
+        try:
+            fn()
+        except Exception as exc:  # noqa: BLE001 - recorded, reported and turned into a failing exit code
+            log.exception("gpu_check stage %s failed", name)
+            report["errors"][name] = f"{type(exc).__name__}: {exc}"
+        log.info("gpu_check stage %s: %.1f s", name, time.time() - t0)
+        write(out, report)
+
+    def train_run(name: str) -> None:
         n = steps if name == "main" else variant_steps
         cfg = base if name == "main" else base.with_overrides(
             {**overrides(store, os.path.join(out, "runs"), n, cpu), **VARIANTS[name], "run.name": f"gpu_check_{name}"})
@@ -163,17 +183,30 @@ def run_check(out: str, steps: int = 300, cells: int = 20000, genes: int = 2000,
         res = run_training(cfg, plot=name == "main")
         summary = summarize(res["history"], n, time.time() - t0)
         summary["mfu"] = mfu(summary, cfg, read_part(res["checkpoint"], "model.json")["n_tokens"], dev["device"])
-        runs[name] = {"compile": cfg.train.compile, "pack": cfg.data.pack, "attention": cfg.model.attention,
-                      "strategy": cfg.train.strategy, **summary, "checkpoint": res["checkpoint"],
-                      "loss_png": res["loss_png"]}
-    report = {"format_version": GPU_CHECK_FORMAT_VERSION, "preset": "gpu", "cpu_logic_check": cpu, **dev,
-              "cells": cells, "genes": genes, "max_len": base.data.max_len, "batch_size": base.data.batch_size,
-              "precision": base.train.precision, "runs": runs, "varlen_vs_reference": varlen_max_diff(base),
-              "loader_workers": loader_workers(store, base, (0, 1) if cpu else (1, 2, 4, 8), loader_cells),
-              "cpu_count": os.cpu_count()}
-    with open(os.path.join(out, "gpu_check.json"), "w") as fh:
-        json.dump(report, fh, indent=1)
+        report["runs"][name] = {"compile": cfg.train.compile, "pack": cfg.data.pack, "attention": cfg.model.attention,
+                                "strategy": cfg.train.strategy, **summary, "checkpoint": res["checkpoint"],
+                                "loss_png": res["loss_png"]}
+
+    def varlen() -> None:
+        report["varlen_vs_reference"] = varlen_max_diff(base)
+
+    def loader() -> None:
+        report["loader_workers"] = loader_workers(store, base, (0, 1) if cpu else (1, 2, 4, 8), loader_cells)
+
+    for name in ("main", *variants):
+        stage(name, lambda name=name: train_run(name))
+    stage("varlen_vs_reference", varlen)
+    stage("loader_workers", loader)
+    report["complete"] = not report["errors"]
+    write(out, report)
     return report
+
+
+def write(out: str, report: dict) -> None:
+    tmp = os.path.join(out, "gpu_check.json.tmp")
+    with open(tmp, "w") as fh:
+        json.dump(report, fh, indent=1)
+    os.replace(tmp, os.path.join(out, "gpu_check.json"))
 
 
 def main(argv=None) -> int:
@@ -188,8 +221,6 @@ def main(argv=None) -> int:
     p.add_argument("--variant-steps", type=int, default=100)
     p.add_argument("--loader-cells", type=int, default=20000, help="cells per loader-bench run")
     a = p.parse_args(argv)
-    import logging
-
     from atlasflow.infra.cli import configure_logging
 
     configure_logging(logging.INFO)
@@ -197,9 +228,9 @@ def main(argv=None) -> int:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         p.error(f"--variants: unknown {unknown} (known: {', '.join(VARIANTS)})")
-    print(json.dumps(run_check(a.out, a.steps, a.cells, a.genes, a.datasets, a.cpu, variants, a.variant_steps,
-                               a.loader_cells), indent=1))
-    return 0
+    report = run_check(a.out, a.steps, a.cells, a.genes, a.datasets, a.cpu, variants, a.variant_steps, a.loader_cells)
+    print(json.dumps(report, indent=1))
+    return 0 if report["complete"] else 1
 
 
 if __name__ == "__main__":

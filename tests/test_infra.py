@@ -116,6 +116,7 @@ def test_gpu_check_runs_its_logic_on_cpu(tmp_path):
     rep = run_check(str(tmp_path), steps=12, cells=800, genes=200, datasets=4, cpu=True,
                     variants=("sdpa_padded", "fsdp_1rank"), variant_steps=6, loader_cells=128)
     assert rep["cpu_logic_check"] and rep["device"] == "cpu" and rep["precision"] == "fp32"
+    assert rep["complete"] is True and rep["errors"] == {}
     main = rep["runs"]["main"]
     assert main["pack"] is load_preset("gpu").data.pack is True  # the GPU preset's packing path ran
     assert main["steps"] == 12 and main["val_step"] == 12
