@@ -95,3 +95,13 @@ def test_peers_bench_on_a_tiny_store(tmp_path_factory, tmp_path):
     assert abs(bound["read_tokenize_bound_cells_per_s"] - expect) <= 0.01 * expect
     ours = statistics.median(p["atlasflow"]["cells_per_s"] for p in out["pairs"])
     assert s["fraction_of_read_tokenize_bound"] == round(ours / bound["read_tokenize_bound_cells_per_s"], 3)
+
+
+def test_a_bench_report_printed_is_the_report_written(tmp_path, capsys):
+    """The benchmark scripts' one output path: stdout and --out carry the same JSON (numpy-free dicts)."""
+    from atlasflow.infra.bench.util import emit
+
+    report = {"loader": "atlasflow", "cells_per_s": 1234.5, "pairs": [{"a": 1}, {"b": [1, 2]}]}
+    assert emit(report, str(tmp_path / "r.json")) == 0
+    assert json.loads(capsys.readouterr().out) == report == json.loads((tmp_path / "r.json").read_text())
+    assert emit(report) == 0 and json.loads(capsys.readouterr().out) == report

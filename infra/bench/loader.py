@@ -26,7 +26,7 @@ import time
 
 import numpy as np
 
-from atlasflow.infra.bench.util import PeakRSS, environment
+from atlasflow.infra.bench.util import PeakRSS, emit, environment
 
 BENCH_FORMAT_VERSION = 3  # 2: two scans (store default, loader read settings); the ceiling is the faster
 # 3: atlasflow's whole-run rate and first batch count from before the loader is built, as tiledbsoma-ml's
@@ -292,12 +292,7 @@ def run_cli(args) -> int:
               workers=tuple(int(w) for w in args.workers.split(",") if w), with_ml=not args.no_ml,
               memory_stores=tuple(m for m in args.memory_stores.split(",") if m),
               log=lambda line: print(line, file=sys.stderr, flush=True))
-    text = json.dumps(res, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
-    return 0
+    return emit(res, args.out)
 
 
 if __name__ == "__main__":

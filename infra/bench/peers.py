@@ -46,7 +46,7 @@ import numpy as np
 
 from atlasflow.infra.bench.loader import _entropy, _random_baseline, measure_atlasflow, measure_scan, \
     measure_tiledbsoma_ml
-from atlasflow.infra.bench.util import PeakRSS, environment
+from atlasflow.infra.bench.util import PeakRSS, emit, environment
 
 PEERS_FORMAT_VERSION = 1
 PEERS = ("tiledbsoma-ml", "scdataset", "scdl")
@@ -372,12 +372,7 @@ def main(argv=None) -> int:
     res = run(args.store, args.work, cells=args.cells, batch_size=args.batch_size, pairs=args.pairs,
               peers=tuple(p for p in args.peers.split(",") if p), tokenizer=args.tokenizer, cold=args.cold,
               log=lambda line: print(line, file=sys.stderr, flush=True))
-    text = json.dumps(res, indent=1)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
-    print(text)
-    return 0
+    return emit(res, args.out)
 
 
 if __name__ == "__main__":

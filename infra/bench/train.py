@@ -16,7 +16,6 @@ waiting for the loader, for each loader worker count asked for.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -24,6 +23,7 @@ import time
 
 import torch
 
+from atlasflow.infra.bench.util import emit
 from atlasflow.train.config import load_preset
 from atlasflow.train.masking import mask_batch, masking_generator
 from atlasflow.train.model import N_SPECIAL, CellEncoder
@@ -178,12 +178,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     res = run(a.store, a.max_len, a.batch_size, a.steps, tuple(int(w) for w in a.live_workers.split(",") if w),
               repeats=a.repeats, bucket_batches=a.bucket_batches)
-    text = json.dumps(res, indent=1)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-    return 0
+    return emit(res, a.out)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Shared benchmark plumbing: hardware/version header and peak RSS of a process tree."""
+"""Shared benchmark plumbing: hardware/version header, peak RSS of a process tree, the JSON report."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import threading
@@ -28,6 +29,16 @@ def environment() -> dict:
             pass
     out["loadavg"] = [round(x, 2) for x in os.getloadavg()]
     return out
+
+
+def emit(report: dict, out: str | None = None) -> int:
+    """Print a benchmark's JSON report (the scripts' output) and, with ``out``, write it there too."""
+    text = json.dumps(report, indent=1)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return 0
 
 
 class PeakRSS:
