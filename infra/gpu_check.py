@@ -1,19 +1,20 @@
 """The prepared GPU check: the ``gpu`` preset, briefly, on a synthetic store; prints one JSON object.
 
-    python -m atlasflow.infra.gpu_check --out /tmp/gpu_check [--steps 300] [--cells 20000]
+    python -m atlasflow.infra.gpu_check --out /tmp/gpu_check [--steps 300] [--cells 20000] [--budget-s 480]
     python -m atlasflow.infra.gpu_check --out /tmp/gpu_check --cpu   # the same logic on CPU (tests)
 
-It synthesizes a store (learnable programs, several datasets), computes its gene stats and runs the
-``gpu`` preset (bf16 autocast, packed rows, varlen attention, torch.compile, thinning, max_len 2048) on
-ONE worker for ``--steps`` steps with a short warmup, the held-out (val-split) loss every ``steps/3``
-steps; then the comparison variants for ``--variant-steps`` steps each: without ``torch.compile``, the
-padded SDPA path (unpacked, length-bucketed batches), and FSDP on one rank. Per run the JSON has
-median tokens/s and cells/s over the logged rows after the first third (compilation, warmup), MFU
-(``model.flops_per_token`` at the run's mean cell length over the device's dense bf16 peak), the
-loader-wait share of step time and the peak GPU memory; for the main run also the MLM loss next to
-its unigram baselines and the held-out loss. Then: the max difference of the varlen path's outputs
-from the padded SDPA reference on the same batch (same weights, same autocast), and the loader bench
-with 1, 2, 4 and 8 DataLoader workers on the machine's cores.
+It synthesizes a store (learnable programs, several datasets) and computes its gene stats, then runs its
+stages, cheapest and most telling first: the max difference of the varlen path's outputs from the padded
+SDPA reference on the same batch (same weights, same autocast); the ``gpu`` preset (bf16 autocast,
+packed rows, varlen attention, torch.compile, thinning, max_len 2048) on ONE worker for ``--steps``
+steps with a short warmup, the held-out (val-split) loss every ``steps/3`` steps; the loader bench with
+1, 2, 4 and 8 DataLoader workers on the machine's cores; then the comparison variants for
+``--variant-steps`` steps each: without ``torch.compile``, the padded SDPA path (unpacked,
+length-bucketed batches), and FSDP on one rank. Per run the JSON has median tokens/s and cells/s over
+the logged rows after the first third (compilation, warmup), MFU (``model.flops_per_token`` at the
+run's mean cell length over the device's dense bf16 peak), the loader-wait share of step time and the
+peak GPU memory; for the main run also the MLM loss next to its unigram baselines and the held-out loss.
+The JSON is rewritten after every stage; ``--budget-s`` skips the stages that would start later.
 ``--cpu`` swaps only what a CPU cannot run (fp32, no compile, no GPU, a 2 x 64 model, max_len 512,
 loader workers 0 and 1) so the script's logic is tested without a GPU; its numbers say nothing about
 a GPU.
@@ -30,7 +31,7 @@ import sys
 import time
 
 GPU_CHECK_FORMAT_VERSION = 3  # gpu_check.json; 2: variants, MFU, GPU memory, varlen diff, loader workers;
-# 3: written after every stage, with per-stage errors and `complete`
+# 3: written after every stage, with per-stage errors, skipped stages (--budget-s) and `complete`
 
 # dense bf16 peak FLOP/s by device name (vendor datasheets; no sparsity)
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
@@ -146,11 +147,14 @@ def device_info() -> dict:
 
 def run_check(out: str, steps: int = 300, cells: int = 20000, genes: int = 2000, datasets: int = 8,
               cpu: bool = False, variants: tuple[str, ...] = tuple(VARIANTS), variant_steps: int = 100,
-              loader_cells: int = 20000) -> dict:
+              loader_cells: int = 20000, budget_s: float | None = None) -> dict:
+    """``budget_s``: a stage that would start later than this many seconds after the start is skipped
+    (recorded in ``skipped``), so a time-limited lease ends with a complete JSON of what did run."""
     from atlasflow.ingest.synth import synthesize
     from atlasflow.store.stats import compute_gene_stats
     from atlasflow.train import load_preset, read_part, run_training
 
+    t_start = time.time()
     out = os.path.abspath(out)
     store = os.path.join(out, "store")
     if not os.path.isdir(store):
@@ -161,12 +165,17 @@ def run_check(out: str, steps: int = 300, cells: int = 20000, genes: int = 2000,
     report = {"format_version": GPU_CHECK_FORMAT_VERSION, "preset": "gpu", "cpu_logic_check": cpu, **dev,
               "cells": cells, "genes": genes, "max_len": base.data.max_len, "batch_size": base.data.batch_size,
               "precision": base.train.precision, "cpu_count": os.cpu_count(), "runs": {}, "errors": {},
-              "complete": False}
+              "skipped": [], "budget_s": budget_s, "complete": False}
 
     def stage(name: str, fn) -> None:
         # A device lease is short: each stage's result (or its error) is on disk as soon as it ends,
         # so a failed or cut-off stage still leaves every number measured before it.
         t0 = time.time()
+        if budget_s is not None and t0 - t_start > budget_s:
+            log.warning("gpu_check stage %s skipped: %.0f s of the %.0f s budget spent", name, t0 - t_start, budget_s)
+            report["skipped"].append(name)
+            write(out, report)
+            return
         try:
             fn()
         except Exception as exc:  # noqa: BLE001 - recorded, reported and turned into a failing exit code
@@ -193,11 +202,14 @@ def run_check(out: str, steps: int = 300, cells: int = 20000, genes: int = 2000,
     def loader() -> None:
         report["loader_workers"] = loader_workers(store, base, (0, 1) if cpu else (1, 2, 4, 8), loader_cells)
 
-    for name in ("main", *variants):
-        stage(name, lambda name=name: train_run(name))
+    # Cheapest and most telling first: the kernel check (seconds), the main run, the loader's worker
+    # scaling, then the comparison variants, so a short budget drops the least informative stages.
     stage("varlen_vs_reference", varlen)
+    stage("main", lambda: train_run("main"))
     stage("loader_workers", loader)
-    report["complete"] = not report["errors"]
+    for name in variants:
+        stage(name, lambda name=name: train_run(name))
+    report["complete"] = not report["errors"] and not report["skipped"]
     write(out, report)
     return report
 
@@ -220,6 +232,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comparison runs (of {', '.join(VARIANTS)}; '' = none)")
     p.add_argument("--variant-steps", type=int, default=100)
     p.add_argument("--loader-cells", type=int, default=20000, help="cells per loader-bench run")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="skip the stages that would start after this many seconds (a time-limited machine)")
     a = p.parse_args(argv)
     from atlasflow.infra.cli import configure_logging
 
@@ -228,7 +242,8 @@ def main(argv=None) -> int:
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         p.error(f"--variants: unknown {unknown} (known: {', '.join(VARIANTS)})")
-    report = run_check(a.out, a.steps, a.cells, a.genes, a.datasets, a.cpu, variants, a.variant_steps, a.loader_cells)
+    report = run_check(a.out, a.steps, a.cells, a.genes, a.datasets, a.cpu, variants, a.variant_steps, a.loader_cells,
+                       a.budget_s)
     print(json.dumps(report, indent=1))
     return 0 if report["complete"] else 1
 

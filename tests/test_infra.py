@@ -116,7 +116,7 @@ def test_gpu_check_runs_its_logic_on_cpu(tmp_path):
     rep = run_check(str(tmp_path), steps=12, cells=800, genes=200, datasets=4, cpu=True,
                     variants=("sdpa_padded", "fsdp_1rank"), variant_steps=6, loader_cells=128)
     assert rep["cpu_logic_check"] and rep["device"] == "cpu" and rep["precision"] == "fp32"
-    assert rep["complete"] is True and rep["errors"] == {}
+    assert rep["complete"] is True and rep["errors"] == {} and rep["skipped"] == []
     main = rep["runs"]["main"]
     assert main["pack"] is load_preset("gpu").data.pack is True  # the GPU preset's packing path ran
     assert main["steps"] == 12 and main["val_step"] == 12
@@ -135,6 +135,24 @@ def test_gpu_check_runs_its_logic_on_cpu(tmp_path):
     assert [r["workers"] for r in rep["loader_workers"]] == [0, 1]
     assert all(r["cells"] >= 128 and r["cells_per_s"] > 0 for r in rep["loader_workers"])
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == rep
+
+
+def test_gpu_check_skips_the_stages_past_its_budget_and_says_so(tmp_path):
+    """A time-limited machine: with the budget spent (0 s, after the store is built) every stage is skipped,
+    named in ``skipped`` and not run, the JSON on disk says so and is not ``complete``; the CLI exits 1."""
+    import json
+
+    from atlasflow.infra.gpu_check import main, run_check
+
+    rep = run_check(str(tmp_path), steps=4, cells=400, genes=100, datasets=2, cpu=True,
+                    variants=("fsdp_1rank",), variant_steps=2, loader_cells=64, budget_s=0.0)
+    assert rep["skipped"] == ["varlen_vs_reference", "main", "loader_workers", "fsdp_1rank"]
+    assert rep["runs"] == {} and rep["errors"] == {} and "varlen_vs_reference" not in rep
+    assert "loader_workers" not in rep and rep["complete"] is False and rep["budget_s"] == 0.0
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == rep
+    assert not (tmp_path / "runs").exists()  # no training started
+    assert main(["--out", str(tmp_path), "--cpu", "--budget-s", "0", "--cells", "400", "--genes", "100",
+                 "--datasets", "2", "--variants", ""]) == 1
 
 
 def test_library_messages_go_to_stderr_at_the_cli_level(capsys):
