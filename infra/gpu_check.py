@@ -8,7 +8,7 @@ stages, cheapest and most telling first: the max difference of the varlen path's
 SDPA reference on the same batch (same weights, same autocast); the ``gpu`` preset (bf16 autocast,
 packed rows, varlen attention, torch.compile, thinning, max_len 2048) on ONE worker for ``--steps``
 steps with a short warmup, the held-out (val-split) loss every ``steps/3`` steps; the loader bench with
-1, 2, 4 and 8 DataLoader workers on the machine's cores; then the comparison variants for
+1, 2, 4 and 8 DataLoader workers on the machine's cores, and in-process with 2, 4 and 8 read threads; then the comparison variants for
 ``--variant-steps`` steps each: without ``torch.compile``, the padded SDPA path (unpacked,
 length-bucketed batches), and FSDP on one rank. Per run the JSON has median tokens/s and cells/s over
 the logged rows after the first third (compilation, warmup), MFU (``model.flops_per_token`` at the
@@ -31,7 +31,8 @@ import sys
 import time
 
 GPU_CHECK_FORMAT_VERSION = 3  # gpu_check.json; 2: variants, MFU, GPU memory, varlen diff, loader workers;
-# 3: written after every stage, with per-stage errors, skipped stages (--budget-s) and `complete`
+# 3: written after every stage, with per-stage errors, skipped stages (--budget-s) and `complete`;
+# in-process loader runs per read-thread count (`loader_threads`)
 
 # dense bf16 peak FLOP/s by device name (vendor datasheets; no sparsity)
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10G": 70e12}
@@ -126,14 +127,17 @@ def varlen_max_diff(cfg) -> dict:
             "device": dev.type, "autocast_bf16": amp}
 
 
-def loader_workers(store: str, cfg, workers: tuple[int, ...], cells: int) -> list[dict]:
-    """The loader bench (tokenized, shuffled cells/s, first batch, peak RSS) per DataLoader worker count."""
+def loader_runs(store: str, cfg, settings: tuple[tuple[int, int | None], ...], cells: int) -> list[dict]:
+    """The loader bench (tokenized, shuffled cells/s, first batch, peak RSS) per (DataLoader workers,
+    read threads per process; None = the loader's default)."""
     from atlasflow.infra.bench.loader import measure_atlasflow
 
-    return [{k: r[k] for k in ("workers", "cells", "cells_per_s", "steady_cells_per_s", "first_batch_s",
-                               "entropy_ratio") if k in r} | {"peak_rss_gb": r.get("peak_rss_gb")}
-            for r in (measure_atlasflow(store, cfg.data.tokenizer, w, cells, cfg.data.batch_size,
-                                        max_len=cfg.data.max_len) for w in workers)]
+    keys = ("workers", "cells", "cells_per_s", "steady_cells_per_s", "first_batch_s", "entropy_ratio")
+    runs = (measure_atlasflow(store, cfg.data.tokenizer, w, cells, cfg.data.batch_size, max_len=cfg.data.max_len,
+                              read_threads=t) for w, t in settings)
+    # read_threads as the loader's own config has it (None: its default)
+    return [{k: r[k] for k in keys if k in r} | {"read_threads": r["config"].get("read_threads"),
+                                                 "peak_rss_gb": r.get("peak_rss_gb")} for r in runs]
 
 
 def device_info() -> dict:
@@ -199,14 +203,20 @@ def run_check(out: str, steps: int = 300, cells: int = 20000, genes: int = 2000,
     def varlen() -> None:
         report["varlen_vs_reference"] = varlen_max_diff(base)
 
-    def loader() -> None:
-        report["loader_workers"] = loader_workers(store, base, (0, 1) if cpu else (1, 2, 4, 8), loader_cells)
+    def loader() -> None:  # DataLoader workers (one read thread each)
+        report["loader_workers"] = loader_runs(store, base, tuple((w, None) for w in ((0, 1) if cpu else (1, 2, 4, 8))),
+                                               loader_cells)
+
+    def threads() -> None:  # in-process, more read threads (each reads and tokenizes)
+        report["loader_threads"] = loader_runs(store, base, tuple((0, t) for t in ((1, 2) if cpu else (2, 4, 8))),
+                                               loader_cells)
 
     # Cheapest and most telling first: the kernel check (seconds), the main run, the loader's worker
     # scaling, then the comparison variants, so a short budget drops the least informative stages.
     stage("varlen_vs_reference", varlen)
     stage("main", lambda: train_run("main"))
     stage("loader_workers", loader)
+    stage("loader_threads", threads)
     for name in variants:
         stage(name, lambda name=name: train_run(name))
     report["complete"] = not report["errors"] and not report["skipped"]

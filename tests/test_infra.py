@@ -133,7 +133,8 @@ def test_gpu_check_runs_its_logic_on_cpu(tmp_path):
     diff = rep["varlen_vs_reference"]
     assert diff["kernel"].startswith("none") and diff["max_abs_diff"] < 1e-4 * max(1.0, diff["ref_max_abs"])
     assert [r["workers"] for r in rep["loader_workers"]] == [0, 1]
-    assert all(r["cells"] >= 128 and r["cells_per_s"] > 0 for r in rep["loader_workers"])
+    assert [(r["workers"], r["read_threads"]) for r in rep["loader_threads"]] == [(0, 1), (0, 2)]
+    assert all(r["cells"] >= 128 and r["cells_per_s"] > 0 for r in rep["loader_workers"] + rep["loader_threads"])
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == rep
 
 
@@ -146,7 +147,7 @@ def test_gpu_check_skips_the_stages_past_its_budget_and_says_so(tmp_path):
 
     rep = run_check(str(tmp_path), steps=4, cells=400, genes=100, datasets=2, cpu=True,
                     variants=("fsdp_1rank",), variant_steps=2, loader_cells=64, budget_s=0.0)
-    assert rep["skipped"] == ["varlen_vs_reference", "main", "loader_workers", "fsdp_1rank"]
+    assert rep["skipped"] == ["varlen_vs_reference", "main", "loader_workers", "loader_threads", "fsdp_1rank"]
     assert rep["runs"] == {} and rep["errors"] == {} and "varlen_vs_reference" not in rep
     assert "loader_workers" not in rep and rep["complete"] is False and rep["budget_s"] == 0.0
     assert json.loads((tmp_path / "gpu_check.json").read_text()) == rep
