@@ -8,9 +8,9 @@ stages, cheapest and most telling first: the max difference of the varlen path's
 SDPA reference on the same batch (same weights, same autocast); the ``gpu`` preset (bf16 autocast,
 packed rows, varlen attention, torch.compile, thinning, max_len 2048) on ONE worker for ``--steps``
 steps with a short warmup, the held-out (val-split) loss every ``steps/3`` steps; the loader bench with
-1, 2, 4 and 8 DataLoader workers on the machine's cores, and in-process with 2, 4 and 8 read threads; then the comparison variants for
-``--variant-steps`` steps each: without ``torch.compile``, the padded SDPA path (unpacked,
-length-bucketed batches), and FSDP on one rank. Per run the JSON has median tokens/s and cells/s over
+1, 2, 4 and 8 DataLoader workers on the machine's cores, and in-process with 2, 4 and 8 read threads;
+then the comparison variants for ``--variant-steps`` steps each: without ``torch.compile``, the padded
+SDPA path (unpacked, length-bucketed batches), and FSDP on one rank. Per run the JSON has median tokens/s and cells/s over
 the logged rows after the first third (compilation, warmup), MFU (``model.flops_per_token`` at the
 run's mean cell length over the device's dense bf16 peak), the loader-wait share of step time and the
 peak GPU memory; for the main run also the MLM loss next to its unigram baselines and the held-out loss.
@@ -245,6 +245,7 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip the stages that would start after this many seconds (a time-limited machine)")
     a = p.parse_args(argv)
+    from atlasflow.infra.bench.util import emit
     from atlasflow.infra.cli import configure_logging
 
     configure_logging(logging.INFO)
@@ -254,7 +255,7 @@ def main(argv=None) -> int:
         p.error(f"--variants: unknown {unknown} (known: {', '.join(VARIANTS)})")
     report = run_check(a.out, a.steps, a.cells, a.genes, a.datasets, a.cpu, variants, a.variant_steps, a.loader_cells,
                        a.budget_s)
-    print(json.dumps(report, indent=1))
+    emit(report)
     return 0 if report["complete"] else 1
 
 
