@@ -98,7 +98,8 @@ def build_encoder(config: Config, model_meta: dict) -> CellEncoder:
     n_meta = len((model_meta.get("meta_vocab") or {}).get("columns", ()))
     return CellEncoder(config.model, model_meta["tokenizer"], model_meta["n_tokens"], model_meta["max_len"] + n_meta,
                        model_meta["n_bins"], causal=model_meta.get("objective", "mlm") == "ntp",
-                       gene_end=model_meta.get("gene_end"), cell_head=bool(model_meta.get("cell_head", False)))
+                       gene_end=model_meta.get("gene_end"), cell_head=bool(model_meta.get("cell_head", False)),
+                       contrast_head=bool(model_meta.get("contrast_head", False)))
 
 
 def load_checkpoint(path: str | Path, map_location="cpu"):

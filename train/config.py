@@ -117,16 +117,30 @@ class ObjectiveConfig:
     tGPT; needs an ordered encoding with gene-id targets: rank, rank_value, uce). ``value_weight``: beta
     of the joint gene + value loss L_id + beta * L_value (rank_value). ``cell_weight``: gamma of the
     cell term L + gamma * L_cell, where L_cell scores the cell's whole gene set from its mean-pooled vector
-    alone (``objective``; 0 = off, the model then has no cell head)."""
+    alone (``objective``; 0 = off, the model then has no cell head). ``contrast_weight``: lambda of the
+    contrastive term L + lambda * L_contrast: every cell of a batch is seen as two views (each keeps a random
+    share of the cell's genes, drawn per cell from ``contrast_keep``, then masked on its own) and the
+    projected mean-pooled vectors of the two views must pick each other out of the batch (InfoNCE at
+    temperature ``contrast_temperature``; 0 = off, one view, no projection head)."""
 
     kind: str = "mlm"
     value_weight: float = 1.0
     cell_weight: float = 0.0
+    contrast_weight: float = 0.0
+    contrast_temperature: float = 0.1
+    contrast_keep: tuple[float, float] = (0.3, 1.0)
 
     def __post_init__(self):
         _check(self.kind in ("mlm", "ntp"), "objective.kind", f"must be mlm|ntp, got {self.kind!r}")
         _check(self.value_weight >= 0, "objective.value_weight", f"must be >= 0, got {self.value_weight}")
         _check(self.cell_weight >= 0, "objective.cell_weight", f"must be >= 0, got {self.cell_weight}")
+        _check(self.contrast_weight >= 0, "objective.contrast_weight", f"must be >= 0, got {self.contrast_weight}")
+        _check(self.contrast_temperature > 0, "objective.contrast_temperature",
+               f"must be > 0, got {self.contrast_temperature}")
+        lo, hi = self.contrast_keep
+        _check(0 < lo <= hi <= 1, "objective.contrast_keep", f"must be 0 < low <= high <= 1, got {self.contrast_keep}")
+        _check(self.contrast_weight == 0 or self.kind == "mlm", "objective.contrast_weight",
+               "the contrastive views are masked views: it needs objective.kind = 'mlm'")
 
 
 @dataclass(frozen=True)
@@ -253,6 +267,7 @@ class Config:
         d = dataclasses.asdict(self)
         d["optim"]["betas"] = list(d["optim"]["betas"])
         d["data"]["thin_range"] = list(d["data"]["thin_range"])
+        d["objective"]["contrast_keep"] = list(d["objective"]["contrast_keep"])
         if d["run"]["min_workers"] == d["run"]["num_workers"]:
             d["run"]["min_workers"] = 0  # not elastic: an override of num_workers alone stays fixed
         d["format_version"] = CONFIG_FORMAT_VERSION

@@ -166,14 +166,16 @@ class _Trainer:
         model_meta = {"tokenizer": cfg.data.tokenizer, "n_tokens": n_tokens, "max_len": cfg.data.max_len,
                       "n_bins": cfg.data.n_bins, "bin_width": cfg.data.bin_width, "gene_end": gene_end,
                       "extra_tokens": list(enc.extra_tokens), "objective": cfg.objective.kind,
-                      "meta_vocab": meta.to_dict() if meta else None, "cell_head": cfg.objective.cell_weight > 0}
+                      "meta_vocab": meta.to_dict() if meta else None, "cell_head": cfg.objective.cell_weight > 0,
+                      "contrast_head": cfg.objective.contrast_weight > 0}
         torch.manual_seed(cfg.data.seed)  # identical initial weights on every rank
         encoder = build_encoder(cfg, model_meta)
         if cfg.train.compile:
             for blk in encoder.blocks:  # in place: state-dict keys stay unchanged
                 blk.compile(dynamic=True)
         objective = PretrainObjective(encoder, cfg.objective.kind, cfg.objective.value_weight,
-                                      cfg.objective.cell_weight)
+                                      cfg.objective.cell_weight, cfg.objective.contrast_weight,
+                                      cfg.objective.contrast_temperature)
         model = ctx.wrap(objective.to(ctx.device), cfg.train.strategy)
         o = cfg.optim
         optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=o.betas, eps=o.eps,

@@ -61,6 +61,49 @@ def mask_batch(batch: dict, tokenizer: str, cfg: MaskingConfig, gen: torch.Gener
     return out
 
 
+def keep_genes(batch: dict, keep: tuple[float, float], gen: torch.Generator, gene_end: int) -> dict:
+    """A copy of ``batch`` where each cell keeps a random subset of its gene tokens, in order: the cell
+    draws a keep rate q uniformly from ``keep``, every gene token stays with probability q, and the kept
+    tokens close up behind the ones before them (so a ranked cell keeps its order and its ranks renumber,
+    roughly what a shallower read of the same cell tokenizes to). Specials and an encoding's own tokens
+    always stay. Every per-token field ([B, L] like ``input_ids``) moves with its token; L is unchanged."""
+    ids = batch["input_ids"]
+    b, n = ids.shape
+    real = batch["attention_mask"].bool()
+    gene = (ids >= N_SPECIAL) & (ids < gene_end) & real
+    lo, hi = keep
+    rate = lo + (hi - lo) * torch.rand(b, 1, generator=gen)
+    stay = real & ~(gene & (torch.rand(ids.shape, generator=gen) >= rate))
+    # kept tokens first, each group in its original order (a stable sort on the dropped flag)
+    order = torch.sort((~stay).to(torch.int8), dim=1, stable=True).indices
+    out = dict(batch)
+    for k, v in batch.items():
+        if torch.is_tensor(v) and v.shape == ids.shape and k != "attention_mask":
+            moved = v.gather(1, order)
+            out[k] = torch.where(stay.gather(1, order), moved, torch.zeros_like(moved))
+    out["attention_mask"] = stay.gather(1, order).to(batch["attention_mask"].dtype)
+    if "lengths" in batch:
+        out["lengths"] = stay.sum(1).to(batch["lengths"].dtype)
+    return out
+
+
+def two_views(batch: dict, keep: tuple[float, float], gen: torch.Generator, gene_end: int) -> dict:
+    """The contrastive objective's input: ``keep_genes`` twice (independent draws) stacked as one batch of
+    2B cells, cell i's second view at row B + i; ``views`` = 2 tells the objective they pair up."""
+    n_cells, n = batch["input_ids"].shape
+    a, b = keep_genes(batch, keep, gen, gene_end), keep_genes(batch, keep, gen, gene_end)
+    width = int(torch.cat([a["attention_mask"], b["attention_mask"]]).sum(1).max()) if n_cells else n
+    out = {}
+    for k, v in a.items():
+        if torch.is_tensor(v) and v.dim() >= 1 and v.shape[0] == n_cells:
+            v = torch.cat([v, b[k]])
+            out[k] = v[:, :width] if v.dim() == 2 and v.shape[1] == n else v  # columns both views left empty go
+        else:
+            out[k] = v
+    out["views"] = 2
+    return out
+
+
 def next_token_batch(batch: dict) -> dict:
     """NTP targets: position t of a cell predicts its token t + 1 (``targets``), scored wherever that
     next token exists (``mlm_mask``): <cls> predicts the first gene, the last gene predicts <eos>."""

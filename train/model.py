@@ -96,7 +96,8 @@ class CellEncoder(nn.Module):
     """
 
     def __init__(self, cfg: ModelConfig, tokenizer: str, n_tokens: int, max_len: int, n_bins: int = 51, *,
-                 causal: bool = False, gene_end: int | None = None, cell_head: bool = False):
+                 causal: bool = False, gene_end: int | None = None, cell_head: bool = False,
+                 contrast_head: bool = False):
         super().__init__()
         from atlasflow.loader.encodings import get_encoding
 
@@ -137,6 +138,12 @@ class CellEncoder(nn.Module):
             self.cell_proj = nn.Linear(d, d)
             self._init(self.cell_proj)
             self.cell_bias = nn.Parameter(torch.zeros(self.gene_end - N_SPECIAL))
+        # The contrastive term's projection head (objective.contrast_weight), SimCLR's: the loss is taken on
+        # its output, the embedding used downstream is the pooled vector before it. Built last, like the cell head.
+        self.has_contrast_head = bool(contrast_head)
+        if self.has_contrast_head:
+            self.contrast_proj = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+            self.contrast_proj.apply(self._init)
 
     @staticmethod
     def _init(m: nn.Module) -> None:

@@ -17,9 +17,19 @@ L_cell = mean over cells of -(1/|G|) sum_{g in G} log softmax_g(W c . E_g + b), 
 ones included, as their original ids). MLM can be solved from neighbouring tokens without any summary of
 the cell; this term makes the pooled vector a summary, which is what a frozen embedding is used as.
 Its baseline (``cell_unigram_loss``) scores every cell's genes with the genes' frequency over all cells.
+
+The contrastive term (``contrast_weight`` > 0; SimCLR's NT-Xent, Chen et al. 2020, over two views of each
+cell, as contrastive single-cell encoders do, e.g. CLEAR, Concerto): the batch holds every cell twice
+(``masking.two_views``: each view keeps its own random share of the cell's genes and is masked on its
+own), z = normalize(P c) for the mean-pooled vector c of each view and a projection head P, and each view
+must pick its partner out of the other 2B - 1 views: L = -(1/2B) sum_i log softmax_j(z_i . z_j / tau)[i'],
+j != i. It is what MLM lacks for a frozen embedding: the pooled vector must tell a cell from the other
+cells of the batch, whatever share of its genes was read. Chance level is log(2B - 1) (``contrast_chance``).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -39,7 +49,8 @@ def original_ids(inputs: dict, kind: str, encoding) -> torch.Tensor:
 
 
 class PretrainObjective(nn.Module):
-    def __init__(self, encoder: CellEncoder, kind: str = "mlm", value_weight: float = 1.0, cell_weight: float = 0.0):
+    def __init__(self, encoder: CellEncoder, kind: str = "mlm", value_weight: float = 1.0, cell_weight: float = 0.0,
+                 contrast_weight: float = 0.0, contrast_temperature: float = 0.1):
         super().__init__()
         if kind not in OBJECTIVES:
             raise ValueError(f"objective.kind: must be one of {'|'.join(OBJECTIVES)}, got {kind!r}")
@@ -50,8 +61,14 @@ class PretrainObjective(nn.Module):
             raise ValueError(f"objective.cell_weight: must be >= 0, got {cell_weight}")
         if cell_weight > 0 and not encoder.has_cell_head:
             raise ValueError("objective.cell_weight > 0 needs an encoder built with cell_head=True")
+        if contrast_weight < 0 or contrast_temperature <= 0:
+            raise ValueError(f"objective.contrast_weight must be >= 0 and contrast_temperature > 0, got "
+                             f"{contrast_weight}, {contrast_temperature}")
+        if contrast_weight > 0 and not encoder.has_contrast_head:
+            raise ValueError("objective.contrast_weight > 0 needs an encoder built with contrast_head=True")
         self.encoder, self.kind, self.value_weight = encoder, kind, float(value_weight)
         self.cell_weight = float(cell_weight)
+        self.contrast_weight, self.temperature = float(contrast_weight), float(contrast_temperature)
 
     def forward(self, inputs: dict) -> tuple[torch.Tensor, dict]:
         """(loss to optimize, stats): ``mlm_loss`` (the masked-token / next-token term alone, what the
@@ -63,7 +80,28 @@ class PretrainObjective(nn.Module):
             cell = self.cell_loss(hidden, inputs)
             stats["cell_loss"] = float(cell.detach())
             loss = loss + self.cell_weight * cell
+        if self.contrast_weight > 0 and inputs.get("views") == 2:  # the held-out set has one view: no term
+            con, n_views = self.contrast_loss(hidden, inputs)
+            stats["contrast_loss"] = float(con.detach())
+            stats["contrast_chance"] = math.log(max(n_views - 1, 1))
+            loss = loss + self.contrast_weight * con
         return loss, stats
+
+    def contrast_loss(self, hidden: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, int]:
+        """(NT-Xent over the batch's 2B views, 2B): view i pairs with view (i + B) mod 2B in batch order."""
+        ids = original_ids(inputs, self.kind, self.encoder.encoding)
+        genes = (ids >= N_SPECIAL) & (ids < self.encoder.gene_end)
+        cells, cid = mean_pool_cells(hidden, inputs["segment_ids"], genes)
+        pos = inputs["cell_pos"]
+        order = cid[pos[:, 0], pos[:, 1]]  # packed rows number cells by row: back to batch order
+        z = F.normalize(self.encoder.contrast_proj(cells[order]).float(), dim=-1)
+        n = z.shape[0]
+        if n < 2 or n % 2:
+            raise ValueError(f"contrast_loss: needs two views per cell, got {n} views")
+        sim = (z @ z.t()) / self.temperature
+        sim = sim.masked_fill(torch.eye(n, dtype=torch.bool, device=sim.device), float("-inf"))
+        partner = (torch.arange(n, device=sim.device) + n // 2) % n
+        return F.cross_entropy(sim, partner), n
 
     def cell_loss(self, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
         ids = original_ids(inputs, self.kind, self.encoder.encoding)

@@ -26,7 +26,15 @@ def model_inputs(batch: dict, pack: bool, row_len: int | None = None, pad_to: in
     if pack:
         if row_len is None:
             row_len = pack_row_len(lengths.tolist())
-        return _pack(batch, mask, lengths, row_len)
+        out = _pack(batch, mask, lengths, row_len)
+    else:
+        out = _pad(batch, mask, lengths, pad_to)
+    if "views" in batch:  # the contrastive objective's pairing: cell i and cell i + B/2 (cell_pos order)
+        out["views"] = batch["views"]
+    return out
+
+
+def _pad(batch: dict, mask: torch.Tensor, lengths: torch.Tensor, pad_to: int | None) -> dict:
     b, n = mask.shape
     out = {k: batch[k] for k in TOKEN_FIELDS if k in batch}
     if pad_to is not None and pad_to > n:

@@ -2,7 +2,8 @@
 
 Left: the MLM loss with the unigram and per-position-unigram baselines of the same masked tokens
 and the held-out (val split) loss at the steps it was measured, and with ``objective.cell_weight`` the
-cell term and its gene-frequency baseline; right: masked accuracy (train, val).
+cell term and its gene-frequency baseline, with ``objective.contrast_weight`` the contrastive
+term and its chance level; right: masked accuracy (train, val).
 Histories written before the baselines existed plot the loss alone.
 """
 
@@ -41,6 +42,9 @@ def plot_loss(history: list[dict], path: str | Path, title: str = "") -> Path:
         ax.plot(steps, [h["cell_loss"] for h in hist], lw=1.2, label="cell term (genes from the cell vector)")
         if all(h.get("cell_unigram_loss") is not None for h in hist):
             ax.plot(steps, [h["cell_unigram_loss"] for h in hist], "-.", lw=1.0, label="cell term's frequency baseline")
+    if all(h.get("contrast_loss") is not None for h in hist):
+        ax.plot(steps, [h["contrast_loss"] for h in hist], lw=1.2, label="contrastive term (two views)")
+        ax.plot(steps, [h["contrast_chance"] for h in hist], "-.", lw=1.0, label="contrastive term at chance")
     val = [h for h in hist if h.get("val_loss") is not None and h.get("val_step") == h["step"]]
     if val:
         ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], "s-", ms=4, lw=1.2,

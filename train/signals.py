@@ -317,7 +317,7 @@ def val_inputs(cfg, lcfg, vocab, medians, n_tokens: int, baselines: Baselines, r
         if i >= n_batches:
             break
         gen = masking_generator(cfg.data.seed, -1, i, rank)  # epoch -1: a stream training never uses
-        m = prepare_batch(cfg, batch, gen, n_tokens, N_SPECIAL + len(vocab.gene_joinids))
+        m = prepare_batch(cfg, batch, gen, n_tokens, N_SPECIAL + len(vocab.gene_joinids), views=False)
         inputs = model_inputs(m, pack=cfg.data.pack)
         sel = inputs["mlm_mask"]
         u, c = baselines.score(*keys_and_targets(baselines.tokenizer, inputs, sel))
@@ -326,12 +326,15 @@ def val_inputs(cfg, lcfg, vocab, medians, n_tokens: int, baselines: Baselines, r
     return {"inputs": out, "uni": uni, "cond": cond, "masked": masked, "cells": n_batches * lcfg.batch_size}
 
 
-def prepare_batch(cfg, batch: dict, gen, n_tokens: int, gene_end: int) -> dict:
-    """The objective's view of a loader batch: masked (MLM) or with next-token targets (NTP)."""
-    from .masking import mask_batch, next_token_batch
+def prepare_batch(cfg, batch: dict, gen, n_tokens: int, gene_end: int, views: bool = True) -> dict:
+    """The objective's view of a loader batch: masked (MLM) or with next-token targets (NTP); with the
+    contrastive term on (and ``views``; the held-out set scores one view) two masked views of every cell."""
+    from .masking import mask_batch, next_token_batch, two_views
 
     if cfg.objective.kind == "ntp":
         return next_token_batch(batch)
+    if views and cfg.objective.contrast_weight > 0:
+        batch = two_views(batch, cfg.objective.contrast_keep, gen, gene_end)
     return mask_batch(batch, cfg.data.tokenizer, cfg.masking, gen, n_tokens, cfg.data.n_bins, gene_end)
 
 

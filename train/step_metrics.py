@@ -32,6 +32,7 @@ class Window:
         self.loss = self.n_loss = self.cells = self.tokens = self.slots = self.wait = self.busy = 0.0
         self.masked = self.correct = self.uni = self.cond = 0.0
         self.cell = self.cell_uni = self.n_cell = 0.0
+        self.con = self.con_chance = self.n_con = 0.0
         self.t_start = time.perf_counter()
 
     def add(self, loss, stats, batch, inputs, wait, base: tuple[float, float], cell_base: float | None = None):
@@ -42,6 +43,10 @@ class Window:
             self.cell += stats["cell_loss"]
             self.cell_uni += cell_base if cell_base is not None else float("nan")
             self.n_cell += 1
+        if "contrast_loss" in stats:
+            self.con += stats["contrast_loss"]
+            self.con_chance += stats["contrast_chance"]
+            self.n_con += 1
         self.uni += base[0]  # per-batch means like the loss, so all three weigh batches alike
         self.cond += base[1]
         self.n_loss += 1
@@ -58,10 +63,10 @@ class Window:
     def metrics(self, st, optimizer, ctx) -> dict:
         wall = max(time.perf_counter() - self.t_start, 1e-9)
         (loss, n, cells, tokens, slots, wait, busy, masked, correct, wall_sum, seen, tok_seen, uni, cond, cell,
-         cell_uni, n_cell) = _allreduce(
+         cell_uni, n_cell, con, con_chance, n_con) = _allreduce(
             [self.loss, self.n_loss, self.cells, self.tokens, self.slots, self.wait, self.busy, self.masked,
              self.correct, wall, st["cells_seen"], st["tokens_seen"], self.uni, self.cond, self.cell,
-             self.cell_uni, self.n_cell], ctx.device)
+             self.cell_uni, self.n_cell, self.con, self.con_chance, self.n_con], ctx.device)
         walls = wall_sum / ctx.world_size
         m = {"step": st["step"], "epoch": st["epoch"], "loss": loss / max(n, 1),
              "unigram_loss": uni / max(n, 1), "position_unigram_loss": cond / max(n, 1),
@@ -71,6 +76,8 @@ class Window:
              "tokens_seen": int(tok_seen)}
         if n_cell:
             m["cell_loss"], m["cell_unigram_loss"] = cell / n_cell, cell_uni / n_cell
+        if n_con:  # the contrastive term next to its chance level log(2B - 1)
+            m["contrast_loss"], m["contrast_chance"] = con / n_con, con_chance / n_con
         if ctx.device.type == "cuda":  # this rank's peak since the run started (rank 0's is logged)
             m["gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(ctx.device) / 2**30
         self.reset()

@@ -71,6 +71,7 @@ def pretrain(store: str, runs: Path, name: str, steps: int, overrides: dict | No
 def _signals(last: dict) -> dict:
     """The learning signals and throughput of a run's last logged step."""
     return {k: last.get(k) for k in ("unigram_loss", "position_unigram_loss", "cell_loss", "cell_unigram_loss",
+                                     "contrast_loss", "contrast_chance",
                                      "tokens_seen", "cells_seen", "tokens_per_s", "cells_per_s")}
 
 
