@@ -1,7 +1,8 @@
 """Reproduce the evaluation runs quoted in the README; writes report.json and report.md.
 
     python -m atlasflow.infra.bench.eval_report --work /tmp/atlasflow_eval [--only real|synthetic] [--steps N]
-        [--seeds 0,1,2] [--pretrain-seeds 3] [--preset debug] [--max-len 1024] [--cell-weight W] [--reverse]
+        [--seeds 0,1,2] [--pretrain-seeds 3] [--preset debug] [--max-len 1024] [--cell-weight W] [--contrast-weight W]
+        [--reverse]
 
 real: pretrain (MLM, CPU, Ray Train) on the unlabelled-or-other PBMC sources of ../shared/data
 (SoupX PBMC4k, Kang 2018, scirpy Wu 2020), once per pretraining seed, then score cell types with
@@ -99,22 +100,27 @@ def pbmc_store(work: Path, data_dir: str | None = None) -> tuple[Path, str]:
 
 def run_real(work: Path, steps: int, finetune_steps: int, seeds=(0, 1, 2), pretrain_seeds: int = 3,
              preset: str = "debug", max_len: int = 1024, reverse: bool = False, scib: bool = True,
-             data_dir: str | None = None, cell_weight: float | None = None) -> dict:
+             data_dir: str | None = None, cell_weight: float | None = None,
+             contrast_weight: float | None = None) -> dict:
     from atlasflow.train.tasks.evaluate import EvalConfig, run_eval
 
     data, store = pbmc_store(work, data_dir)
     pres = []
     from atlasflow.train import load_preset
 
-    cw = load_preset(preset).objective.cell_weight if cell_weight is None else float(cell_weight)
+    obj = load_preset(preset).objective
+    cw = obj.cell_weight if cell_weight is None else float(cell_weight)
+    xw = obj.contrast_weight if contrast_weight is None else float(contrast_weight)
     for s in list(seeds)[:max(1, pretrain_seeds)]:
-        pres.append(pretrain(store, work / "runs", f"pbmc_{preset}_L{max_len}_s{s}" + (f"_cw{cw:g}" if cw else ""),
+        name = f"pbmc_{preset}_L{max_len}_s{s}" + (f"_cw{cw:g}" if cw else "") + (f"_xw{xw:g}" if xw else "")
+        pres.append(pretrain(store, work / "runs", name,
                              steps, {"data.max_len": max_len, "data.seed": int(s), "run.num_workers": 1,
-                                     "objective.cell_weight": cw,
+                                     "objective.cell_weight": cw, "objective.contrast_weight": xw,
                                      # Ray gives a worker OMP_NUM_THREADS = its CPUs: one worker, every core
                                      "run.cpus_per_worker": float(os.cpu_count() or 1)}, preset))
     out = {"pretraining": {"sources": [SOUPX, KANG, SCIRPY], "preset": preset, "max_len": max_len,
-                           "cell_weight": cw, "seeds": list(seeds)[:len(pres)], "runs": pres}, "evals": {}}
+                           "cell_weight": cw, "contrast_weight": xw, "seeds": list(seeds)[:len(pres)], "runs": pres},
+           "evals": {}}
     cfg = EvalConfig(label="cell_type", split_by="dataset", label_map=LABEL_MAP, finetune_steps=finetune_steps,
                      seeds=tuple(seeds), finetune_in_process=True, scib=scib,
                      finetune={"eval_every": max(5, finetune_steps // 6), "patience": 3})
@@ -170,11 +176,13 @@ def report_markdown(out: dict) -> str:
     if real:
         p = real["pretraining"]
         parts.append(f"## Real data: pretraining on {', '.join(p['sources'])} ({p['preset']} preset, max_len "
-                     f"{p['max_len']}, cell_weight {p.get('cell_weight', 0)}, {len(p['runs'])} seed(s) {p['seeds']})\n")
+                     f"{p['max_len']}, cell_weight {p.get('cell_weight', 0)}, contrast_weight "
+                     f"{p.get('contrast_weight', 0)}, {len(p['runs'])} seed(s) {p['seeds']})\n")
         for r in p["runs"]:
             parts.append(f"- {r['checkpoint']}: {r['steps']} steps, loss {r.get('final_loss')}, masked acc "
                          f"{r.get('masked_accuracy')}, cell loss {r.get('cell_loss')} (baseline "
-                         f"{r.get('cell_unigram_loss')}), {r.get('seconds')} s\n")
+                         f"{r.get('cell_unigram_loss')}), contrast loss {r.get('contrast_loss')} (chance "
+                         f"{r.get('contrast_chance')}), {r.get('seconds')} s\n")
         for name, tab in real["evals"].items():
             parts.append(f"\n### {name} ({tab.get('seconds')} s)\n\n{to_markdown(tab)}")
     syn = out.get("synthetic")
@@ -197,6 +205,7 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="debug")
     p.add_argument("--max-len", type=int, default=1024, help="pretraining context (tokens per cell)")
     p.add_argument("--cell-weight", type=float, help="objective.cell_weight (default: the preset's)")
+    p.add_argument("--contrast-weight", type=float, help="objective.contrast_weight (default: the preset's)")
     p.add_argument("--reverse", action="store_true", help="also garnett -> soupx (test source pretrained on)")
     p.add_argument("--no-scib", action="store_true")
     p.add_argument("--data", help="folder of the real .h5ad files (default: $ATLASFLOW_SHARED_DATA or ../shared/data)")
@@ -207,7 +216,8 @@ def main(argv=None) -> int:
     out = {}
     if args.only in (None, "real"):
         out["real"] = run_real(work, args.steps, args.finetune_steps, seeds, args.pretrain_seeds, args.preset,
-                               args.max_len, args.reverse, not args.no_scib, args.data, args.cell_weight)
+                               args.max_len, args.reverse, not args.no_scib, args.data, args.cell_weight,
+                               args.contrast_weight)
     if args.only in (None, "synthetic"):
         out["synthetic"] = run_synthetic(work, args.steps, args.finetune_steps)
     text = json.dumps(out, indent=1, default=str)
