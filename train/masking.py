@@ -76,12 +76,13 @@ def keep_genes(batch: dict, keep: tuple[float, float], gen: torch.Generator, gen
     stay = real & ~(gene & (torch.rand(ids.shape, generator=gen) >= rate))
     # kept tokens first, each group in its original order (a stable sort on the dropped flag)
     order = torch.sort((~stay).to(torch.int8), dim=1, stable=True).indices
+    kept = stay.gather(1, order)  # the new attention mask
     out = dict(batch)
     for k, v in batch.items():
         if torch.is_tensor(v) and v.shape == ids.shape and k != "attention_mask":
             moved = v.gather(1, order)
-            out[k] = torch.where(stay.gather(1, order), moved, torch.zeros_like(moved))
-    out["attention_mask"] = stay.gather(1, order).to(batch["attention_mask"].dtype)
+            out[k] = torch.where(kept, moved, torch.zeros_like(moved))
+    out["attention_mask"] = kept.to(batch["attention_mask"].dtype)
     if "lengths" in batch:
         out["lengths"] = stay.sum(1).to(batch["lengths"].dtype)
     return out

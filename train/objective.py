@@ -76,22 +76,30 @@ class PretrainObjective(nn.Module):
         hidden = self.encoder(inputs)
         loss, stats = self._token_loss(hidden, inputs)
         stats["mlm_loss"] = float(loss.detach())
+        contrast = self.contrast_weight > 0 and inputs.get("views") == 2  # the held-out set has one view: no term
+        pooled = self.pool_genes(hidden, inputs) if self.cell_weight > 0 or contrast else None  # once for both
         if self.cell_weight > 0:
-            cell = self.cell_loss(hidden, inputs)
+            cell = self.cell_loss(pooled)
             stats["cell_loss"] = float(cell.detach())
             loss = loss + self.cell_weight * cell
-        if self.contrast_weight > 0 and inputs.get("views") == 2:  # the held-out set has one view: no term
-            con, n_views = self.contrast_loss(hidden, inputs)
+        if contrast:
+            con, n_views = self.contrast_loss(pooled, inputs)
             stats["contrast_loss"] = float(con.detach())
             stats["contrast_chance"] = math.log(max(n_views - 1, 1))
             loss = loss + self.contrast_weight * con
         return loss, stats
 
-    def contrast_loss(self, hidden: torch.Tensor, inputs: dict) -> tuple[torch.Tensor, int]:
-        """(NT-Xent over the batch's 2B views, 2B): view i pairs with view (i + B) mod 2B in batch order."""
+    def pool_genes(self, hidden: torch.Tensor, inputs: dict) -> tuple:
+        """(original ids, gene-token mask, cell vectors [C, d], cell index): each cell's mean over its gene
+        tokens (masked ones included), the vector ``mean`` pooling embeds and both cell-level terms score."""
         ids = original_ids(inputs, self.kind, self.encoder.encoding)
         genes = (ids >= N_SPECIAL) & (ids < self.encoder.gene_end)
         cells, cid = mean_pool_cells(hidden, inputs["segment_ids"], genes)
+        return ids, genes, cells, cid
+
+    def contrast_loss(self, pooled: tuple, inputs: dict) -> tuple[torch.Tensor, int]:
+        """(NT-Xent over the batch's 2B views, 2B): view i pairs with view (i + B) mod 2B in batch order."""
+        _, _, cells, cid = pooled
         pos = inputs["cell_pos"]
         order = cid[pos[:, 0], pos[:, 1]]  # packed rows number cells by row: back to batch order
         z = F.normalize(self.encoder.contrast_proj(cells[order]).float(), dim=-1)
@@ -103,10 +111,8 @@ class PretrainObjective(nn.Module):
         partner = (torch.arange(n, device=sim.device) + n // 2) % n
         return F.cross_entropy(sim, partner), n
 
-    def cell_loss(self, hidden: torch.Tensor, inputs: dict) -> torch.Tensor:
-        ids = original_ids(inputs, self.kind, self.encoder.encoding)
-        genes = (ids >= N_SPECIAL) & (ids < self.encoder.gene_end)
-        cells, cid = mean_pool_cells(hidden, inputs["segment_ids"], genes)
+    def cell_loss(self, pooled: tuple) -> torch.Tensor:
+        ids, genes, cells, cid = pooled
         logp = F.log_softmax(self.encoder.cell_gene_logits(cells).float(), -1)
         sel = genes & (cid >= 0)
         nll = -logp[cid[sel], ids[sel] - N_SPECIAL]
