@@ -28,6 +28,9 @@ def register_cli(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, default=None, help="override the cpu-small preset's train.max_steps")
     p.add_argument("--skip-eval", action="store_true", help="stop after pretraining")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a pretraining setting of the cpu-small preset, as `atlasflow train --set` "
+                        "(e.g. --set objective.contrast_weight=0.1; repeatable)")
     p.set_defaults(func=_run)
 
 
@@ -37,7 +40,8 @@ def _step(name: str):
 
 
 def run_quickstart(out: str, cells: int = 6000, genes: int = 2000, datasets: int = 6, seed: int = 0,
-                   max_steps: int | None = None, skip_eval: bool = False) -> dict:
+                   max_steps: int | None = None, skip_eval: bool = False,
+                   overrides: list[str] | tuple[str, ...] = ()) -> dict:
     from atlasflow.store.ray_env import init_ray
     from atlasflow.ingest import ingest_paths
     from atlasflow.ingest.synth import synthesize
@@ -45,10 +49,13 @@ def run_quickstart(out: str, cells: int = 6000, genes: int = 2000, datasets: int
     from atlasflow.store.stats import compute_gene_stats
     from atlasflow.train import load_preset, run_training
 
+    # The user's settings are checked before anything runs; the store, split and run location stay
+    # the quickstart's own.
+    preset = load_preset(PRESET).with_overrides(list(overrides))
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     src, store = os.path.join(out, "h5ad"), os.path.join(out, "store")
-    summary: dict = {"out": out}
+    summary: dict = {"out": out, "overrides": list(overrides)}
 
     t = _step("1/5 synth: a synthetic atlas as H5AD files")
     if not os.path.isdir(src):
@@ -73,7 +80,7 @@ def run_quickstart(out: str, cells: int = 6000, genes: int = 2000, datasets: int
             "run.name": "quickstart"}
     if max_steps:
         over["train.max_steps"] = max_steps
-    result = run_training(load_preset(PRESET).with_overrides(over))
+    result = run_training(preset.with_overrides(over))
     summary["train"] = {"metrics": result["metrics"], "step": result["step"], "checkpoint": result["checkpoint"],
                         "loss_png": result["loss_png"], "s": round(time.time() - t, 1),
                         "signals": learning_signals(result["history"])}
@@ -127,7 +134,15 @@ def format_signals(sig: dict) -> str:
 
 
 def _run(args) -> int:
-    s = run_quickstart(args.out, args.cells, args.genes, args.datasets, args.seed, args.max_steps, args.skip_eval)
+    from atlasflow.train import load_preset
+
+    try:
+        load_preset(PRESET).with_overrides(args.overrides)
+    except ValueError as exc:
+        print(f"atlasflow quickstart: {exc}", file=sys.stderr)
+        return 2
+    s = run_quickstart(args.out, args.cells, args.genes, args.datasets, args.seed, args.max_steps, args.skip_eval,
+                       args.overrides)
     print(json.dumps(s, indent=2, default=str))
     md = os.path.join(s["out"], "eval", "eval.md")
     if os.path.exists(md):
