@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -210,6 +211,9 @@ def main(argv=None) -> int:
     p.add_argument("--no-scib", action="store_true")
     p.add_argument("--data", help="folder of the real .h5ad files (default: $ATLASFLOW_SHARED_DATA or ../shared/data)")
     args = p.parse_args(argv)
+    from atlasflow.infra.cli import configure_logging
+
+    configure_logging(logging.INFO)  # the library's progress (each fine-tune's score as it lands) on stderr
     seeds = tuple(int(v) for v in args.seeds.split(","))
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)

@@ -397,8 +397,12 @@ def _score_model(kind: str, ckpt: str, seed: int, cfg: EvalConfig, ctx: dict, ou
         pred = predict(clf, classes, block.take(te))
         mode, pool = meta["config"]["mode"], meta["config"]["pooling"]
         who = "atlasflow" if kind == "atlasflow" else "random-init control"
+        ft_scores = scores(yte, pred)
         res["transfer"].append({"features": f"fine-tuned {who} ({mode} encoder, {pool} pooling)",
-                                "classifier": "linear head", **scores(yte, pred)})
+                                "classifier": "linear head", **ft_scores})
+        # each fine-tune takes minutes: its score as it lands, not only in the final report
+        log.info("fine-tuned %s, seed %d: test accuracy %.3f, macro-F1 %.3f (best step %s of %s)", who, seed,
+                 ft_scores["accuracy"], ft_scores["macro_f1"], meta.get("best_step"), meta["config"]["steps"])
         res["finetune"] = {"checkpoint": str(finetuned), "mode": mode, "max_steps": meta["config"]["steps"],
                            "best_step": meta.get("best_step"), "stopped_at": meta.get("stopped_at"),
                            "best_val_loss": meta.get("best_val_loss"), "validation": meta.get("validation"),
