@@ -266,3 +266,24 @@ def test_scib_batch_silhouette_undefined_when_no_label_spans_two_batches():
     r = scib_scores(Z, labels, batches, n_neighbors=10)
     assert math.isnan(r["silhouette_batch"])
     assert r["batch_correction"] == pytest.approx((r["ilisi"] + r["graph_connectivity"]) / 2)
+
+
+def test_control_finetune_off_keeps_the_frozen_control_rows_and_logs_each_finetune(setup, tmp_path, caplog):
+    import logging
+
+    from atlasflow.train.tasks.evaluate import EvalConfig, run_eval
+
+    store, ckpt, _ = setup
+    cfg = EvalConfig(seeds=(0,), finetune_steps=2, finetune_in_process=True, finetune_control=False, n_pcs=5,
+                     plot=False, cv_folds=0, cluster=False, scib=False, embedding_poolings=("mean",))
+    with caplog.at_level(logging.INFO, logger="atlasflow"):
+        tab = run_eval(ckpt, store, str(tmp_path / "ev"), cfg)
+    feats = [r["features"] for r in tab["rows"]]
+    assert "random-init control embedding (mean pooling)" in feats
+    tuned = [r for r in tab["rows"] if r["features"].startswith("fine-tuned")]
+    assert [r["features"].split(" (")[0] for r in tuned] == ["fine-tuned atlasflow"]
+    assert [f["model"] for f in tab["finetune"]] == ["atlasflow"]
+    logged = [m for m in caplog.messages if m.startswith("fine-tuned atlasflow, seed 0: test accuracy")]
+    assert logged == [f"fine-tuned atlasflow, seed 0: test accuracy {tuned[0]['accuracy']:.3f}, macro-F1 "
+                      f"{tuned[0]['macro_f1']:.3f} (best step {tab['finetune'][0]['best_step']} of 2)"]
+    assert tab["config"]["finetune_control"] is False

@@ -102,7 +102,7 @@ def pbmc_store(work: Path, data_dir: str | None = None) -> tuple[Path, str]:
 def run_real(work: Path, steps: int, finetune_steps: int, seeds=(0, 1, 2), pretrain_seeds: int = 3,
              preset: str = "debug", max_len: int = 1024, reverse: bool = False, scib: bool = True,
              data_dir: str | None = None, cell_weight: float | None = None,
-             contrast_weight: float | None = None) -> dict:
+             contrast_weight: float | None = None, control_finetune: bool = True) -> dict:
     from atlasflow.train.tasks.evaluate import EvalConfig, run_eval
 
     data, store = pbmc_store(work, data_dir)
@@ -123,7 +123,7 @@ def run_real(work: Path, steps: int, finetune_steps: int, seeds=(0, 1, 2), pretr
                            "cell_weight": cw, "contrast_weight": xw, "seeds": list(seeds)[:len(pres)], "runs": pres},
            "evals": {}}
     cfg = EvalConfig(label="cell_type", split_by="dataset", label_map=LABEL_MAP, finetune_steps=finetune_steps,
-                     seeds=tuple(seeds), finetune_in_process=True, scib=scib,
+                     seeds=tuple(seeds), finetune_in_process=True, scib=scib, finetune_control=control_finetune,
                      finetune={"eval_every": max(5, finetune_steps // 6), "patience": 3})
     ckpts = [p["checkpoint"] for p in pres]
     ckpts = [ckpts[i % len(ckpts)] for i in range(len(seeds))]
@@ -209,6 +209,8 @@ def main(argv=None) -> int:
     p.add_argument("--contrast-weight", type=float, help="objective.contrast_weight (default: the preset's)")
     p.add_argument("--reverse", action="store_true", help="also garnett -> soupx (test source pretrained on)")
     p.add_argument("--no-scib", action="store_true")
+    p.add_argument("--no-control-finetune", action="store_true",
+                   help="the random-init control's frozen rows only (each fine-tune costs minutes)")
     p.add_argument("--data", help="folder of the real .h5ad files (default: $ATLASFLOW_SHARED_DATA or ../shared/data)")
     args = p.parse_args(argv)
     from atlasflow.infra.cli import configure_logging
@@ -221,7 +223,7 @@ def main(argv=None) -> int:
     if args.only in (None, "real"):
         out["real"] = run_real(work, args.steps, args.finetune_steps, seeds, args.pretrain_seeds, args.preset,
                                args.max_len, args.reverse, not args.no_scib, args.data, args.cell_weight,
-                               args.contrast_weight)
+                               args.contrast_weight, not args.no_control_finetune)
     if args.only in (None, "synthetic"):
         out["synthetic"] = run_synthetic(work, args.steps, args.finetune_steps)
     text = json.dumps(out, indent=1, default=str)

@@ -66,6 +66,7 @@ class EvalConfig:
     seed: int = 0  # baselines' seed; also the first trained seed when seeds is empty
     seeds: tuple[int, ...] = ()  # trained rows' seeds (default: (seed,))
     control: bool = True  # random-init control rows
+    finetune_control: bool = True  # the control's fine-tuned row too (False: its frozen rows only)
     shared_genes: bool = True  # tokens only over genes detected in both training and test cells
     cv_folds: int = 5  # cz-benchmarks label prediction on the test cells; 0 = off
     cluster: bool = True  # ARI / NMI of a clustering of the test cells' embeddings
@@ -379,7 +380,7 @@ def _score_model(kind: str, ckpt: str, seed: int, cfg: EvalConfig, ctx: dict, ou
         both = np.concatenate([tr, te])
         res["scib"] = [{"features": feat, "classifier": "scib-metrics",
                         **scib_scores(z[both], es.labels[both], es.sources[both])}]
-    if finetuned or cfg.finetune_steps:
+    if finetuned or (cfg.finetune_steps and (kind == "atlasflow" or cfg.finetune_control)):
         from .finetune import FinetuneConfig, load_classifier, predict, run_finetune_counts
 
         if not finetuned:
