@@ -23,15 +23,15 @@ def test_a_bad_setting_names_the_field_and_writes_nothing(tmp_path, capsys):
 def test_settings_reach_the_run_and_the_quickstart_keeps_its_store_and_split(tmp_path):
     out = tmp_path / "qs"
     s = run_quickstart(str(out), cells=600, genes=200, datasets=3, max_steps=3, skip_eval=True,
-                       overrides=["objective.contrast_weight=0.1", "train.log_every=1",
+                       overrides=["objective.contrast_weight=0.2", "train.log_every=1",
                                   "data.split=''", "data.store='/nowhere'"])
     ckpt = Path(s["train"]["checkpoint"])
     cfg = json.loads((ckpt / "config.json").read_text())
-    assert cfg["objective"]["contrast_weight"] == 0.1
+    assert cfg["objective"]["contrast_weight"] == 0.2
     assert cfg["train"]["log_every"] == 1
     assert cfg["data"]["split"] == "train" and cfg["data"]["store"] == str(out / "store")
     assert json.loads((ckpt / "model.json").read_text())["contrast_head"] is True
     assert s["train"]["step"] == 3
     history = json.loads((ckpt / "train_state.json").read_text())["history"]
     assert any(row.get("contrast_loss") is not None for row in history)
-    assert json.loads((out / "summary.json").read_text())["overrides"][0] == "objective.contrast_weight=0.1"
+    assert json.loads((out / "summary.json").read_text())["overrides"][0] == "objective.contrast_weight=0.2"

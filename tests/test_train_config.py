@@ -19,6 +19,9 @@ def test_presets_ship_and_validate():
     assert debug.run.num_workers == 2 and not debug.run.use_gpu and debug.train.precision == "fp32"
     assert (gpu.model.n_layers, gpu.model.d_model, gpu.data.max_len) == (6, 256, 2048)
     assert gpu.run.use_gpu and gpu.train.precision == "bf16"
+    # the contrastive term pretrains the user-facing presets (README, Pretraining); debug (tests) stays MLM only
+    assert load_preset("cpu-small").objective.contrast_weight == gpu.objective.contrast_weight == 0.1
+    assert debug.objective.contrast_weight == 0
     with pytest.raises(ValueError, match="preset: unknown preset 'nope'"):
         load_preset("nope")
 
