@@ -30,7 +30,7 @@ def register_cli(sub) -> None:
     p.add_argument("--skip-eval", action="store_true", help="stop after pretraining")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a pretraining setting of the cpu-small preset, as `atlasflow train --set` "
-                        "(e.g. --set objective.contrast_weight=0.1; repeatable)")
+                        "(e.g. --set objective.contrast_weight=0 turns the contrastive term off; repeatable)")
     p.set_defaults(func=_run)
 
 
