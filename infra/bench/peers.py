@@ -28,7 +28,11 @@ per-pair ratios (atlasflow / peer) and their median, with each run's load averag
 plan's read groups with obs labels, the tokenizer, batch assembly) run one after another in one
 thread, timed in process CPU seconds per cell; with zero overhead and both stages spread over
 every core, the loader could reach ``cores / (read + tokenize)`` cells/s (and
-``cores / (read + tokenize + batch)`` counting batch assembly).
+``cores / (read + tokenize + batch)`` counting batch assembly). It runs in every pair, so each
+pair's loader is divided by the bound measured in the same minutes; the summary gives the median.
+``atlasflow-tuned`` is the same loader under ``tune_allocator()`` (the setting its documentation
+gives a process whose main work is streaming); its rows carry the same ratios (``summary.tuned``).
+``--cells 0`` streams the store's whole epoch (no partly used last window, the build amortized).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ from atlasflow.infra.bench.loader import _entropy, _random_baseline, measure_atl
     measure_tiledbsoma_ml
 from atlasflow.infra.bench.util import PeakRSS, emit, environment
 
-PEERS_FORMAT_VERSION = 1
+PEERS_FORMAT_VERSION = 2  # 2: the bound runs in every pair; atlasflow-tuned rows; --cells 0 = an epoch
 PEERS = ("tiledbsoma-ml", "scdataset", "scdl")
 
 
@@ -242,6 +246,11 @@ _MEASURE = {"atlasflow": measure_atlasflow, "tiledbsoma-ml": measure_tiledbsoma_
 
 def _child(spec: dict) -> dict:
     kind = spec.pop("kind")
+    if kind == "atlasflow-tuned":  # before the loader allocates anything, as a user would
+        from atlasflow.loader.memory import tune_allocator
+
+        applied = tune_allocator()
+        return {**measure_atlasflow(**spec), "loader": kind, "allocator": applied or "glibc default"}
     return _MEASURE[kind](**spec)
 
 
@@ -258,9 +267,11 @@ def _run_child(spec: dict, timeout: int = 900) -> dict:
 
 
 def _spec(kind: str, store: str, files: dict, cells: int, batch_size: int, tokenizer: str) -> dict:
-    if kind == "atlasflow":
+    if kind in ("atlasflow", "atlasflow-tuned"):
         return {"kind": kind, "store": store, "tokenizer": tokenizer, "workers": 0, "cells": cells,
                 "batch_size": batch_size}
+    if kind == "bound":
+        return {"kind": kind, "store": store, "cells": cells, "batch_size": batch_size, "tokenizer": tokenizer}
     if kind == "tiledbsoma-ml":
         return {"kind": kind, "store": store, "cells": cells, "batch_size": batch_size}
     if kind == "scdataset":
@@ -270,35 +281,59 @@ def _spec(kind: str, store: str, files: dict, cells: int, batch_size: int, token
     raise ValueError(f"peers: unknown loader {kind!r} (known: atlasflow, {', '.join(PEERS)})")
 
 
-def summarize(pairs: list[dict], peers: tuple[str, ...], bound: dict | None, scans: list[dict]) -> dict:
-    """Per-pair ratios atlasflow / peer (whole run and steady) and their medians."""
+def _rate(run: dict | None, key: str = "cells_per_s") -> float | None:
+    return run.get(key) if run else None
+
+
+def _ratios(pairs: list[dict], ours: str, peers: tuple[str, ...], bound: bool) -> dict:
+    """Per-pair ratios of loader ``ours`` to each peer (whole run, steady) and to the pair's bound."""
     out = {}
-    ours = [p["atlasflow"] for p in pairs if "cells_per_s" in p.get("atlasflow", {})]
+    mine = [p[ours] for p in pairs if _rate(p.get(ours))]
+    if not mine:
+        return out
+    out["median_cells_per_s"] = round(statistics.median(r["cells_per_s"] for r in mine), 1)
+    out["min_entropy_ratio"] = min(r["entropy_ratio"] for r in mine)
     for peer in peers:
-        rs = [(p["atlasflow"]["cells_per_s"] / p[peer]["cells_per_s"],
-               p["atlasflow"]["steady_cells_per_s"] / p[peer]["steady_cells_per_s"])
-              for p in pairs if "cells_per_s" in p.get("atlasflow", {}) and "cells_per_s" in p.get(peer, {})]
+        rs = [(p[ours]["cells_per_s"] / p[peer]["cells_per_s"], p[ours]["steady_cells_per_s"] / p[peer]["steady_cells_per_s"])
+              for p in pairs if _rate(p.get(ours)) and _rate(p.get(peer))]
         if rs:
             out[peer] = {"whole_run_ratios": [round(a, 2) for a, _ in rs],
                          "median_whole_run_ratio": round(statistics.median(a for a, _ in rs), 2),
-                         "median_steady_ratio": round(statistics.median(b for _, b in rs), 2),
-                         "median_cells_per_s": round(statistics.median(p[peer]["cells_per_s"] for p in pairs
-                                                                       if "cells_per_s" in p.get(peer, {})), 1)}
-    if ours:
-        out["atlasflow_median_cells_per_s"] = round(statistics.median(r["cells_per_s"] for r in ours), 1)
-        out["atlasflow_min_entropy_ratio"] = min(r["entropy_ratio"] for r in ours)
+                         "median_steady_ratio": round(statistics.median(b for _, b in rs), 2)}
+    if bound:
+        for name, key in (("fraction_of_read_tokenize_bound", "read_tokenize_bound_cells_per_s"),
+                          ("fraction_of_read_tokenize_batch_bound", "read_tokenize_batch_bound_cells_per_s")):
+            fr = [p[ours]["cells_per_s"] / p["bound"][key] for p in pairs if _rate(p.get(ours)) and _rate(p.get("bound"), key)]
+            if fr:
+                out[name + "_per_pair"] = [round(f, 3) for f in fr]
+                out[name] = round(statistics.median(fr), 3)
+    return out
+
+
+def summarize(pairs: list[dict], peers: tuple[str, ...], scans: list[dict]) -> dict:
+    """Per-pair ratios atlasflow / peer (whole run and steady), atlasflow / the pair's bound, and
+    their medians; the same for ``atlasflow-tuned`` under ``tuned``."""
+    mine = _ratios(pairs, "atlasflow", peers, bound=True)
+    out = {peer: {**mine[peer], "median_cells_per_s": round(statistics.median(
+        p[peer]["cells_per_s"] for p in pairs if _rate(p.get(peer))), 1)} for peer in peers if peer in mine}
+    if mine:
+        out["atlasflow_median_cells_per_s"] = mine["median_cells_per_s"]
+        out["atlasflow_min_entropy_ratio"] = mine["min_entropy_ratio"]
+        out.update({k: v for k, v in mine.items() if k.startswith("fraction_of")})
     others = [p for p in peers if p != "tiledbsoma-ml" and p in out]
     if others:
         fastest = max(others, key=lambda p: out[p]["median_cells_per_s"])
         out["fastest_other_peer"] = fastest
         out["median_ratio_vs_fastest_other_peer"] = out[fastest]["median_whole_run_ratio"]
-    if bound and ours and "read_tokenize_bound_cells_per_s" in bound:
-        b = bound["read_tokenize_bound_cells_per_s"]
-        out["fraction_of_read_tokenize_bound"] = round(out["atlasflow_median_cells_per_s"] / b, 3)
-        out["fraction_of_read_tokenize_batch_bound"] = round(
-            out["atlasflow_median_cells_per_s"] / bound["read_tokenize_batch_bound_cells_per_s"], 3)
+    bounds = [p["bound"] for p in pairs if _rate(p.get("bound"), "read_tokenize_bound_cells_per_s")]
+    if bounds:
+        out["bound_median_cells_per_s"] = {k: round(statistics.median(b[k] for b in bounds), 1) for k in
+                                           ("read_tokenize_bound_cells_per_s", "read_tokenize_batch_bound_cells_per_s")}
+    tuned = _ratios(pairs, "atlasflow-tuned", peers, bound=True)
+    if tuned:
+        out["tuned"] = tuned
     ok = [s for s in scans if "cells_per_s" in s]
-    if ok and ours:
+    if ok and mine:
         best = max(s["cells_per_s"] for s in ok)
         out["raw_scan_cells_per_s"] = best
         out["fraction_of_raw_scan"] = round(out["atlasflow_median_cells_per_s"] / best, 3)
@@ -316,9 +351,16 @@ def drop_page_cache() -> None:
 
 
 def run(store: str, work: str, cells: int = 60_000, batch_size: int = 32, pairs: int = 3,
-        peers: tuple[str, ...] = PEERS, tokenizer: str = "rank", cold: bool = False, log=None) -> dict:
+        peers: tuple[str, ...] = PEERS, tokenizer: str = "rank", cold: bool = False, tuned: bool = True,
+        log=None) -> dict:
     """``cold``: drop the page cache before every run, so that each loader reads its files from disk
-    (an atlas does not fit in memory; warm runs measure decoding and copying only)."""
+    (an atlas does not fit in memory; warm runs measure decoding and copying only). ``cells`` 0: the
+    whole epoch (every committed cell of the store, in whole batches). ``tuned``: also run
+    atlasflow under ``tune_allocator()`` in every pair."""
+    if cells == 0:
+        from atlasflow.store import open_store
+
+        cells = sum(b - a for a, b in open_store(store).complete_ranges()) // batch_size * batch_size
     for p in peers:
         _spec(p, store, {"h5ad": "", "scdl": ""}, cells, batch_size, tokenizer)  # unknown names fail first
     files = prepare(store, work, log) if set(peers) & {"scdataset", "scdl"} else {"conversions": {}}
@@ -339,14 +381,13 @@ def run(store: str, work: str, cells: int = 60_000, batch_size: int = 32, pairs:
         return r
 
     scans = [add({"kind": "scan", "store": store, "cells": cells, "tuned": True})]
-    bound = add({"kind": "bound", "store": store, "cells": cells, "batch_size": batch_size, "tokenizer": tokenizer})
-    kinds = ["atlasflow", *peers]
+    kinds = ["atlasflow", *(["atlasflow-tuned"] if tuned else []), "bound", *peers]
     out["pairs"] = []
     for i in range(pairs):
         order = kinds[i % len(kinds):] + kinds[:i % len(kinds)]
         out["pairs"].append({k: add(_spec(k, store, files, cells, batch_size, tokenizer)) for k in order})
     scans.append(add({"kind": "scan", "store": store, "cells": cells, "tuned": True}))
-    out["summary"] = summarize(out["pairs"], tuple(peers), bound, scans)
+    out["summary"] = summarize(out["pairs"], tuple(peers), scans)
     out["load_avg_end"] = os.getloadavg()[0]
     return out
 
@@ -355,12 +396,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m atlasflow.infra.bench.peers", description=__doc__.split("\n")[0])
     ap.add_argument("--store", help="the bench store (atlasflow bench loader --build 200000 makes one)")
     ap.add_argument("--work", help="folder for the peers' copies of the corpus (cached)")
-    ap.add_argument("--cells", type=int, default=60_000)
+    ap.add_argument("--cells", type=int, default=60_000, help="cells per run; 0: the store's whole epoch")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--pairs", type=int, default=3, help="interleaved rounds (each runs every loader once)")
     ap.add_argument("--peers", default=",".join(PEERS))
     ap.add_argument("--tokenizer", default="rank")
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every run (root, Linux)")
+    ap.add_argument("--no-tuned", action="store_true", help="skip the atlasflow-under-tune_allocator() runs")
     ap.add_argument("--out", default=None, help="also write the JSON here")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -371,6 +413,7 @@ def main(argv=None) -> int:
         ap.error("--store and --work are required")
     res = run(args.store, args.work, cells=args.cells, batch_size=args.batch_size, pairs=args.pairs,
               peers=tuple(p for p in args.peers.split(",") if p), tokenizer=args.tokenizer, cold=args.cold,
+              tuned=not args.no_tuned,
               log=lambda line: print(line, file=sys.stderr, flush=True))
     return emit(res, args.out)
 
