@@ -294,7 +294,8 @@ def _ratios(pairs: list[dict], ours: str, peers: tuple[str, ...], bound: bool) -
     out["median_cells_per_s"] = round(statistics.median(r["cells_per_s"] for r in mine), 1)
     out["min_entropy_ratio"] = min(r["entropy_ratio"] for r in mine)
     for peer in peers:
-        rs = [(p[ours]["cells_per_s"] / p[peer]["cells_per_s"], p[ours]["steady_cells_per_s"] / p[peer]["steady_cells_per_s"])
+        rs = [(p[ours]["cells_per_s"] / p[peer]["cells_per_s"],
+               p[ours]["steady_cells_per_s"] / p[peer]["steady_cells_per_s"])
               for p in pairs if _rate(p.get(ours)) and _rate(p.get(peer))]
         if rs:
             out[peer] = {"whole_run_ratios": [round(a, 2) for a, _ in rs],
@@ -303,7 +304,8 @@ def _ratios(pairs: list[dict], ours: str, peers: tuple[str, ...], bound: bool) -
     if bound:
         for name, key in (("fraction_of_read_tokenize_bound", "read_tokenize_bound_cells_per_s"),
                           ("fraction_of_read_tokenize_batch_bound", "read_tokenize_batch_bound_cells_per_s")):
-            fr = [p[ours]["cells_per_s"] / p["bound"][key] for p in pairs if _rate(p.get(ours)) and _rate(p.get("bound"), key)]
+            fr = [p[ours]["cells_per_s"] / p["bound"][key] for p in pairs
+                  if _rate(p.get(ours)) and _rate(p.get("bound"), key)]
             if fr:
                 out[name + "_per_pair"] = [round(f, 3) for f in fr]
                 out[name] = round(statistics.median(fr), 3)
