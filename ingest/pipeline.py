@@ -256,42 +256,52 @@ def _ingest_paths(store_uri, sources, lease, *, organism, allow_normalized, requ
              ray.remote(num_cpus=1, max_retries=2)(_obs_blocks))
     bar = _Progress(progress)
     tracker = BlockTracker(writer, report, bar)
+    # Probes finish in any order, but sources are launched in the order given: the store's layout
+    # (gene and cell joinids, hence the vocabulary and every seeded epoch order) is then the same each
+    # time the same files are ingested. Writes of launched sources go on while a probe is awaited.
     waiting: dict = {probe_task.remote(p, organism, allow_normalized, list(require_obs), duplicate_genes,
-                                             memory_budget): ("probe", p) for p in paths}
+                                       memory_budget): ("probe", i) for i, p in enumerate(paths)}
+    probed: dict[int, tuple] = {}
+
+    def on_probe(path: str, p, exc) -> None:
+        if exc is not None:
+            report.failed.append({"source": path, "error": f"{os.path.basename(path)}: {exc}"})
+            return
+        name = os.path.basename(p.path)
+        sid = source_id_for(name, p.fingerprint or "unreadable")
+        if p.error:
+            writer.fail(SourceEntry(source_id=sid, kind=p.format or "h5ad", name=name, fingerprint=p.fingerprint,
+                                    size_bytes=p.size_bytes), p.error)
+            report.failed.append({"source": p.path, "error": p.error})
+            return
+        prior = writer.manifest.by_fingerprint(p.fingerprint)
+        if prior is not None and prior.status == COMPLETE:
+            report.skipped.append({"source": p.path, "reason": f"already ingested as {prior.source_id}"})
+            return
+        if p.path in resumed:
+            if prior is None:  # the file changed since the dead run: not what it reserved
+                report.skipped.append({"source": p.path, "reason": "pending from an interrupted run, but the "
+                                                                   "file changed since; not resumed"})
+                return
+            report.resumed.append(name)
+        entry, refs = _launch_source(p, sid, name, writer, report, bar, tracker, tasks, store_uri,
+                                     block_cells, organism)
+        for r in refs:
+            waiting[r] = ("block", entry.source_id)
+
     try:
+        next_source = 0
         for (kind, key), result, exc in completed(waiting):
-            if exc is not None:
-                err = f"{os.path.basename(key if kind == 'probe' else tracker.pending[key]['entry'].name)}: {exc}"
-                if kind == "probe":
-                    report.failed.append({"source": key, "error": err})
-                else:
-                    tracker.failed(key, err)
-                continue
             if kind == "block":
-                tracker.done(key, result)
+                if exc is not None:
+                    tracker.failed(key, f"{tracker.pending[key]['entry'].name}: {exc}")
+                else:
+                    tracker.done(key, result)
                 continue
-            p = result
-            name = os.path.basename(p.path)
-            sid = source_id_for(name, p.fingerprint or "unreadable")
-            if p.error:
-                writer.fail(SourceEntry(source_id=sid, kind=p.format or "h5ad", name=name, fingerprint=p.fingerprint,
-                                        size_bytes=p.size_bytes), p.error)
-                report.failed.append({"source": p.path, "error": p.error})
-                continue
-            prior = writer.manifest.by_fingerprint(p.fingerprint)
-            if prior is not None and prior.status == COMPLETE:
-                report.skipped.append({"source": p.path, "reason": f"already ingested as {prior.source_id}"})
-                continue
-            if p.path in resumed:
-                if prior is None:  # the file changed since the dead run: not what it reserved
-                    report.skipped.append({"source": p.path, "reason": "pending from an interrupted run, but the "
-                                                                       "file changed since; not resumed"})
-                    continue
-                report.resumed.append(name)
-            entry, refs = _launch_source(p, sid, name, writer, report, bar, tracker, tasks, store_uri,
-                                         block_cells, organism)
-            for r in refs:
-                waiting[r] = ("block", entry.source_id)
+            probed[key] = (result, exc)
+            while next_source in probed:
+                on_probe(paths[next_source], *probed.pop(next_source))
+                next_source += 1
     finally:
         bar.close()
     return report
